@@ -1,0 +1,25 @@
+"""g2rpo: Granular-GRPO for flow-matching image generators."""
+
+from .schedule import granularity_grid, model_timesteps, sigma_schedule
+from .sde import (
+    SDE_KINDS,
+    gaussian_log_prob,
+    ode_step,
+    sde_coefficients,
+    sde_step_with_logprob,
+    sde_transition,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SDE_KINDS",
+    "gaussian_log_prob",
+    "granularity_grid",
+    "model_timesteps",
+    "ode_step",
+    "sde_coefficients",
+    "sde_step_with_logprob",
+    "sde_transition",
+    "sigma_schedule",
+]
