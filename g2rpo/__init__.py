@@ -23,3 +23,8 @@ __all__ = [
     "sde_transition",
     "sigma_schedule",
 ]
+
+from .advantage import group_advantages, integrate_advantages  # noqa: E402
+from .rollout import G2RPOSampler, Rollout, RolloutEngine, make_strategy  # noqa: E402
+
+__all__ += ["G2RPOSampler", "Rollout", "RolloutEngine", "group_advantages", "integrate_advantages", "make_strategy"]

@@ -20,7 +20,7 @@ import torch
 
 from .sde import ode_step, sde_step_with_logprob
 
-__all__ = ["GaussianWorld", "sample_ode", "sample_sde"]
+__all__ = ["GaussianWorld", "MLPVelocity", "sample_ode", "sample_sde"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,32 @@ def sample_sde(
         sig = sigmas[i].float().expand(x.shape[0])
         x, _, _, _ = sde_step_with_logprob(model(x, sig, cond), x, sigmas, i, eta, generator=generator, kind=kind)
     return x
+
+
+class MLPVelocity(torch.nn.Module):
+    """A small conditional velocity network ``model(x, sigma, cond)`` for tests and benches.
+
+    ``x [B, ...]`` is flattened; ``cond`` is a tensor ``[B, cond_dim]`` (or None); the output
+    has the shape of ``x``. Random weights from ``seed``: a real, nonlinear, batched model.
+    """
+
+    def __init__(self, latent_shape: tuple[int, ...], cond_dim: int = 8, hidden: int = 128, seed: int = 0) -> None:
+        super().__init__()
+        self.latent_shape = tuple(latent_shape)
+        self.cond_dim = cond_dim
+        d = 1
+        for s in latent_shape:
+            d *= s
+        g = torch.Generator().manual_seed(seed)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(d + 1 + cond_dim, hidden), torch.nn.SiLU(),
+            torch.nn.Linear(hidden, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, d))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) / max(1, p.shape[-1]) ** 0.5)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        b = x.shape[0]
+        c = torch.zeros(b, self.cond_dim, dtype=x.dtype, device=x.device) if cond is None else cond.to(x.dtype)
+        h = torch.cat([x.reshape(b, -1), sigma.reshape(b, 1).to(x.dtype), c], dim=1)
+        return self.net(h).reshape(x.shape)

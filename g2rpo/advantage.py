@@ -1,0 +1,63 @@
+"""Group-relative advantages (Eq. 4) and their multi-granularity, multi-reward sum (Eq. 11)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["GROUP_STD_EPS", "group_advantages", "integrate_advantages", "check_finite_rewards"]
+
+#: Added to the group's std (DanceGRPO's convention: unbiased std + 1e-8).
+GROUP_STD_EPS = 1e-8
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = GROUP_STD_EPS) -> torch.Tensor:
+    """Standardise over the group dim (the last): ``(r - mean) / (std + eps)`` (Eq. 4).
+
+    ``std`` is the unbiased sample std (as DanceGRPO). A group whose rewards are all
+    exactly equal carries no signal and gets zero advantages (never NaN, never the
+    rounding noise of ``r - mean``). Computed in float64, returned as float32.
+    """
+    if rewards.ndim < 1 or rewards.shape[-1] < 2:
+        raise ValueError(f"need a group dim (last) of size >= 2, got shape {tuple(rewards.shape)}")
+    r = rewards.double()
+    mean = r.mean(dim=-1, keepdim=True)
+    adv = (r - mean) / (r.std(dim=-1, keepdim=True) + eps)
+    flat = (r.amax(dim=-1, keepdim=True) == r.amin(dim=-1, keepdim=True))
+    return torch.where(flat, torch.zeros_like(adv), adv).float()
+
+
+def check_finite_rewards(rewards: torch.Tensor, names: Sequence[str] | None = None, max_report: int = 8) -> None:
+    """Raise a ValueError naming the reward index (and name) and positions of NaN/inf rewards."""
+    bad = ~torch.isfinite(rewards)
+    if not bad.any():
+        return
+    for r in range(rewards.shape[0]):
+        where = bad[r].nonzero().tolist()
+        if where:
+            label = f"reward {r}" + (f" ({names[r]})" if names is not None else "")
+            more = f" and {len(where) - max_report} more" if len(where) > max_report else ""
+            raise ValueError(f"{label} has non-finite values at positions (p, k, j, g) "
+                             f"{[tuple(w) for w in where[:max_report]]}{more}")
+
+
+def integrate_advantages(rewards: torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None,
+                         eps: float = GROUP_STD_EPS) -> torch.Tensor:
+    """Multi-granularity, multi-reward advantages (Eq. 11).
+
+    ``rewards [R, P, K, J, G]`` (R reward models, P prompts, K SDE steps, J granularities,
+    G branches) -> ``[P, K, G]`` = sum over r (weighted) and j of the group-standardised
+    ``rewards[r, p, k, j, :]``. NaN/inf rewards raise a ValueError naming them.
+    """
+    if rewards.ndim != 5:
+        raise ValueError(f"rewards must be [R, P, K, J, G], got shape {tuple(rewards.shape)}")
+    check_finite_rewards(rewards)
+    R = rewards.shape[0]
+    w = torch.ones(R, dtype=torch.float32) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    if w.shape != (R,):
+        raise ValueError(f"weights must have one entry per reward model ({R}), got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"weights must be finite, got {w.tolist()}")
+    adv = group_advantages(rewards, eps)  # [R, P, K, J, G]
+    return torch.einsum("r,rpkjg->pkg", w.to(adv.device), adv)

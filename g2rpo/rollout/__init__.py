@@ -1,0 +1,76 @@
+"""Rollouts: plans (which states, which rows at which tick), the batched engine, the strategies
+and :class:`G2RPOSampler`, the drop-in sampler for other GRPO codebases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .engine import Rollout, RolloutEngine, VelocityModel, cond_prompt_count, gather_cond
+from .plan import Plan, PlanBuilder
+from .strategies import STRATEGIES, G2RPOStrategy, Strategy, TrajectoryStrategy, make_strategy
+
+__all__ = [
+    "G2RPOSampler", "Plan", "PlanBuilder", "Rollout", "RolloutEngine", "STRATEGIES", "G2RPOStrategy",
+    "Strategy", "TrajectoryStrategy", "cond_prompt_count", "gather_cond", "make_strategy",
+]
+
+
+class G2RPOSampler:
+    """Roll out a group per prompt with any strategy; G2RPO by default.
+
+    ``model(x [B, ...], sigma [B], cond) -> velocity [B, ...]`` with per-row sigmas (see
+    :mod:`g2rpo.rollout.engine` for how ``cond`` is gathered per row). ``sde_indices``
+    and ``granularities`` apply to the G2RPO strategies; other strategy options
+    (``window_size``, ``train_fraction``, ``shared_noise``, ...) go in ``strategy_options``.
+    ``eta=None`` takes the strategy's published default (0.7; DanceGRPO 0.3).
+    """
+
+    def __init__(self, model: VelocityModel, num_steps: int = 16, shift: float = 3.0, eta: float | None = 0.7,
+                 sde_indices: Iterable[int] = range(8), granularities: Iterable[int] = (1, 2, 3),
+                 group_size: int = 12, max_batch: int | None = 64, strategy: str = "g2rpo",
+                 quantize_timesteps: bool = False, check_finite: bool = True, **strategy_options) -> None:
+        opts = dict(strategy_options, num_steps=num_steps, group_size=group_size)
+        if eta is not None:
+            opts["eta"] = eta
+        if strategy in ("g2rpo", "g2rpo_no_mgai"):
+            opts["sde_indices"] = tuple(sde_indices)
+            if strategy == "g2rpo":
+                opts["granularities"] = tuple(granularities)
+        self.strategy: Strategy = make_strategy(strategy, **opts)
+        self.engine = RolloutEngine(model, num_steps, shift, max_batch, quantize_timesteps, check_finite)
+        self._plans: dict[tuple, Plan] = {}
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return self.engine.sigmas
+
+    def plan(self, iteration: int = 0) -> Plan:
+        """The (cached) plan of this iteration."""
+        s = self.strategy
+        key = tuple(s.sde_steps(iteration)) if isinstance(s, TrajectoryStrategy) else ()
+        if key not in self._plans:
+            self._plans[key] = s.plan(iteration)
+        return self._plans[key]
+
+    def initial_noise(self, num_prompts: int, latent_shape: tuple[int, ...], generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+        """Initial noise in the shape :meth:`rollout` expects: ``[P, ...]`` or ``[P, R, ...]``."""
+        roots = self.plan().num_roots
+        shape = (num_prompts, *latent_shape) if roots == 1 else (num_prompts, roots, *latent_shape)
+        return torch.randn(shape, generator=generator, device=device)
+
+    @torch.no_grad()
+    def rollout(self, noise: torch.Tensor, cond: object = None, generator: torch.Generator | None = None,
+                iteration: int = 0) -> Rollout:
+        """Sample the groups of P prompts from ``noise [P, ...]`` (one shared noise per prompt)."""
+        s = self.strategy
+        plan = self.plan(iteration)
+        out = self.engine.run(plan, noise, cond, s.eta, s.sde_kind, generator)
+        return Rollout(
+            strategy=s.name, sigmas=self.sigmas, eta=float(s.eta), sde_kind=s.sde_kind,
+            source_of=plan.source_of, step_index=plan.step_index, adv_slot_of=plan.adv_slot_of,
+            sde_indices=tuple(plan.step_index.tolist()),
+            granularities=tuple(getattr(s, "granularities", (1,))), **out,
+        )

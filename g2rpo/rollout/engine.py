@@ -1,0 +1,223 @@
+"""The batched rollout engine: executes a :class:`~g2rpo.rollout.plan.Plan` for P prompts.
+
+Each tick evaluates the velocity of every state that is due (all prompts, all branches,
+all granularities, all k) in chunks of at most ``max_batch`` rows, whose sigmas may
+differ, then makes the next states with :func:`~g2rpo.sde.ode_step` and
+:func:`~g2rpo.sde.sde_step_with_logprob`. Latents are kept in fp32.
+
+Conditioning: ``cond`` holds one entry per prompt along its leading dim and is gathered
+per row with the row's prompt index: a tensor ``[P, ...]`` (``index_select``), a dict of
+such values (each gathered), a tuple (each element gathered), a list of P per-prompt
+objects (picked by index), or None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..schedule import model_timesteps, sigma_schedule
+from ..sde import ode_step, sde_step_with_logprob
+from .plan import Plan
+
+__all__ = ["Rollout", "RolloutEngine", "gather_cond", "cond_prompt_count"]
+
+VelocityModel = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
+def cond_prompt_count(cond: object) -> int | None:
+    """Leading (prompt) dim of ``cond``; None when ``cond`` is None. Inconsistent sizes raise."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        if cond.ndim == 0:
+            raise ValueError("a cond tensor needs a leading prompt dim")
+        return cond.shape[0]
+    if isinstance(cond, Mapping) or isinstance(cond, tuple):
+        items = cond.items() if isinstance(cond, Mapping) else enumerate(cond)
+        counts = {key: cond_prompt_count(v) for key, v in items}
+        sizes = {c for c in counts.values() if c is not None}
+        if len(sizes) > 1:
+            raise ValueError(f"cond entries disagree on the number of prompts: {counts}")
+        return sizes.pop() if sizes else None
+    if isinstance(cond, list):
+        return len(cond)
+    raise TypeError(f"unsupported cond type {type(cond).__name__}: use a tensor, dict, tuple, list or None")
+
+
+def gather_cond(cond: object, rows: torch.Tensor) -> object:
+    """Pick the conditioning of each row (``rows`` are prompt indices)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond.index_select(0, rows.to(cond.device))
+    if isinstance(cond, Mapping):
+        return {k: gather_cond(v, rows) for k, v in cond.items()}
+    if isinstance(cond, tuple):
+        return tuple(gather_cond(v, rows) for v in cond)
+    if isinstance(cond, list):
+        return [cond[i] for i in rows.tolist()]
+    raise TypeError(f"unsupported cond type {type(cond).__name__}")
+
+
+@dataclass
+class Rollout:
+    """One rollout of P prompts.
+
+    Shapes (``...`` = latent shape): ``anchor [P, T+1, ...]`` (G2RPO's ODE trajectory from
+    the noise, None for trajectory strategies), ``x_k [P, S, ...]`` (states the SDE steps
+    leave from; S = K for G2RPO), ``x_next [P, K, G, ...]`` and ``log_probs [P, K, G]`` (the
+    SDE transitions and their old log-probs), ``finals [P, K', J, G, ...]`` (final latents
+    per advantage slot, granularity and branch). ``source_of [K, G]`` maps a transition to
+    its row of ``x_k``; ``step_index [K]`` is the transition's grid index; transition
+    ``(k, g)`` is scored by ``finals[:, adv_slot_of[k], :, g]``.
+    """
+
+    strategy: str
+    sigmas: torch.Tensor
+    eta: float
+    sde_kind: str
+    anchor: torch.Tensor | None
+    x_k: torch.Tensor
+    x_next: torch.Tensor
+    log_probs: torch.Tensor
+    finals: torch.Tensor
+    source_of: torch.Tensor
+    step_index: torch.Tensor
+    adv_slot_of: torch.Tensor
+    sde_indices: tuple[int, ...]
+    granularities: tuple[int, ...]
+    forward_rows: int
+    forward_calls: int
+
+    @property
+    def num_prompts(self) -> int:
+        return self.finals.shape[0]
+
+    @property
+    def reward_shape(self) -> tuple[int, int, int, int]:
+        """``(P, K', J, G)``: the shape of one reward model's scores of ``finals``."""
+        return tuple(self.finals.shape[:4])
+
+    def flat_finals(self) -> torch.Tensor:
+        """All final latents as ``[P * K' * J * G, ...]`` (for decoding and scoring)."""
+        return self.finals.reshape(-1, *self.finals.shape[4:])
+
+
+class RolloutEngine:
+    """Runs plans through a velocity model ``model(x [B, ...], sigma [B], cond) -> v``."""
+
+    def __init__(self, model: VelocityModel, num_steps: int = 16, shift: float = 3.0, max_batch: int | None = 64,
+                 quantize_timesteps: bool = False, check_finite: bool = True) -> None:
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be an int >= 1 or None, got {max_batch!r}")
+        self.model = model
+        self.sigmas = sigma_schedule(num_steps, shift)
+        self.max_batch = max_batch
+        self.quantize_timesteps = quantize_timesteps
+        self.check_finite = check_finite
+
+    @property
+    def num_steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    def velocity(self, x: torch.Tensor, index: torch.Tensor, prompt: torch.Tensor, cond: object) -> tuple[torch.Tensor, int]:
+        """Velocities of rows ``x`` at grid ``index`` in chunks; returns (v fp32, number of model calls)."""
+        n = x.shape[0]
+        step = n if self.max_batch is None else self.max_batch
+        sig = self.sigmas.to(device=x.device, dtype=torch.float32)[index.to(x.device)]
+        sig_in = model_timesteps(sig, self.quantize_timesteps)
+        out, calls = [], 0
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            v = self.model(x[lo:hi], sig_in[lo:hi], gather_cond(cond, prompt[lo:hi]))
+            calls += 1
+            if not isinstance(v, torch.Tensor) or v.shape != x[lo:hi].shape:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"model returned {got} for input of shape {tuple(x[lo:hi].shape)}")
+            v = v.float()
+            if self.check_finite and not torch.isfinite(v).all():
+                bad = (~torch.isfinite(v.reshape(hi - lo, -1))).any(dim=1)
+                sigmas = sorted({round(s, 6) for s in sig[lo:hi][bad.to(sig.device)].tolist()})
+                raise ValueError(f"model returned non-finite velocity at sigma={sigmas}")
+            out.append(v)
+        return torch.cat(out) if len(out) > 1 else out[0], calls
+
+    def run(self, plan: Plan, noise: torch.Tensor, cond: object, eta: float, sde_kind: str,
+            generator: torch.Generator | None = None) -> dict[str, object]:
+        """Execute ``plan`` from ``noise`` (``[P, ...]``, or ``[P, R, ...]`` for a plan with R roots)."""
+        if plan.num_steps != self.num_steps:
+            raise ValueError(f"plan has {plan.num_steps} steps, engine has {self.num_steps}")
+        if not isinstance(noise, torch.Tensor) or noise.ndim < 2:
+            raise ValueError("noise must be a tensor [P, ...] with one initial noise per prompt")
+        R = plan.num_roots
+        if R > 1:
+            if noise.ndim < 3 or noise.shape[1] != R:
+                raise ValueError(f"this strategy starts from {R} independent noises per prompt: "
+                                 f"noise must be [P, {R}, ...], got {tuple(noise.shape)}")
+            roots = noise.float()
+        else:
+            roots = noise.float().unsqueeze(1)
+        P, shape = roots.shape[0], roots.shape[2:]
+        n_cond = cond_prompt_count(cond)
+        if n_cond is not None and n_cond != P:
+            raise ValueError(f"noise has {P} prompts but cond has {n_cond}")
+        dev = roots.device
+        sigmas = self.sigmas.to(dev)
+        K, G, J, Kf = plan.num_k, plan.group_size, plan.num_j, plan.num_final_k
+        anchor = roots.new_empty(P, plan.num_anchor, *shape) if plan.num_anchor else None
+        x_k = roots.new_empty(P, plan.num_sources, *shape)
+        x_next = roots.new_empty(P, K * G, *shape)
+        log_probs = roots.new_empty(P, K * G)
+        finals = roots.new_empty(P, Kf * J * G, *shape)
+        for r, t in plan.root_capture:
+            anchor[:, t] = roots[:, r]
+
+        X = roots.reshape(-1, *shape)  # frontier rows (the roots), prompt-major
+        rows = calls = 0
+        p_idx = torch.arange(P, device=dev)
+        for tick in plan.ticks:
+            F = tick.frontier_index.numel()
+            f_index = tick.frontier_index.to(dev).repeat(P)
+            V, c = self.velocity(X, f_index, p_idx.repeat_interleave(F), cond)
+            rows, calls = rows + P * F, calls + c
+            Xf = X.view(P, F, *shape)
+            pos, slot = tick.source_capture
+            if pos.numel():
+                x_k[:, slot.to(dev)] = Xf[:, pos.to(dev)]
+
+            C = tick.child_index.numel()
+            children = X.new_empty(P, C, *shape)
+            for sel, is_sde in ((tick.ode_pos, False), (tick.sde_pos, True)):
+                if not sel.numel():
+                    continue
+                sel = sel.to(dev)
+                parent = (p_idx[:, None] * F + tick.child_parent.to(dev)[sel][None, :]).reshape(-1)
+                frm = f_index[parent]
+                if is_sde:
+                    eps = torch.randn((parent.numel(), *shape), generator=generator, device=dev)
+                    xs, lp, _, _ = sde_step_with_logprob(V[parent], X[parent], sigmas, frm, eta,
+                                                         noise=eps, kind=sde_kind)
+                    slot = tick.sde_slot.to(dev)
+                    log_probs[:, slot] = lp.view(P, -1)
+                    x_next[:, slot] = xs.view(P, -1, *shape)
+                else:
+                    to = tick.child_index.to(dev)[sel].repeat(P)
+                    xs = ode_step(V[parent], X[parent], sigmas, frm, to)
+                children[:, sel] = xs.view(P, -1, *shape)
+            for (pos, slot), out in ((tick.anchor_capture, anchor), (tick.final_capture, finals)):
+                if pos.numel():
+                    out[:, slot.to(dev)] = children[:, pos.to(dev)]
+            keep = tick.child_keep.to(dev)
+            X = children[:, keep].reshape(-1, *shape)
+        return {
+            "anchor": anchor,
+            "x_k": x_k,
+            "x_next": x_next.view(P, K, G, *shape),
+            "log_probs": log_probs.view(P, K, G),
+            "finals": finals.view(P, Kf, J, G, *shape),
+            "forward_rows": rows,
+            "forward_calls": calls,
+        }

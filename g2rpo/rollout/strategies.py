@@ -1,0 +1,201 @@
+"""Rollout strategies as plan builders over one engine.
+
+* ``g2rpo`` — Singular Stochastic Sampling (Sec. 4.1) + Multi-Granularity continuation
+  (Sec. 4.2): one anchor ODE trajectory per prompt; at each grid index ``e`` in M one
+  SDE step from the shared ``x_e`` makes G branches; each branch is finished by the ODE
+  on :func:`granularity_grid` for every lambda in Lambda.
+* ``g2rpo_no_mgai`` — the same with Lambda = {1}.
+* ``dance_grpo`` — SDE at every step (DanceGRPO's constant-diffusion kind, eta 0.3),
+  same initial noise in the group, the final reward broadcast to every step, a random
+  fraction (0.6) of the steps trained per iteration.
+* ``flow_grpo`` — SDE at every step (Flow-GRPO kind, eta 0.7), independent initial
+  noise per group member, every step trained.
+* ``mix_grpo`` — SDE only inside a window of ``window_size`` steps, ODE elsewhere; the
+  window starts at 0 and moves by ``window_stride`` every ``shift_interval`` iterations
+  up to ``window_max_start`` (MixGRPO's progressive sliding window); window steps trained.
+
+Every strategy's plan yields transitions ``[K, G]`` (K trained-step slots) whose
+advantage comes from ``finals[:, adv_slot_of[k], :, g]`` (K' x J x G final latents).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..schedule import granularity_grid
+from ..sde import SDE_KINDS
+from .plan import Plan, PlanBuilder
+
+__all__ = ["Strategy", "G2RPOStrategy", "TrajectoryStrategy", "STRATEGIES", "make_strategy"]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Common settings; subclasses build the plan."""
+
+    num_steps: int = 16
+    group_size: int = 12
+    eta: float = 0.7
+    sde_kind: str = "flow_grpo"
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"group_size must be an int >= 2 (advantages are standardised in the group), "
+                             f"got {self.group_size!r}")
+        if not (isinstance(self.eta, (int, float)) and self.eta > 0):
+            raise ValueError(f"eta must be > 0 for a stochastic rollout, got {self.eta!r}")
+        if self.sde_kind not in SDE_KINDS:
+            raise ValueError(f"sde_kind must be one of {SDE_KINDS}, got {self.sde_kind!r}")
+
+    def plan(self, iteration: int = 0) -> Plan:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def train_steps(self, plan: Plan, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Transition slots (rows of the plan's K axis) trained this iteration: all by default."""
+        return torch.arange(plan.num_k)
+
+
+@dataclass(frozen=True)
+class G2RPOStrategy(Strategy):
+    """G2RPO: singular SDE step at each e in ``sde_indices``, multi-granularity ODE continuation."""
+
+    sde_indices: tuple[int, ...] = tuple(range(8))
+    granularities: tuple[int, ...] = (1, 2, 3)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "sde_indices", tuple(int(e) for e in self.sde_indices))
+        object.__setattr__(self, "granularities", tuple(int(g) for g in self.granularities))
+        if not self.sde_indices:
+            raise ValueError("sde_indices must not be empty")
+        bad = [e for e in self.sde_indices if not 0 <= e < self.num_steps]
+        if bad:
+            raise ValueError(f"sde_indices must be in 0..{self.num_steps - 1}, got {bad}")
+        if len(set(self.sde_indices)) != len(self.sde_indices):
+            raise ValueError(f"sde_indices must be distinct, got {list(self.sde_indices)}")
+        if not self.granularities:
+            raise ValueError("granularities must not be empty")
+        if any(g < 1 for g in self.granularities) or len(set(self.granularities)) != len(self.granularities):
+            raise ValueError(f"granularities must be distinct ints >= 1, got {list(self.granularities)}")
+
+    def plan(self, iteration: int = 0) -> Plan:
+        T, G = self.num_steps, self.group_size
+        b = PlanBuilder(T)
+        node = b.root()
+        b.anchor[0] = node
+        anchor = [node]
+        for t in range(1, T + 1):
+            node = b.ode(node, t)
+            b.anchor[t] = node
+            anchor.append(node)
+        for k, e in enumerate(self.sde_indices):
+            b.source_slot(anchor[e])
+            for g in range(G):
+                branch = b.sde(anchor[e])
+                b.transitions[(k, g)] = branch
+                for j, lam in enumerate(self.granularities):
+                    b.finals[(k, j, g)] = b.ode_path(branch, granularity_grid(T, e, lam))
+        K = len(self.sde_indices)
+        return b.build(K, len(self.granularities), G, adv_slot_of=list(range(K)), step_index=list(self.sde_indices))
+
+
+@dataclass(frozen=True)
+class TrajectoryStrategy(Strategy):
+    """DanceGRPO / Flow-GRPO / MixGRPO: G full trajectories with SDE steps at a set of indices."""
+
+    shared_noise: bool = True
+    train_fraction: float = 1.0
+    window_size: int | None = None  # None: SDE at every step
+    window_stride: int = 1
+    shift_interval: int = 25
+    window_max_start: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction!r}")
+        if self.window_size is not None and not 1 <= self.window_size <= self.num_steps:
+            raise ValueError(f"window_size must be in 1..{self.num_steps}, got {self.window_size!r}")
+        if self.shift_interval < 1 or self.window_stride < 0:
+            raise ValueError("shift_interval must be >= 1 and window_stride >= 0")
+
+    def sde_steps(self, iteration: int = 0) -> list[int]:
+        """Grid indices with an SDE step at this iteration."""
+        if self.window_size is None:
+            return list(range(self.num_steps))
+        max_start = self.num_steps - self.window_size
+        if self.window_max_start is not None:
+            max_start = min(max_start, self.window_max_start)
+        start = min((iteration // self.shift_interval) * self.window_stride, max_start)
+        return list(range(start, start + self.window_size))
+
+    def plan(self, iteration: int = 0) -> Plan:
+        T, G = self.num_steps, self.group_size
+        steps = self.sde_steps(iteration)
+        b = PlanBuilder(T)
+        shared = b.root() if self.shared_noise else None
+        for g in range(G):
+            node = shared if shared is not None else b.root()
+            for t in range(T):
+                if t in steps:
+                    b.source_slot(node)
+                    node = b.sde(node)
+                    b.transitions[(steps.index(t), g)] = node
+                else:
+                    node = b.ode(node, t + 1)
+            b.finals[(0, 0, g)] = node
+        K = len(steps)
+        return b.build(K, 1, G, adv_slot_of=[0] * K, step_index=steps)
+
+    def train_steps(self, plan: Plan, generator: torch.Generator | None = None) -> torch.Tensor:
+        n = max(1, round(self.train_fraction * plan.num_k))
+        if n == plan.num_k:
+            return torch.arange(plan.num_k)
+        return torch.randperm(plan.num_k, generator=generator)[:n].sort().values
+
+
+def _g2rpo(**kw) -> Strategy:
+    return G2RPOStrategy(name="g2rpo", **kw)
+
+
+def _g2rpo_no_mgai(**kw) -> Strategy:
+    if "granularities" in kw and tuple(kw["granularities"]) != (1,):
+        raise ValueError("g2rpo_no_mgai uses granularities (1,); use 'g2rpo' for others")
+    kw["granularities"] = (1,)
+    return G2RPOStrategy(name="g2rpo_no_mgai", **kw)
+
+
+def _dance(**kw) -> Strategy:
+    kw = {"eta": 0.3, "sde_kind": "dance_grpo", "train_fraction": 0.6, **kw}
+    return TrajectoryStrategy(name="dance_grpo", **kw)
+
+
+def _flow(**kw) -> Strategy:
+    kw = {"eta": 0.7, "sde_kind": "flow_grpo", "shared_noise": False, **kw}
+    return TrajectoryStrategy(name="flow_grpo", **kw)
+
+
+def _mix(**kw) -> Strategy:
+    kw = {"eta": 0.7, "sde_kind": "flow_grpo", "window_size": 4, "shift_interval": 25, "window_stride": 1, **kw}
+    if kw.get("window_max_start") is None:
+        kw["window_max_start"] = kw.get("num_steps", 16) // 2
+    return TrajectoryStrategy(name="mix_grpo", **kw)
+
+
+STRATEGIES = {"g2rpo": _g2rpo, "g2rpo_no_mgai": _g2rpo_no_mgai, "dance_grpo": _dance,
+              "flow_grpo": _flow, "mix_grpo": _mix}
+
+
+def make_strategy(name: str, **kwargs) -> Strategy:
+    """Build a strategy by name (``g2rpo``, ``g2rpo_no_mgai``, ``dance_grpo``, ``flow_grpo``, ``mix_grpo``)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    try:
+        return STRATEGIES[name](**kwargs)
+    except TypeError as err:  # an option the strategy does not have
+        raise ValueError(f"strategy {name!r}: {err}") from None
