@@ -145,6 +145,20 @@ class RolloutEngine:
             out.append(v)
         return torch.cat(out) if len(out) > 1 else out[0], calls
 
+    @torch.no_grad()
+    def sample_ode(self, noise: torch.Tensor, cond: object = None) -> torch.Tensor:
+        """Plain batched Euler ODE sampling of ``noise [P, ...]`` (one row per prompt) to the image latent."""
+        n_cond = cond_prompt_count(cond)
+        if n_cond is not None and n_cond != noise.shape[0]:
+            raise ValueError(f"noise has {noise.shape[0]} rows but cond has {n_cond}")
+        x = noise.float()
+        rows = torch.arange(x.shape[0], device=x.device)
+        for i in range(self.num_steps):
+            index = torch.full_like(rows, i)
+            v, _ = self.velocity(x, index, rows, cond)
+            x = ode_step(v, x, self.sigmas.to(x.device), i, i + 1)
+        return x
+
     def run(self, plan: Plan, noise: torch.Tensor, cond: object, eta: float, sde_kind: str,
             generator: torch.Generator | None = None) -> dict[str, object]:
         """Execute ``plan`` from ``noise`` (``[P, ...]``, or ``[P, R, ...]`` for a plan with R roots)."""

@@ -1,0 +1,146 @@
+"""The lab world's base generator: a tiny ``diffusers.FluxTransformer2DModel`` and a learned
+prompt encoder, pretrained with rectified flow matching on the digits' train split.
+
+The digit image itself is the latent (``[B, 1, S, S]`` in [-1, 1], no VAE), packed 2x2
+into ``(S/2)^2`` tokens of 4 channels exactly like Flux latents. The model is deliberately
+under-trained (``pretrain_steps``) so that RL has headroom, and deterministic given the
+seed. Saved in diffusers' layout::
+
+    DIR/transformer/{config.json, diffusion_pytorch_model.safetensors}   (save_pretrained)
+    DIR/text_encoder/{config.json, model.safetensors}
+    DIR/lab_world.json                                                   (LabWorldConfig)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from ..models.flux import FluxVelocity, pack_latents, unpack_latents
+from .data import load_splits, to_unit
+from .prompts import LabTextEncoder, class_prompts
+
+__all__ = ["LabWorldConfig", "LabPolicy", "build_base_model", "load_lab_policy"]
+
+
+@dataclass(frozen=True)
+class LabWorldConfig:
+    """Everything that determines the base model (a different config is a different model)."""
+
+    seed: int = 0
+    image_size: int = 8
+    pretrain_steps: int = 150
+    batch_size: int = 128
+    lr: float = 2e-3
+    train_shift: float = 3.0
+    num_layers: int = 1
+    num_single_layers: int = 1
+    num_attention_heads: int = 4
+    attention_head_dim: int = 16
+    text_dim: int = 32
+
+    def transformer_kwargs(self) -> dict:
+        return dict(patch_size=1, in_channels=4, num_layers=self.num_layers,
+                    num_single_layers=self.num_single_layers, attention_head_dim=self.attention_head_dim,
+                    num_attention_heads=self.num_attention_heads, joint_attention_dim=self.text_dim,
+                    pooled_projection_dim=self.text_dim, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+
+
+class LabPolicy(torch.nn.Module):
+    """The lab generator behind the engine protocol, with the adapter methods of a real policy.
+
+    ``encode_prompts(list[str]) -> cond`` (cached per prompt while the encoder is frozen),
+    ``prepare_latents(n, generator) -> [n, N, 4]`` packed noise, ``__call__(x, sigma, cond)``,
+    ``decode(latents) -> images [n, 1, S, S]`` in [0, 1].
+    """
+
+    def __init__(self, transformer: FluxTransformer2DModel, text_encoder: LabTextEncoder, config: LabWorldConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.size = config.image_size
+        self.velocity = FluxVelocity(transformer, self.size, self.size, guidance_scale=None)
+        self.text_encoder = text_encoder
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def transformer(self) -> FluxTransformer2DModel:
+        return self.velocity.transformer
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return ((self.size // 2) ** 2, 4)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.velocity(x, sigma, cond)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            out = self.text_encoder(missing)
+            for i, p in enumerate(missing):
+                self._cache[p] = {k: v[i].detach() for k, v in out.items()}
+        return {k: torch.stack([self._cache[p][k] for p in prompts]) for k in ("prompt_embeds", "pooled_prompt_embeds")}
+
+    def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        return torch.randn((n, *self.latent_shape), generator=generator, device=device)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return to_unit(unpack_latents(latents.float(), self.size, self.size))
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(folder / "transformer")
+        self.text_encoder.save_pretrained(folder / "text_encoder")
+        (folder / "lab_world.json").write_text(json.dumps(asdict(self.config), indent=1))
+
+
+def build_base_model(config: LabWorldConfig = LabWorldConfig(), log=None) -> LabPolicy:
+    """Pretrain the base generator with rectified flow matching (deterministic given the seed)."""
+    torch.manual_seed(config.seed)
+    splits = load_splits(config.seed, config.image_size)
+    transformer = FluxTransformer2DModel(**config.transformer_kwargs())
+    all_prompts = [p for label in range(10) for p in class_prompts(label)]
+    encoder = LabTextEncoder.from_prompts(all_prompts, dim=config.text_dim, pooled_dim=config.text_dim)
+    policy = LabPolicy(transformer, encoder, config)
+    params = list(transformer.parameters()) + list(encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(config.seed + 1)
+    x_all, y_all = splits.train_x, splits.train_y
+    n_para = len(class_prompts(0))
+    for step in range(config.pretrain_steps):
+        idx = torch.randint(0, len(y_all), (config.batch_size,), generator=g)
+        x0 = pack_latents(x_all[idx][:, None])
+        which = torch.randint(0, n_para, (config.batch_size,), generator=g).tolist()
+        prompts = [class_prompts(int(label))[w] for label, w in zip(y_all[idx].tolist(), which)]
+        u = torch.rand(config.batch_size, generator=g)
+        t = config.train_shift * u / (1 + (config.train_shift - 1) * u)  # the sampling schedule's density
+        eps = torch.randn(x0.shape, generator=g)
+        xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
+        loss = ((policy(xt, t, encoder(prompts)) - (eps - x0)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log is not None and (step % 50 == 0 or step == config.pretrain_steps - 1):
+            log(f"pretrain step {step:4d}  flow-matching loss {loss.item():.4f}")
+    return policy.eval()
+
+
+def load_lab_policy(folder: str | Path, dtype: torch.dtype = torch.float32) -> LabPolicy:
+    """Load a lab policy (base model or a trained checkpoint) from its diffusers-layout folder."""
+    folder = Path(folder)
+    cfg_file = folder / "lab_world.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a lab model folder: missing {cfg_file.name} "
+                                "(build one with `python -m g2rpo.lab build`)")
+    config = LabWorldConfig(**json.loads(cfg_file.read_text()))
+    if not (folder / "transformer" / "config.json").is_file():
+        raise FileNotFoundError(f"missing {folder / 'transformer' / 'config.json'}")
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)
+    encoder = LabTextEncoder.from_pretrained(folder / "text_encoder")
+    return LabPolicy(transformer, encoder, config).eval()

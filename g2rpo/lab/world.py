@@ -1,0 +1,116 @@
+"""The lab world on disk: build once (base model + reward weights), load many times."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..rewards.base import WeightedRewards
+from .data import load_splits
+from .generator import LabPolicy, LabWorldConfig, build_base_model, load_lab_policy
+from .prompts import class_prompts
+from .rewards import DigitAlignment, DigitRealism, OODJudge, fit_alignment
+
+__all__ = ["default_cache_dir", "build_world", "load_rewards", "load_judge", "lab_prompts_for", "sample_images"]
+
+
+def default_cache_dir() -> Path:
+    """``$G2RPO_CACHE/lab`` or ``~/.cache/g2rpo/lab``."""
+    root = os.environ.get("G2RPO_CACHE") or Path.home() / ".cache" / "g2rpo"
+    return Path(root) / "lab"
+
+
+def _is_built(folder: Path, config: LabWorldConfig) -> bool:
+    cfg = folder / "lab_world.json"
+    needed = [cfg, folder / "transformer" / "diffusion_pytorch_model.safetensors",
+              folder / "text_encoder" / "model.safetensors", folder / "rewards" / "digit_alignment.safetensors"]
+    return all(f.is_file() for f in needed) and json.loads(cfg.read_text()) == asdict(config)
+
+
+def build_world(folder: str | Path | None = None, config: LabWorldConfig = LabWorldConfig(), force: bool = False,
+                log=print) -> Path:
+    """Build (or reuse, when built with the same config) the base model and reward weights in ``folder``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder) if folder is not None else default_cache_dir() / "base"
+    if not force and _is_built(folder, config):
+        if log:
+            log(f"lab world already built in {folder}")
+        return folder
+    policy = build_base_model(config, log=log)
+    tmp = folder.with_name(folder.name + ".tmp")
+    policy.save_pretrained(tmp)
+    coef, intercept = fit_alignment(load_splits(config.seed, config.image_size), config.seed)
+    (tmp / "rewards").mkdir(exist_ok=True)
+    save_file({"coef": coef, "intercept": intercept}, str(tmp / "rewards" / "digit_alignment.safetensors"))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)  # a crash mid-build never leaves a half-written world behind
+    if log:
+        log(f"lab world built in {folder}")
+    return folder
+
+
+def _config_of(folder: Path) -> LabWorldConfig:
+    f = Path(folder) / "lab_world.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{folder} is not a lab model folder: missing {f.name}")
+    return LabWorldConfig(**json.loads(f.read_text()))
+
+
+def load_rewards(world: str | Path) -> dict[str, object]:
+    """The in-domain rewards of a built world: ``digit_alignment``, ``digit_realism``."""
+    from safetensors.torch import load_file
+
+    world = Path(world)
+    cfg = _config_of(world)
+    f = world / "rewards" / "digit_alignment.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"missing reward weights {f}: rebuild with `python -m g2rpo.lab build`")
+    w = load_file(str(f))
+    s = load_splits(cfg.seed, cfg.image_size)
+    from .data import to_unit
+
+    return {"digit_alignment": DigitAlignment(w["coef"], w["intercept"]),
+            "digit_realism": DigitRealism(to_unit(s.train_x).reshape(len(s.train_y), -1))}
+
+
+def combined_reward(world: str | Path, weights: dict[str, float] | None = None) -> WeightedRewards:
+    """A weighted combination of the in-domain rewards (default alignment 1, realism 1)."""
+    weights = weights or {"digit_alignment": 1.0, "digit_realism": 1.0}
+    rewards = load_rewards(world)
+    unknown = set(weights) - set(rewards)
+    if unknown:
+        raise ValueError(f"unknown lab rewards {sorted(unknown)}; have {sorted(rewards)}")
+    return WeightedRewards([rewards[k] for k in weights], list(weights.values()), name="lab_combined")
+
+
+def load_judge(world: str | Path) -> OODJudge:
+    cfg = _config_of(Path(world))
+    return OODJudge(load_splits(cfg.seed, cfg.image_size))
+
+
+def lab_prompts_for(labels: list[int], test: bool = False) -> list[str]:
+    """One prompt per label (the first paraphrase, or the held-out one with ``test=True``)."""
+    return [class_prompts(int(label), test=test)[0] for label in labels]
+
+
+@torch.no_grad()
+def sample_images(policy: LabPolicy, prompts: list[str], steps: int = 16, seed: int = 0, shift: float = 3.0,
+                  max_batch: int | None = 256) -> torch.Tensor:
+    """ODE samples ``[N, S, S]`` in [0, 1] for the prompts (noise from ``seed``)."""
+    from ..rollout.engine import RolloutEngine
+
+    noise = policy.prepare_latents(len(prompts), torch.Generator().manual_seed(seed))
+    engine = RolloutEngine(policy, num_steps=steps, shift=shift, max_batch=max_batch)
+    latents = engine.sample_ode(noise, policy.encode_prompts(prompts))
+    return policy.decode(latents)[:, 0]
+
+
+__all__ += ["combined_reward", "load_lab_policy", "LabWorldConfig"]

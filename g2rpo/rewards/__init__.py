@@ -1,0 +1,5 @@
+"""Reward models: one protocol (``score(images, prompts) -> [N]``), a registry, and the models."""
+
+from .base import REWARD_BUILDERS, RewardModel, WeightedRewards, make_reward, register_reward
+
+__all__ = ["REWARD_BUILDERS", "RewardModel", "WeightedRewards", "make_reward", "register_reward"]

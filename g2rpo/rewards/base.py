@@ -1,0 +1,57 @@
+"""The reward-model protocol and the registry that builds reward models from config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["RewardModel", "register_reward", "make_reward", "REWARD_BUILDERS", "WeightedRewards"]
+
+
+@runtime_checkable
+class RewardModel(Protocol):
+    """``score(images, prompts) -> [N]`` float tensor; batched, no grad, own preprocessing.
+
+    ``images`` are ``[N, C, H, W]`` (or ``[N, H, W]`` for 1-channel lab images) in [0, 1].
+    """
+
+    name: str
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
+
+
+REWARD_BUILDERS: dict[str, Callable[..., RewardModel]] = {}
+
+
+def register_reward(name: str) -> Callable[[Callable[..., RewardModel]], Callable[..., RewardModel]]:
+    """Decorator: register a builder ``(**options) -> RewardModel`` under ``name``."""
+
+    def deco(fn: Callable[..., RewardModel]) -> Callable[..., RewardModel]:
+        if name in REWARD_BUILDERS:
+            raise ValueError(f"reward {name!r} is registered twice")
+        REWARD_BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def make_reward(name: str, **options) -> RewardModel:
+    """Build a registered reward model by name."""
+    if name not in REWARD_BUILDERS:
+        raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARD_BUILDERS)}")
+    return REWARD_BUILDERS[name](**options)
+
+
+class WeightedRewards:
+    """A weighted sum of reward models as one reward (for reporting a combined score)."""
+
+    def __init__(self, models: Sequence[RewardModel], weights: Sequence[float], name: str = "weighted") -> None:
+        if len(models) != len(weights) or not models:
+            raise ValueError(f"need one weight per reward model, got {len(models)} models and {len(weights)} weights")
+        self.models, self.weights, self.name = list(models), [float(w) for w in weights], name
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return sum(w * m.score(images, prompts).float() for m, w in zip(self.models, self.weights))
