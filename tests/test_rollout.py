@@ -197,3 +197,16 @@ def test_dict_and_list_conditioning_are_gathered_per_row():
         assert [{1.0: "a", 2.0: "b"}[e] for e in emb] == names
     # prompt 1's velocity is twice prompt 0's, so its anchor moves twice as far
     assert torch.allclose(ro.anchor[1, -1], 2 * ro.anchor[0, -1])
+
+
+def test_per_prompt_generators_make_prompts_independent_of_batching(model):
+    noise, cond = _setup(P=3)
+    sampler = G2RPOSampler(model, group_size=3, sde_indices=[0, 4], max_batch=16)
+    gens = lambda: [torch.Generator().manual_seed(100 + p) for p in range(3)]  # noqa: E731
+    together = sampler.rollout(noise, cond, generator=gens())
+    for p in range(3):
+        alone = sampler.rollout(noise[p:p + 1], cond[p:p + 1], generator=[gens()[p]])
+        assert torch.allclose(together.finals[p], alone.finals[0], atol=1e-5)
+        assert torch.allclose(together.log_probs[p], alone.log_probs[0], atol=1e-5)
+    with pytest.raises(ValueError, match="generators for 3 prompts"):
+        sampler.rollout(noise, cond, generator=gens()[:2])

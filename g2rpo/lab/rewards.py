@@ -136,24 +136,21 @@ class OODJudge:
         return out
 
 
-def _splits(seed: int, image_size: int) -> DigitSplits:
-    return load_splits(seed, image_size)
-
-
 @register_reward("digit_alignment")
-def _build_alignment(seed: int = 0, image_size: int = 8, path: str | Path | None = None) -> DigitAlignment:
-    if path is not None:
-        from safetensors.torch import load_file
+def _build_alignment(world: str | Path | None = None, seed: int = 0, image_size: int = 8) -> DigitAlignment:
+    """From a built lab world's saved weights, or fitted afresh for (seed, image_size)."""
+    if world is not None:
+        from .world import load_rewards
 
-        f = Path(path)
-        if not f.is_file():
-            raise FileNotFoundError(f"digit_alignment weights not found: {f}")
-        w = load_file(str(f))
-        return DigitAlignment(w["coef"], w["intercept"])
-    return DigitAlignment(*fit_alignment(_splits(seed, image_size), seed))
+        return load_rewards(world)["digit_alignment"]
+    return DigitAlignment(*fit_alignment(load_splits(seed, image_size), seed))
 
 
 @register_reward("digit_realism")
-def _build_realism(seed: int = 0, image_size: int = 8) -> DigitRealism:
-    s = _splits(seed, image_size)
+def _build_realism(world: str | Path | None = None, seed: int = 0, image_size: int = 8) -> DigitRealism:
+    if world is not None:
+        from .world import load_rewards
+
+        return load_rewards(world)["digit_realism"]
+    s = load_splits(seed, image_size)
     return DigitRealism(to_unit(s.train_x).reshape(len(s.train_y), -1))

@@ -114,3 +114,25 @@ def sample_images(policy: LabPolicy, prompts: list[str], steps: int = 16, seed: 
 
 
 __all__ += ["combined_reward", "load_lab_policy", "LabWorldConfig"]
+
+
+@torch.no_grad()
+def evaluate_lab(policy: LabPolicy, world: str | Path, per_class: int = 20, steps: int = 16, seed: int = 12345,
+                 test_prompts: bool = True, judge: OODJudge | None = None,
+                 rewards: dict[str, object] | None = None) -> dict[str, float]:
+    """In-domain rewards and out-of-domain judges of ODE samples (``per_class`` per digit).
+
+    Uses the held-out paraphrases (``test_prompts``) and fixed noise, so two policies are
+    compared on identical inputs.
+    """
+    judge = judge or load_judge(world)
+    rewards = rewards or load_rewards(world)
+    labels = [c for c in range(10) for _ in range(per_class)]
+    prompts = lab_prompts_for(labels, test=test_prompts)
+    images = sample_images(policy, prompts, steps=steps, seed=seed)
+    out = {name: float(r.score(images, prompts).mean()) for name, r in rewards.items()}
+    out.update(judge.evaluate(images, torch.tensor(labels), torch.tensor(labels)))
+    return out
+
+
+__all__ += ["evaluate_lab"]

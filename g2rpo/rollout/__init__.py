@@ -62,9 +62,13 @@ class G2RPOSampler:
         return torch.randn(shape, generator=generator, device=device)
 
     @torch.no_grad()
-    def rollout(self, noise: torch.Tensor, cond: object = None, generator: torch.Generator | None = None,
-                iteration: int = 0) -> Rollout:
-        """Sample the groups of P prompts from ``noise [P, ...]`` (one shared noise per prompt)."""
+    def rollout(self, noise: torch.Tensor, cond: object = None,
+                generator: torch.Generator | list[torch.Generator] | None = None, iteration: int = 0) -> Rollout:
+        """Sample the groups of P prompts from ``noise [P, ...]`` (one shared noise per prompt).
+
+        ``generator`` draws the SDE noise: one for all prompts, or a list of P (one per
+        prompt: a prompt's rollout is then independent of the other prompts in the call).
+        """
         s = self.strategy
         plan = self.plan(iteration)
         out = self.engine.run(plan, noise, cond, s.eta, s.sde_kind, generator)

@@ -106,6 +106,18 @@ class Rollout:
         return self.finals.reshape(-1, *self.finals.shape[4:])
 
 
+def _branch_noise(per_prompt: int, P: int, shape: torch.Size, generator, device) -> torch.Tensor:
+    """Standard normal SDE noise ``[P * per_prompt, ...]`` (prompt-major).
+
+    ``generator`` is None, one generator, or a list of P generators (one per prompt, so a
+    prompt's rollout does not depend on which other prompts share the call: what makes
+    rollouts identical whatever the number of ranks).
+    """
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.randn((per_prompt, *shape), generator=g, device=device) for g in generator])
+    return torch.randn((P * per_prompt, *shape), generator=generator, device=device)
+
+
 class RolloutEngine:
     """Runs plans through a velocity model ``model(x [B, ...], sigma [B], cond) -> v``."""
 
@@ -160,7 +172,7 @@ class RolloutEngine:
         return x
 
     def run(self, plan: Plan, noise: torch.Tensor, cond: object, eta: float, sde_kind: str,
-            generator: torch.Generator | None = None) -> dict[str, object]:
+            generator: torch.Generator | list[torch.Generator] | None = None) -> dict[str, object]:
         """Execute ``plan`` from ``noise`` (``[P, ...]``, or ``[P, R, ...]`` for a plan with R roots)."""
         if plan.num_steps != self.num_steps:
             raise ValueError(f"plan has {plan.num_steps} steps, engine has {self.num_steps}")
@@ -175,6 +187,8 @@ class RolloutEngine:
         else:
             roots = noise.float().unsqueeze(1)
         P, shape = roots.shape[0], roots.shape[2:]
+        if isinstance(generator, (list, tuple)) and len(generator) != P:
+            raise ValueError(f"got {len(generator)} generators for {P} prompts (pass one per prompt or a single one)")
         n_cond = cond_prompt_count(cond)
         if n_cond is not None and n_cond != P:
             raise ValueError(f"noise has {P} prompts but cond has {n_cond}")
@@ -211,7 +225,7 @@ class RolloutEngine:
                 parent = (p_idx[:, None] * F + tick.child_parent.to(dev)[sel][None, :]).reshape(-1)
                 frm = f_index[parent]
                 if is_sde:
-                    eps = torch.randn((parent.numel(), *shape), generator=generator, device=dev)
+                    eps = _branch_noise(parent.numel() // P, P, shape, generator, dev)
                     xs, lp, _, _ = sde_step_with_logprob(V[parent], X[parent], sigmas, frm, eta,
                                                          noise=eps, kind=sde_kind)
                     slot = tick.sde_slot.to(dev)

@@ -1,0 +1,1 @@
+"""Training configs (YAML), shipped as ``g2rpo.configs``; ``lab.yaml`` is the embedded default."""

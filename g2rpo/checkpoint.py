@@ -1,0 +1,101 @@
+"""Checkpoints through torch.distributed.checkpoint (DCP).
+
+``OUTPUT/checkpoints/iter_NNNNNN/`` holds the model and optimiser state (sharded under
+FSDP2), the LR scheduler, the EMA weights, the iteration and data position, and one RNG
+file per rank. A checkpoint is written to ``iter_NNNNNN.tmp`` and renamed when complete
+(with a ``COMPLETE`` marker), so a crash while saving never replaces a good checkpoint
+and ``latest_checkpoint`` only ever returns complete ones.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .distributed import DistContext
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir"]
+
+MARKER = "COMPLETE"
+
+
+def checkpoint_dir(output_dir: str | Path, iteration: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"iter_{iteration:06d}"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir``, or None."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / MARKER).is_file())
+    return done[-1] if done else None
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ctx: DistContext, output_dir: str | Path, iteration: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, ema: dict[str, torch.Tensor] | None,
+                    extra: dict[str, Any]) -> Path:
+    """Save after ``iteration`` iterations are complete; returns the final folder."""
+    final = checkpoint_dir(output_dir, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ctx.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if ema is not None:
+        state["ema"] = ema
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
+    if ctx.is_main:
+        torch.save({"scheduler": scheduler.state_dict(), "iteration": iteration, **extra}, tmp / "trainer_state.pt")
+    ctx.barrier()
+    if ctx.is_main:
+        (tmp / MARKER).write_text(str(iteration))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    ctx.barrier()
+    return final
+
+
+def load_checkpoint(ctx: DistContext, folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, ema: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """Restore everything saved by :func:`save_checkpoint`; returns the trainer state (iteration, ...)."""
+    folder = Path(folder)
+    if not (folder / MARKER).is_file():
+        raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {MARKER} marker)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if ema is not None:
+        state["ema"] = ema
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer_state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    rng = folder / f"rng_rank{ctx.rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return trainer_state

@@ -1,0 +1,333 @@
+"""Training configuration: nested dataclasses, strict YAML loading and CLI overrides.
+
+``load_config(path, overrides)`` reads a YAML file (or the embedded lab default), applies
+overrides ``a.b=value`` / ``--a.b value`` (values parsed as YAML), and checks everything
+before any model loads: unknown keys, wrong types and impossible combinations raise a
+:class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "ModelConfig", "LoraConfig", "SamplerConfig", "RewardSpec", "LossConfig",
+           "OptimConfig", "DataConfig", "TrainConfig", "load_config", "parse_overrides", "config_to_dict"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "lab"  # lab | flux | sd3
+    path: str | None = None  # lab: None builds/reuses the cached lab world
+    dtype: str = "float32"  # float32 | bfloat16 | float16: parameters of the policy
+    guidance_scale: float = 3.5
+    height: int = 720
+    width: int = 720
+    max_sequence_length: int = 512
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 32
+    alpha: float = 64.0
+    target_modules: list[str] = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "proj_mlp", "proj_out"])
+
+
+@dataclass
+class SamplerConfig:
+    strategy: str = "g2rpo"  # g2rpo | g2rpo_no_mgai | dance_grpo | flow_grpo | mix_grpo
+    num_steps: int = 16
+    shift: float = 3.0
+    eta: float | None = None  # None: the strategy's published default
+    sde_indices: list[int] = field(default_factory=lambda: list(range(8)))
+    granularities: list[int] = field(default_factory=lambda: [1, 2, 3])
+    group_size: int = 12
+    max_batch: int = 64
+    quantize_timesteps: bool = False
+    # trajectory strategies (None: the strategy's default)
+    train_fraction: float | None = None
+    shared_noise: bool | None = None
+    window_size: int | None = None
+    window_stride: int | None = None
+    shift_interval: int | None = None
+    window_max_start: int | None = None
+
+    def strategy_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_steps": self.num_steps, "group_size": self.group_size}
+        if self.eta is not None:
+            opts["eta"] = self.eta
+        if self.strategy in ("g2rpo", "g2rpo_no_mgai"):
+            opts["sde_indices"] = tuple(self.sde_indices)
+            if self.strategy == "g2rpo":
+                opts["granularities"] = tuple(self.granularities)
+        for key in ("train_fraction", "shared_noise", "window_size", "window_stride", "shift_interval",
+                    "window_max_start"):
+            value = getattr(self, key)
+            if value is not None:
+                opts[key] = value
+        return opts
+
+
+@dataclass
+class RewardSpec:
+    name: str = "digit_alignment"
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    kl_beta: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-6
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    schedule: str = "constant"  # constant | linear | cosine (after warmup)
+    warmup_iterations: int = 0
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "builtin:lab"  # a .txt (one per line), .jsonl or .json file, or builtin:lab / builtin:lab_test
+    prompts_per_iteration: int = 8  # global, split evenly over ranks
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    iterations: int = 300
+    inner_epochs: int = 1
+    minibatches: int = 1
+    train_batch: int = 64  # max rows per training forward
+    seed: int = 42
+    sampler_seed: int = 1223627
+    ema_decay: float | None = None
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 50
+    resume: bool = False
+    export_final: bool = True
+    image_every: int = 0
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "g2rpo"
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Impossible combinations, named by key (no model is loaded)."""
+        from .rollout.strategies import make_strategy
+
+        s = self.sampler
+        checks = [
+            ("iterations", self.iterations >= 1, "must be >= 1"),
+            ("inner_epochs", self.inner_epochs >= 1, "must be >= 1"),
+            ("minibatches", self.minibatches >= 1, "must be >= 1"),
+            ("train_batch", self.train_batch >= 1, "must be >= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0 (0: only at the end)"),
+            ("image_every", self.image_every >= 0, "must be >= 0"),
+            ("sampler.max_batch", s.max_batch >= 1, "must be >= 1"),
+            ("sampler.shift", s.shift > 0, "must be > 0"),
+            ("sampler.num_steps", s.num_steps >= 1, "must be >= 1"),
+            ("sampler.sde_indices", all(0 <= e < s.num_steps for e in s.sde_indices),
+             f"must be in 0..sampler.num_steps-1 = 0..{s.num_steps - 1}, got {s.sde_indices}"),
+            ("sampler.granularities", bool(s.granularities) and all(g >= 1 for g in s.granularities),
+             "must be a non-empty list of ints >= 1"),
+            ("sampler.group_size", s.group_size >= 2, "must be >= 2"),
+            ("data.prompts_per_iteration", self.data.prompts_per_iteration >= 1, "must be >= 1"),
+            ("loss.clip_range", self.loss.clip_range > 0, "must be > 0"),
+            ("loss.adv_clip_max", self.loss.adv_clip_max > 0, "must be > 0"),
+            ("loss.kl_beta", self.loss.kl_beta >= 0, "must be >= 0"),
+            ("optim.lr", self.optim.lr > 0, "must be > 0"),
+            ("optim.betas", len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas),
+             "must be two numbers in [0, 1)"),
+            ("optim.max_grad_norm", self.optim.max_grad_norm > 0, "must be > 0"),
+            ("optim.schedule", self.optim.schedule in ("constant", "linear", "cosine"),
+             "must be constant, linear or cosine"),
+            ("optim.warmup_iterations", self.optim.warmup_iterations >= 0, "must be >= 0"),
+            ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "must be in (0, 1) or null"),
+            ("model.kind", self.model.kind in ("lab", "flux", "sd3"), "must be lab, flux or sd3"),
+            ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"),
+             "must be float32, bfloat16 or float16"),
+            ("lora.rank", self.lora.rank >= 1, "must be >= 1"),
+            ("rewards", len(self.rewards) >= 1, "must name at least one reward model"),
+        ]
+        for key, ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"{key} {msg}")
+        try:
+            make_strategy(s.strategy, **s.strategy_options())
+        except ValueError as err:
+            raise ConfigError(f"sampler: {err}") from None
+        from .rewards import REWARD_BUILDERS
+        from . import lab as _lab  # noqa: F401  (registers the lab rewards)
+
+        for i, r in enumerate(self.rewards):
+            if r.name not in REWARD_BUILDERS:
+                raise ConfigError(f"rewards[{i}].name: unknown reward {r.name!r}; known: {sorted(REWARD_BUILDERS)}")
+
+
+# ---- strict (de)serialisation -----------------------------------------------------------
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(hint, value, key)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]!s}; valid keys here: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "--c.d", "x", "--e=2"]`` -> nested dict, values parsed as YAML."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            arg = arg[2:]
+            if "=" not in arg:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"--{arg} needs a value")
+                arg = f"{arg}={args[i + 1]}"
+                i += 1
+        if "=" not in arg:
+            raise ConfigError(f"cannot parse override {args[i]!r}: use key=value or --key value")
+        key, raw = arg.split("=", 1)
+        key = key.replace("-", "_")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 as a string
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "+inf") else value
+            except ValueError:
+                pass
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key} conflicts with another override")
+        node[parts[-1]] = value
+        i += 1
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def default_config_path() -> Path:
+    """The embedded default: ``configs/lab.yaml``, shipped with the package as ``g2rpo.configs``."""
+    from importlib import resources
+
+    return Path(str(resources.files("g2rpo.configs").joinpath("lab.yaml")))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """Load and validate a config (the embedded lab default when ``path`` is None)."""
+    path = Path(path) if path is not None else default_config_path()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        data = _merge(data, extra)
+    cfg = _from_dict(TrainConfig, data)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,116 @@
+"""torch.distributed plumbing: process group, FSDP2 sharding, metric reduction.
+
+Rollouts with FSDP2: a sharded module would all-gather every block's parameters in every
+forward, and a G2RPO rollout makes ~16 ticks x several chunks of forwards. Instead, for
+the rollout phase every FSDP module is set to keep its parameters after forward
+(``set_reshard_after_forward(False)``): the first forward of the phase gathers each block
+once, later forwards reuse it, and :func:`rollout_mode` reshards at the end of the phase.
+This costs one full (bf16 on GPU) copy of the weights during rollouts, the same memory as
+a separate bf16 replica but with no copy to refresh after each update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "shard_module", "rollout_mode", "is_fsdp"]
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def init(cls) -> "DistContext":
+        """Initialise from torchrun's environment (nccl on GPU, gloo on CPU); a plain run is rank 0 of 1."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return cls(rank=rank, world=world, local_rank=local, device=device)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def reduce_metrics(self, metrics: dict[str, float], ops: dict[str, str]) -> dict[str, float]:
+        """All-reduce metrics: ``ops[key]`` is ``mean`` (default), ``sum``, ``min`` or ``max``."""
+        if not self.enabled or not metrics:
+            return dict(metrics)
+        keys = sorted(metrics)
+        out = {}
+        for op_name, op in (("mean", dist.ReduceOp.SUM), ("sum", dist.ReduceOp.SUM), ("min", dist.ReduceOp.MIN),
+                            ("max", dist.ReduceOp.MAX)):
+            sel = [k for k in keys if ops.get(k, "mean") == op_name]
+            if not sel:
+                continue
+            t = torch.tensor([float(metrics[k]) for k in sel], dtype=torch.float64)
+            dist.all_reduce(t, op=op)
+            if op_name == "mean":
+                t /= self.world
+            out.update(zip(sel, t.tolist()))
+        return out
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def is_fsdp(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def shard_module(module: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
+    """FSDP2: shard every transformer block, then the root. bf16 params / fp32 reduce when ``bf16``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(module, name, []):
+            fully_shard(block, mp_policy=mp)
+    fully_shard(module, mp_policy=mp)
+    return module
+
+
+@contextlib.contextmanager
+def rollout_mode(module: torch.nn.Module):
+    """Eval mode, no grad; with FSDP2, gather each block once for the whole phase (see module doc)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    was_training = module.training
+    module.eval()
+    fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m in fsdp:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+        module.train(was_training)

@@ -1,0 +1,49 @@
+"""Build the policy and the reward models a training config names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, RewardSpec
+from .rewards import RewardModel, make_reward
+
+__all__ = ["LoadedPolicy", "load_policy", "build_rewards"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedPolicy:
+    policy: torch.nn.Module  # the velocity model + encode_prompts / prepare_latents / decode / save_pretrained
+    path: Path  # where it was loaded from (the base for exports)
+
+
+def load_policy(cfg: ModelConfig, log=print) -> LoadedPolicy:
+    """Load the policy named by ``cfg`` from a local folder (the lab world is built on first use)."""
+    dtype = _DTYPES[cfg.dtype]
+    if cfg.kind == "lab":
+        from .lab import build_world, load_lab_policy
+
+        path = Path(cfg.path) if cfg.path else build_world(log=log)
+        return LoadedPolicy(load_lab_policy(path, dtype=dtype), path)
+    from .models import load_policy as load_real
+
+    if not cfg.path:
+        raise ValueError(f"model.path must point to a local {cfg.kind} diffusers folder")
+    policy = load_real(cfg.kind, cfg.path, dtype=dtype, height=cfg.height, width=cfg.width,
+                       guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length)
+    return LoadedPolicy(policy, Path(cfg.path))
+
+
+def build_rewards(specs: list[RewardSpec], model_cfg: ModelConfig, model_path: Path) -> list[tuple[str, RewardModel, float]]:
+    """``[(name, model, weight)]``; lab rewards default to the policy's lab world."""
+    out = []
+    for spec in specs:
+        options = dict(spec.options)
+        if spec.name.startswith("digit_") and model_cfg.kind == "lab":
+            options.setdefault("world", str(model_path))
+        out.append((spec.name, make_reward(spec.name, **options), spec.weight))
+    return out
