@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ def save_checkpoint(ctx: DistContext, output_dir: str | Path, iteration: int, mo
     state = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         state["ema"] = ema
-    dcp.save(state, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # single-process DCP is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
     if ctx.is_main:
         torch.save({"scheduler": scheduler.state_dict(), "iteration": iteration, **extra}, tmp / "trainer_state.pt")
@@ -91,7 +94,9 @@ def load_checkpoint(ctx: DistContext, folder: str | Path, model: torch.nn.Module
     state = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         state["ema"] = ema
-    dcp.load(state, checkpoint_id=str(folder))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer_state = torch.load(folder / "trainer_state.pt", weights_only=False)
     scheduler.load_state_dict(trainer_state["scheduler"])

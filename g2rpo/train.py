@@ -214,7 +214,8 @@ class Trainer:
         P, G = adv.shape[0], adv.shape[2]
         S_max = max(int(torch.unique(ro.source_of[k]).numel()) for k in slots)
         chunk = max(1, cfg.train_batch // S_max)
-        ratios, clips, losses, kls, grad_norms = [], [], [], [], []
+        ratios, clips, kls, grad_norms = [], [], [], []
+        loss_sum, loss_count = 0.0, 0
         first_dev = None
         self.module.train()
         for epoch in range(cfg.inner_epochs):
@@ -249,7 +250,8 @@ class Trainer:
                         first_dev = float((sur.ratio - 1).abs().max())
                     ratios.append(sur.ratio.flatten())
                     clips.append(sur.clipped.flatten().float())
-                    losses.append(float(loss.detach()) * n_total / sur.loss.numel())
+                    loss_sum += float(loss.detach()) * n_total
+                    loss_count += sur.loss.numel()
                 gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
                 gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
                 if not math.isfinite(gn):
@@ -262,7 +264,7 @@ class Trainer:
         r = torch.cat(ratios)
         m = {"ratio_mean": float(r.mean()), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
              "ratio_first_max_dev": first_dev, "clip_frac": float(torch.cat(clips).mean()),
-             "loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
+             "loss": loss_sum / loss_count, "grad_norm": float(np.mean(grad_norms)),
              "trained_steps": float(len(slots))}
         if kls:
             m["kl"] = float(torch.cat(kls).mean())
@@ -444,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     trainer = Trainer(cfg)
-    base_eval = _lab_eval(trainer) if cfg.model.kind == "lab" and trainer.ctx.is_main else None
+    base_eval = _lab_eval(trainer) if cfg.model.kind == "lab" else None
     try:
         history = trainer.run()
     except TrainingError as err:
@@ -452,10 +454,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         trainer.ctx.close()
+    final_eval = _lab_eval(trainer) if base_eval is not None and history else None
     if trainer.ctx.is_main and history:
         _print_curve(history, trainer)
-        if base_eval is not None:
-            final_eval = _lab_eval(trainer)
+        if final_eval is not None:
             print("held-out evaluation (test paraphrases, 200 ODE samples, fixed noise):")
             for key in final_eval:
                 print(f"  {key:16s} base {base_eval[key]:8.4f}  ->  trained {final_eval[key]:8.4f}")
@@ -464,19 +466,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _lab_eval(trainer: Trainer) -> dict[str, float]:
+    """Held-out lab evaluation; every rank runs it (sharded forwards are collective)."""
     from .lab.world import evaluate_lab
 
-    return evaluate_lab(trainer.policy, trainer.base_path, steps=trainer.cfg.sampler.num_steps)
+    with rollout_mode(trainer.module):
+        return evaluate_lab(trainer.policy, trainer.base_path, steps=trainer.cfg.sampler.num_steps)
 
 
 def _print_curve(history: list[dict[str, float]], trainer: Trainer) -> None:
     keys = [k for k in history[0] if k.startswith("reward/") and k.count("/") == 1]
     n = len(history)
-    marks = sorted({0, n // 4, n // 2, (3 * n) // 4, n - 1})
-    print("\nreward curve (mean over the iteration's rollouts):")
-    print("  iteration  " + "  ".join(f"{k.split('/')[1]:>16s}" for k in keys))
-    for i in marks:
-        print(f"  {int(history[i]['iteration']):9d}  " + "  ".join(f"{history[i][k]:16.4f}" for k in keys))
+    window = max(1, n // 6)
+    print(f"\nreward curve (rollout rewards, mean over windows of {window} iterations):")
+    print("  iterations  " + "  ".join(f"{k.split('/')[1]:>16s}" for k in keys))
+    for lo in range(0, n, window):
+        part = history[lo:lo + window]
+        first, last = int(part[0]["iteration"]), int(part[-1]["iteration"])
+        print(f"  {first:4d}-{last:<5d}  " + "  ".join(f"{np.mean([m[k] for m in part]):16.4f}" for k in keys))
     print(f"outputs in {trainer.out} (metrics.jsonl, checkpoints/, final/)")
 
 

@@ -1,0 +1,46 @@
+import pytest
+
+from g2rpo.config import ConfigError, load_config, parse_overrides
+
+
+def test_default_config_is_the_lab_world():
+    cfg = load_config()
+    assert cfg.model.kind == "lab" and cfg.sampler.strategy == "g2rpo"
+    assert [r.name for r in cfg.rewards] == ["digit_alignment", "digit_realism"]
+
+
+def test_overrides_dotted_and_flag_forms():
+    cfg = load_config(None, ["sampler.group_size=5", "--optim.lr", "1e-5", "--sampler.sde_indices=[0, 2]",
+                             "iterations=7", "--resume", "true"])
+    assert cfg.sampler.group_size == 5 and cfg.optim.lr == 1e-5 and cfg.sampler.sde_indices == [0, 2]
+    assert cfg.iterations == 7 and cfg.resume is True
+    assert parse_overrides(["a.b.c=x"]) == {"a": {"b": {"c": "x"}}}
+
+
+@pytest.mark.parametrize("override, key", [
+    (["sampler.gruop_size=4"], "sampler.gruop_size"),
+    (["bogus=1"], "bogus"),
+    (["sampler.group_size=four"], "sampler.group_size"),
+    (["sampler.group_size=1.5"], "sampler.group_size"),
+    (["resume=3"], "resume"),
+    (["sampler.sde_indices=[0, 16]"], "sampler.sde_indices"),
+    (["sampler.group_size=1"], "sampler.group_size"),
+    (["sampler.granularities=[]"], "sampler.granularities"),
+    (["optim.schedule=exp"], "optim.schedule"),
+    (["rewards=[{name: hps_v9}]"], "rewards[0].name"),
+    (["rewards=[{name: digit_alignment, wieght: 2}]"], "rewards[0].wieght"),
+    (["sampler.strategy=ppo"], "sampler"),
+])
+def test_bad_configs_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    assert key in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)

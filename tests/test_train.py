@@ -1,0 +1,198 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from g2rpo.config import load_config
+from g2rpo.train import Trainer, TrainingError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(lab_world, out, **extra):
+    """A seconds-long training config on the session's lab world."""
+    o = {
+        "model": {"path": str(lab_world)},
+        "sampler": {"num_steps": 8, "sde_indices": [0, 2], "granularities": [1, 2], "group_size": 3,
+                    "max_batch": 64},
+        "data": {"prompts_per_iteration": 4},
+        "optim": {"lr": 1e-3},
+        "iterations": 3, "checkpoint_every": 1, "output_dir": str(out), "progress": False,
+        "tensorboard": False, "image_every": 0,
+    }
+    for k, v in extra.items():
+        node = o
+        *path, last = k.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return o
+
+
+def run(overrides):
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    return trainer, trainer.run()
+
+
+def _cli(args, env_extra=None, torchrun=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+           if torchrun else [sys.executable]) + ["-m", "g2rpo.train"] + args
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _flat(o, prefix=""):
+    out = []
+    for k, v in o.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out += _flat(v, key)
+        else:
+            out.append(f"{key}={json.dumps(v)}")
+    return out
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out):
+    return load_file(str(Path(out) / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_first_ratio_of_every_iteration_is_one(lab_world, tmp_path):
+    _, hist = run(tiny(lab_world, tmp_path, inner_epochs=3))
+    for m in hist:
+        assert m["ratio_first_max_dev"] < 1e-6
+    # the later epochs move the policy: the ratio is not trivially 1
+    assert max(max(m["ratio_max"] - 1, 1 - m["ratio_min"]) for m in hist) > 1e-4
+    assert all(m["forward_rows"] > 0 and m["grad_norm"] > 0 for m in hist)
+
+
+def test_training_changes_weights_checkpoints_and_exports(lab_world, tmp_path):
+    trainer, hist = run(tiny(lab_world, tmp_path))
+    assert [m["iteration"] for m in hist] == [1, 2, 3] == [m["iteration"] for m in _metrics(tmp_path)]
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["iter_000001", "iter_000002", "iter_000003"]
+    base = load_file(str(lab_world / "transformer" / "diffusion_pytorch_model.safetensors"))
+    new = _weights(tmp_path)
+    assert base.keys() == new.keys() and any(not torch.equal(base[k], new[k]) for k in base)
+    live = trainer.module.state_dict()
+    assert all(torch.equal(live[k].cpu(), new[k]) for k in new)
+    from g2rpo.lab import load_lab_policy
+
+    load_lab_policy(tmp_path / "final")  # the export loads through the diffusers code path
+
+
+def test_kill_mid_iteration_and_resume_reproduces_metrics(lab_world, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args_a = _flat(tiny(lab_world, a, iterations=4))
+    args_b = _flat(tiny(lab_world, b, iterations=4))
+    r = _cli(args_a)
+    assert r.returncode == 0, r.stderr[-2000:]
+    killed = _cli(args_b, {"G2RPO_FAULT": "kill@2:train"})  # dies inside the third iteration
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert len(_metrics(b)) == 2
+    resumed = _cli(args_b + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ma, mb = _metrics(a), _metrics(b)
+    assert [m["iteration"] for m in mb] == [1, 2, 3, 4]
+    for x, y in zip(ma, mb):
+        for k in x:
+            if not k.startswith("time_"):
+                assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-9), k
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-7) for k in wa)
+
+
+def test_two_ranks_match_one_rank(lab_world, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    cfg = dict(iterations=2, checkpoint_every=0)
+    r1 = _cli(_flat(tiny(lab_world, one, **cfg)))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _cli(_flat(tiny(lab_world, two, **cfg)), torchrun=2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    m1, m2 = _metrics(one), _metrics(two)
+    for x, y in zip(m1, m2):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
+        assert x["reward/digit_alignment"] == pytest.approx(y["reward/digit_alignment"], rel=1e-5)
+        assert x["forward_rows"] == y["forward_rows"]
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    w1, w2 = _weights(one), _weights(two)
+    # Adam steps of lr=1e-3: weights agree far below one step's size
+    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert worst < 1e-4, worst
+
+
+def test_nan_reward_stops_with_iteration_and_prompt_named(lab_world, tmp_path, monkeypatch):
+    cfg = load_config(None, tiny(lab_world, tmp_path, iterations=3))
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    name, model, w = trainer.rewards[0]
+    real_score = model.score
+    calls = {"n": 0}
+
+    def flaky(images, prompts):
+        calls["n"] += 1
+        s = real_score(images, prompts)
+        if calls["n"] == 3:  # the third iteration's scoring
+            s[5] = float("nan")
+        return s
+
+    monkeypatch.setattr(model, "score", flaky)
+    with pytest.raises(TrainingError, match=r"iteration 2: reward 0 \(digit_alignment\).*prompts \["):
+        trainer.run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+
+
+def test_lora_ema_kl_and_gradient_checkpointing_options(lab_world, tmp_path):
+    base = load_file(str(lab_world / "transformer" / "diffusion_pytorch_model.safetensors"))
+    trainer, hist = run(tiny(lab_world, tmp_path / "lora", iterations=2, **{
+        "lora.enabled": True, "lora.rank": 4, "lora.alpha": 8.0, "loss.kl_beta": 0.1,
+        "model.gradient_checkpointing": True}))
+    trained = [n for n, p in trainer.module.named_parameters() if p.requires_grad]
+    assert trained and all("lora" in n for n in trained)
+    assert hist[0]["kl"] < 1e-10 and hist[1]["kl"] > 0  # the policy starts at the reference
+    merged = _weights(tmp_path / "lora")
+    assert merged.keys() == base.keys()  # LoRA fused into plain diffusers weights
+    assert any(not torch.allclose(merged[k], base[k]) for k in base)
+
+    trainer, _ = run(tiny(lab_world, tmp_path / "ema", iterations=2, ema_decay=0.5))
+    exported = _weights(tmp_path / "ema")
+    live = trainer.module.state_dict()
+    for k in exported:
+        expected = trainer.ema[k]
+        assert torch.allclose(exported[k], expected)
+    assert any(not torch.equal(exported[k], live[k]) for k in exported)
+
+
+def test_gradient_checkpointing_gives_the_same_update(lab_world, tmp_path):
+    run(tiny(lab_world, tmp_path / "plain", iterations=1))
+    run(tiny(lab_world, tmp_path / "ckpt", iterations=1, **{"model.gradient_checkpointing": True}))
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_prompt_files(tmp_path):
+    from g2rpo.prompts import PromptSchedule, load_prompts
+
+    (tmp_path / "p.txt").write_text("a digit one\n\n  a digit two \n")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["a digit one", "a digit two"]
+    (tmp_path / "p.jsonl").write_text('{"caption": "x"}\n"y"\n')
+    assert load_prompts(str(tmp_path / "p.jsonl")) == ["x", "y"]
+    (tmp_path / "p.json").write_text('["u", {"prompt": "v"}]')
+    assert load_prompts(str(tmp_path / "p.json")) == ["u", "v"]
+    with pytest.raises(FileNotFoundError, match="prompt file not found"):
+        load_prompts(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_prompts(str(tmp_path / "empty.txt"))
+    s = PromptSchedule(["a", "b", "c"], seed=1)
+    seen = [s.prompt_at(i) for i in range(6)]
+    assert sorted(seen[:3]) == ["a", "b", "c"] and sorted(seen[3:]) == ["a", "b", "c"]
+    assert seen == [PromptSchedule(["a", "b", "c"], seed=1).prompt_at(i) for i in range(6)]
