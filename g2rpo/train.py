@@ -398,7 +398,8 @@ class Trainer:
         self.ctx.barrier()
         return folder
 
-    def run(self) -> list[dict[str, float]]:
+    def run(self, callback=None) -> list[dict[str, float]]:
+        """Train to ``cfg.iterations``; ``callback(trainer, metrics)`` runs after every iteration."""
         cfg = self.cfg
         history = []
         bar = None
@@ -409,6 +410,8 @@ class Trainer:
                        file=sys.stdout)
         for it in range(self.start_iteration, cfg.iterations):
             m = self.iteration(it)
+            if callback is not None:
+                callback(self, m)
             history.append(m)
             self._write(m)
             if bar is not None:
