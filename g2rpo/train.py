@@ -199,12 +199,12 @@ class Trainer:
                 finally:
                     self.module.enable_adapters()
             else:
-                velocity = self.policy.velocity
-                saved, velocity.transformer = velocity.transformer, self.ref_module
+                owner = getattr(self.policy, "velocity", self.policy)  # the object holding `.transformer`
+                saved, owner.transformer = owner.transformer, self.ref_module
                 try:
                     yield
                 finally:
-                    velocity.transformer = saved
+                    owner.transformer = saved
 
     def train_on(self, ro: Rollout, adv: torch.Tensor, cond: Any, iteration: int, prompts: list[str]) -> dict[str, float]:
         """The policy update of one iteration; returns local metrics."""

@@ -77,3 +77,86 @@ class FluxVelocity(torch.nn.Module):
             return_dict=False,
         )[0]
         return out.float()
+
+
+class FluxPolicy(torch.nn.Module):
+    """Flux.1 from a local diffusers folder, behind the engine protocol.
+
+    ``encode_prompts(list[str]) -> cond`` (T5 ``prompt_embeds`` padded to
+    ``max_sequence_length`` + CLIP ``pooled_prompt_embeds``; cached per prompt),
+    ``prepare_latents(n, generator)`` (packed noise, as FluxPipeline draws it),
+    ``__call__(x, sigma, cond)`` (:class:`FluxVelocity`), ``decode(latents) -> [n, 3, H, W]``
+    in [0, 1] (VAE scaling and shift read from the VAE config).
+    """
+
+    def __init__(self, pipe: FluxPipeline, height: int = 720, width: int = 720, guidance_scale: float | None = 3.5,
+                 max_sequence_length: int = 512) -> None:
+        super().__init__()
+        f = pipe.vae_scale_factor
+        if height % (2 * f) or width % (2 * f):
+            raise ValueError(f"height and width must be multiples of {2 * f} for this VAE, got {height}x{width}")
+        self.height, self.width = height, width
+        self.latent_height, self.latent_width = 2 * (height // (f * 2)), 2 * (width // (f * 2))
+        self.max_sequence_length = max_sequence_length
+        self.velocity = FluxVelocity(pipe.transformer, self.latent_height, self.latent_width, guidance_scale)
+        self.vae = pipe.vae
+        self.text_encoder, self.text_encoder_2 = pipe.text_encoder, pipe.text_encoder_2
+        self._pipe = pipe  # tokenizers, scheduler config, encode_prompt, save_pretrained
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def transformer(self) -> FluxTransformer2DModel:
+        return self.velocity.transformer
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.velocity(x, sigma, cond)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            device = next(self.text_encoder_2.parameters()).device
+            embeds, pooled, _ = self._pipe.encode_prompt(prompt=missing, prompt_2=None, device=device,
+                                                         num_images_per_prompt=1,
+                                                         max_sequence_length=self.max_sequence_length)
+            for i, p in enumerate(missing):
+                self._cache[p] = {"prompt_embeds": embeds[i], "pooled_prompt_embeds": pooled[i]}
+        return {k: torch.stack([self._cache[p][k] for p in prompts])
+                for k in ("prompt_embeds", "pooled_prompt_embeds")}
+
+    def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        shape = (n, self.latent_channels, self.latent_height, self.latent_width)
+        return pack_latents(torch.randn(shape, generator=generator, device=device))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        cfg = self.vae.config
+        out = []
+        for lo in range(0, latents.shape[0], batch):
+            z = unpack_latents(latents[lo:lo + batch].float(), self.latent_height, self.latent_width)
+            z = z / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+            img = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+            out.append((img.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
+
+    def save_pretrained(self, folder) -> None:
+        self._pipe.transformer = self.transformer
+        self._pipe.save_pretrained(folder)
+
+
+def load_flux_policy(path, dtype: torch.dtype = torch.bfloat16, height: int = 720, width: int = 720,
+                     guidance_scale: float | None = 3.5, max_sequence_length: int = 512) -> FluxPolicy:
+    """Load Flux from a local diffusers folder (``model_index.json`` + component folders)."""
+    from pathlib import Path
+
+    from ._files import require_files
+
+    root = Path(path)
+    require_files(root, ["model_index.json", "transformer/config.json", "vae/config.json",
+                         "text_encoder/config.json", "text_encoder_2/config.json"], "Flux")
+    pipe = FluxPipeline.from_pretrained(root, torch_dtype=dtype)
+    return FluxPolicy(pipe, height, width, guidance_scale, max_sequence_length)

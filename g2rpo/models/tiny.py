@@ -1,0 +1,106 @@
+"""Tiny, randomly initialised instances of the real pipelines (real classes, real code paths),
+for tests and correctness checks on CPU: nothing is downloaded, tokenizers are built in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_flux_pipeline", "tiny_sd3_pipeline"]
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP byte-to-unicode table (the alphabet of byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tiny_clip_tokenizer():
+    """A CLIPTokenizer over single bytes (no merges): a valid, tiny byte-level BPE."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    for t in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[t] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_t5_tokenizer():
+    """A T5Tokenizer (unigram) over lowercase letters and digits."""
+    from transformers import T5Tokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(c, -2.0) for c in letters] + [("▁" + c, -1.5) for c in letters]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def _clip_text(tokenizer, projection: bool = False, hidden: int = 32, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    vocab = tokenizer.get_vocab()
+    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                         vocab_size=len(vocab), projection_dim=hidden, max_position_embeddings=77,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"])
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+
+def _t5(tokenizer, d_model: int = 32, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(d_model=d_model, d_ff=37, num_layers=2, num_heads=4, d_kv=8,
+                                   vocab_size=len(tokenizer.get_vocab())))
+
+
+def _vae(latent_channels: int, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=4, layers_per_block=1, sample_size=32, shift_factor=0.0609,
+                         scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A FluxPipeline with 1+1 blocks of width 32, a 2x VAE, tiny CLIP and T5 (32x32 images)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tok, tok2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 6, 6))
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
+                        vae=_vae(4, seed), text_encoder=_clip_text(tok, seed=seed), tokenizer=tok,
+                        text_encoder_2=_t5(tok2, seed=seed), tokenizer_2=tok2, transformer=transformer)
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline with one block of width 32, a 2x VAE, two tiny CLIPs and a tiny T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok, tok2, tok3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+                                        pos_embed_max_size=32)
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(4, seed),
+        text_encoder=_clip_text(tok, projection=True, seed=seed), tokenizer=tok,
+        text_encoder_2=_clip_text(tok2, projection=True, seed=seed + 1), tokenizer_2=tok2,
+        text_encoder_3=_t5(tok3, seed=seed), tokenizer_3=tok3, transformer=transformer)

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+
+from g2rpo import G2RPOSampler
+from g2rpo.models import FluxPolicy, SD3Policy, load_policy, pack_latents, unpack_latents
+from g2rpo.models.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+
+T = 6
+PROMPT = "a red cube on a table"
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("flux") / "tiny-flux"
+    tiny_flux_pipeline(seed=0).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
+    tiny_sd3_pipeline(seed=0).save_pretrained(d)
+    return d
+
+
+def test_pack_unpack_roundtrip():
+    x = torch.randn(2, 4, 6, 8)
+    p = pack_latents(x)
+    assert p.shape == (2, 12, 16)
+    assert torch.equal(unpack_latents(p, 6, 8), x)
+    with pytest.raises(ValueError, match="even"):
+        pack_latents(torch.randn(1, 4, 5, 8))
+
+
+@torch.no_grad()
+def test_flux_anchor_equals_flux_pipeline(flux_dir):
+    from diffusers import FluxPipeline
+
+    policy = load_policy("flux", flux_dir, dtype=torch.float32, height=32, width=32, guidance_scale=3.5,
+                         max_sequence_length=24)
+    assert isinstance(policy, FluxPolicy) and policy.latent_channels == 4
+    noise = policy.prepare_latents(1, torch.Generator().manual_seed(0))
+    assert noise.shape == (1, 64, 16)
+    cond = policy.encode_prompts([PROMPT])
+    ro = G2RPOSampler(policy, num_steps=T, sde_indices=[1], granularities=(1,), group_size=2).rollout(
+        noise, cond, generator=torch.Generator().manual_seed(1))
+    pipe = FluxPipeline.from_pretrained(flux_dir, torch_dtype=torch.float32)
+    ref = pipe(PROMPT, height=32, width=32, latents=noise.clone(), sigmas=np.linspace(1.0, 1.0 / T, T),
+               num_inference_steps=T, guidance_scale=3.5, max_sequence_length=24, output_type="latent").images
+    assert torch.allclose(ro.anchor[:, -1], ref, atol=1e-5, rtol=1e-5)
+    images = policy.decode(ro.anchor[:, -1])
+    assert images.shape == (1, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    # decode applies the VAE's own scaling and shift
+    vae = pipe.vae
+    z = unpack_latents(ref, 16, 16) / vae.config.scaling_factor + vae.config.shift_factor
+    expected = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+    assert torch.allclose(images, expected, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_sd3_anchor_equals_sd3_pipeline(sd3_dir, guidance):
+    from diffusers import StableDiffusion3Pipeline
+
+    policy = load_policy("sd3", sd3_dir, dtype=torch.float32, height=32, width=32, guidance_scale=guidance,
+                         max_sequence_length=24)
+    assert isinstance(policy, SD3Policy)
+    noise = policy.prepare_latents(1, torch.Generator().manual_seed(0))
+    ro = G2RPOSampler(policy, num_steps=T, sde_indices=[0], granularities=(1,), group_size=2).rollout(
+        noise, policy.encode_prompts([PROMPT]), generator=torch.Generator().manual_seed(1))
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, torch_dtype=torch.float32)
+    pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, shift=3.0)
+    ref = pipe(PROMPT, height=32, width=32, latents=noise.clone(), sigmas=list(np.linspace(1.0, 1.0 / T, T)),
+               num_inference_steps=T, guidance_scale=guidance, max_sequence_length=24, output_type="latent").images
+    assert torch.allclose(ro.anchor[:, -1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_files_are_named(tmp_path, flux_dir):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        load_policy("flux", tmp_path / "nope")
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(flux_dir, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(FileNotFoundError, match="text_encoder_2/config.json"):
+        load_policy("flux", broken)
+    with pytest.raises(ValueError, match="unknown policy kind"):
+        load_policy("sdxl", flux_dir)
