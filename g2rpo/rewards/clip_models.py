@@ -1,0 +1,133 @@
+"""CLIP-family rewards: HPS-v2.1 and CLIP score (open_clip), PickScore (transformers).
+
+* ``hps`` — open_clip ``ViT-H-14`` with the HPS-v2.1 checkpoint (a file holding
+  ``{"state_dict": ...}``), HPS's preprocessing (resize the longest side, pad; open_clip's
+  ``image_resize_mode="longest"``), score = cosine of the normalised image and text
+  features (the diagonal of ``image_features @ text_features.T``), as the public code.
+* ``clip`` — CLIP score with an open_clip model from a local directory
+  (``local-dir:`` layout: ``open_clip_config.json`` + weights; the public code uses DFN5B
+  ViT-H-14) or from a model name + checkpoint file; score = cosine similarity.
+* ``pickscore`` — transformers ``CLIPModel`` + processor from a local directory;
+  score = ``logit_scale.exp() * cosine`` (raw PickScore, ~20-23; the paper's table reports /100).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ._images import check_batch, to_pil
+from .base import register_reward
+
+__all__ = ["OpenClipScore", "PickScore"]
+
+
+class OpenClipScore:
+    """Cosine similarity of an open_clip model's normalised image and text features."""
+
+    def __init__(self, model, preprocess, tokenizer, name: str, device=None, batch_size: int = 32) -> None:
+        self.model, self.preprocess, self.tokenizer, self.name = model.eval(), preprocess, tokenizer, name
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model.to(self.device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        check_batch(images, prompts, self.name)
+        out = []
+        for lo in range(0, len(prompts), self.batch_size):
+            pil = to_pil(images[lo:lo + self.batch_size])
+            x = torch.stack([self.preprocess(p) for p in pil]).to(self.device)
+            tokens = self.tokenizer(list(prompts[lo:lo + self.batch_size])).to(self.device)
+            img = self.model.encode_image(x, normalize=True)
+            txt = self.model.encode_text(tokens, normalize=True)
+            out.append((img * txt).sum(-1).float().cpu())
+        return torch.cat(out)
+
+
+def _require(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    return p
+
+
+@register_reward("hps")
+def load_hps(checkpoint: str, model_name: str = "ViT-H-14", device=None, batch_size: int = 32,
+             open_clip_model: str | None = None) -> OpenClipScore:
+    """HPS-v2.1 from its checkpoint file (``open_clip_model`` is accepted for configs and unused:
+    the HPS checkpoint holds the full ViT-H-14 weights)."""
+    import open_clip
+
+    ckpt = _require(checkpoint, "HPS checkpoint")
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, output_dict=True,
+                                                                 image_resize_mode="longest")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ValueError(f"{ckpt} is not an HPS checkpoint: expected a dict with a 'state_dict' entry")
+    model.load_state_dict(state["state_dict"], strict=True)
+    return OpenClipScore(model, preprocess, open_clip.get_tokenizer(model_name), "hps", device, batch_size)
+
+
+@register_reward("clip")
+def load_clip_score(model_dir: str | None = None, model_name: str | None = None, checkpoint: str | None = None,
+                    device=None, batch_size: int = 32) -> OpenClipScore:
+    """CLIP score from ``model_dir`` (open_clip ``local-dir:`` layout) or ``model_name`` + ``checkpoint``."""
+    import open_clip
+
+    if model_dir is not None:
+        d = _require(model_dir, "CLIP model directory")
+        # create_model_from_pretrained raises when no weights file is found (never silently random)
+        model, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{d}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{d}")
+    elif model_name is not None and checkpoint is not None:
+        ckpt = _require(checkpoint, "CLIP checkpoint")
+        model, preprocess = open_clip.create_model_from_pretrained(model_name, pretrained=str(ckpt))
+        tokenizer = open_clip.get_tokenizer(model_name)
+    else:
+        raise ValueError("clip reward: give model_dir, or model_name and checkpoint")
+    return OpenClipScore(model, preprocess, tokenizer, "clip", device, batch_size)
+
+
+class PickScore:
+    """PickScore: ``logit_scale.exp() * cosine(image, text)`` with a transformers CLIPModel."""
+
+    name = "pickscore"
+
+    def __init__(self, model, processor, device=None, batch_size: int = 32) -> None:
+        self.model, self.processor = model.eval(), processor
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model.to(self.device)
+        self.batch_size = batch_size
+
+    @staticmethod
+    def _features(out) -> torch.Tensor:
+        # transformers 5 returns an output object (pooler_output); older versions a tensor
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        check_batch(images, prompts, self.name)
+        out = []
+        for lo in range(0, len(prompts), self.batch_size):
+            pil = to_pil(images[lo:lo + self.batch_size])
+            px = self.processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device)
+            tx = self.processor(text=list(prompts[lo:lo + self.batch_size]), padding=True, truncation=True,
+                                max_length=77, return_tensors="pt").to(self.device)
+            img = self._features(self.model.get_image_features(pixel_values=px))
+            txt = self._features(self.model.get_text_features(**tx))
+            img = img / img.norm(dim=-1, keepdim=True)
+            txt = txt / txt.norm(dim=-1, keepdim=True)
+            out.append((self.model.logit_scale.exp() * (img * txt).sum(-1)).float().cpu())
+        return torch.cat(out)
+
+
+@register_reward("pickscore")
+def load_pickscore(model_dir: str, processor_dir: str | None = None, device=None, batch_size: int = 32) -> PickScore:
+    from transformers import AutoModel, AutoProcessor
+
+    d = _require(model_dir, "PickScore model directory")
+    processor = AutoProcessor.from_pretrained(_require(processor_dir, "PickScore processor") if processor_dir else d)
+    return PickScore(AutoModel.from_pretrained(d), processor, device, batch_size)
