@@ -6,8 +6,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import json  # noqa: E402
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 @pytest.fixture(scope="session")
 def lab_world(tmp_path_factory):
@@ -15,3 +17,19 @@ def lab_world(tmp_path_factory):
     from g2rpo.lab import build_world
 
     return build_world(tmp_path_factory.mktemp("lab") / "base", log=None)
+
+TINY_CLIP_CFG = {"embed_dim": 16,
+                 "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory):
+    import open_clip
+
+    d = tmp_path_factory.mktemp("oc")
+    (d / "tiny-vit.json").write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(d)
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-vit")
+    return "tiny-vit", model.state_dict()
+

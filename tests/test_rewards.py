@@ -7,26 +7,11 @@ import torch.nn.functional as F
 from g2rpo.rewards import make_reward
 from g2rpo.rewards._images import to_pil
 
+from conftest import TINY_CLIP_CFG
+
 PROMPTS = ["a red cube", "two cats on a sofa", "a watercolor of a lighthouse", "a bowl of soup"]
-TINY_CLIP_CFG = {"embed_dim": 16,
-                 "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
 def _images(n=4, size=40, seed=0):
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def tiny_open_clip(tmp_path_factory):
-    import open_clip
-
-    d = tmp_path_factory.mktemp("oc")
-    (d / "tiny-vit.json").write_text(json.dumps(TINY_CLIP_CFG))
-    open_clip.add_model_config(d)
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny-vit")
-    return "tiny-vit", model.state_dict()
 
 
 def _reference_cosine(model_name, state, images, prompts, resize_mode):
