@@ -121,3 +121,77 @@ def test_reward_input_checks(tiny_open_clip, tmp_path):
         reward.score(_images(2), PROMPTS[:3])
     with pytest.raises(ValueError, match="unknown reward"):
         make_reward("aesthetic")
+
+
+def _official_key(k: str) -> str:
+    """Our ImageReward key -> the official ImageReward.pt key (written out independently of the loader)."""
+    import re
+
+    fixed = {"vision_model.embeddings.class_embedding": "blip.visual_encoder.cls_token",
+             "vision_model.embeddings.position_embedding": "blip.visual_encoder.pos_embed"}
+    if k in fixed:
+        return fixed[k]
+    if k.startswith("vision_model.embeddings.patch_embedding."):
+        return "blip.visual_encoder.patch_embed.proj." + k.rsplit(".", 1)[1]
+    if k.startswith("vision_model.post_layernorm."):
+        return "blip.visual_encoder.norm." + k.rsplit(".", 1)[1]
+    m = re.match(r"vision_model\.encoder\.layers\.(\d+)\.(.*)", k)
+    if m:
+        rest = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
+                "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+        head, leaf = m.group(2).rsplit(".", 1)
+        return f"blip.visual_encoder.blocks.{m.group(1)}.{rest[head]}.{leaf}"
+    if k.startswith("text_encoder."):
+        return "blip." + k
+    return k
+
+
+def test_imagereward_loads_official_layout_and_scores(tmp_path):
+    from torchvision import transforms as T
+    from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
+
+    from g2rpo.rewards.imagereward import ImageRewardModel
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cube", "two", "cats", "on", "sofa",
+             "water", "##color", "of", "light", "##house", "bowl", "soup"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    vocab_size = len(words) + 2  # + [DEC], [ENC]
+    med = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "max_position_embeddings": 64, "encoder_width": 32, "layer_norm_eps": 1e-12,
+           "hidden_act": "gelu", "pad_token_id": 0, "add_cross_attention": True}
+    (tmp_path / "med_config.json").write_text(json.dumps(med))
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8, layer_norm_eps=1e-6)
+    torch.manual_seed(0)
+    ref = ImageRewardModel(BlipVisionConfig(**vision), BlipTextConfig(
+        vocab_size=vocab_size, hidden_size=32, encoder_hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+        num_attention_heads=4, max_position_embeddings=64, is_decoder=True)).eval()
+    official = {_official_key(k): v for k, v in ref.state_dict().items()}
+    official["blip.vision_proj.weight"] = torch.zeros(16, 32)  # present in the real file, unused
+    official["blip.text_encoder.embeddings.position_ids"] = torch.arange(64)[None]
+    torch.save(official, tmp_path / "ImageReward.pt")
+
+    reward = make_reward("imagereward", model_dir=str(tmp_path), vision={k: vision[k] for k in vision})
+    images = _images(seed=3, size=48)
+    s = reward.score(images, PROMPTS)
+
+    tok = BertTokenizer(vocab_file=str(tmp_path / "vocab.txt"))
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    pre = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                     T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    with torch.no_grad():
+        expected = []
+        for img, p in zip(to_pil(images), PROMPTS):
+            t = tok([p], padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+            assert t["input_ids"][0, 0] == tok.cls_token_id  # [CLS] is kept, not replaced by [ENC]
+            image = ref.vision_model(pixel_values=pre(img)[None]).last_hidden_state
+            text = ref.text_encoder(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
+                                    encoder_hidden_states=image,
+                                    encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long))
+            raw = ref.mlp.layers(text.last_hidden_state[:, 0])[0, 0]
+            expected.append((raw - 0.16717362830052426) / 1.0333394966054072)
+    assert torch.allclose(s, torch.stack(expected), atol=1e-5)
+    # a checkpoint of another architecture is refused, naming the mismatch
+    torch.save({k: v for k, v in official.items() if "mlp.layers.7" not in k}, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="missing"):
+        make_reward("imagereward", model_dir=str(tmp_path), checkpoint=str(tmp_path / "broken.pt"), vision=vision)
