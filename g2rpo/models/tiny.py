@@ -104,3 +104,28 @@ def tiny_sd3_pipeline(seed: int = 0):
         text_encoder=_clip_text(tok, projection=True, seed=seed), tokenizer=tok,
         text_encoder_2=_clip_text(tok2, projection=True, seed=seed + 1), tokenizer_2=tok2,
         text_encoder_3=_t5(tok3, seed=seed), tokenizer_3=tok3, transformer=transformer)
+
+
+#: Flux.1-dev's transformer architecture (diffusers config), for benchmarks with random weights.
+FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+def random_flux_velocity(config: dict, height: int, width: int, device=None, dtype=torch.float32,
+                         text_len: int = 512, seed: int = 0):
+    """A :class:`~g2rpo.models.FluxVelocity` with random weights of ``config`` for ``height x width``
+    images (VAE factor 8), and random conditioning ``[1, text_len, joint_dim]`` / ``[1, pooled_dim]``."""
+    from diffusers import FluxTransformer2DModel
+
+    from .flux import FluxVelocity
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**config).to(device=device, dtype=dtype).eval()
+    lh, lw = 2 * (height // 16), 2 * (width // 16)
+    velocity = FluxVelocity(transformer, lh, lw, guidance_scale=3.5).to(device)
+    g = torch.Generator().manual_seed(seed + 1)
+    cond = {"prompt_embeds": torch.randn(1, text_len, config["joint_attention_dim"], generator=g).to(device),
+            "pooled_prompt_embeds": torch.randn(1, config["pooled_projection_dim"], generator=g).to(device)}
+    noise = torch.randn(1, (lh // 2) * (lw // 2), config["in_channels"], generator=g).to(device)
+    return velocity, cond, noise
