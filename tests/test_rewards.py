@@ -195,3 +195,42 @@ def test_imagereward_loads_official_layout_and_scores(tmp_path):
     torch.save({k: v for k, v in official.items() if "mlp.layers.7" not in k}, tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="missing"):
         make_reward("imagereward", model_dir=str(tmp_path), checkpoint=str(tmp_path / "broken.pt"), vision=vision)
+
+
+def test_unified_reward_parsing():
+    from g2rpo.rewards.unified_reward import parse_final_score
+
+    assert parse_final_score("Elements: cat (object): yes\nFinal Score: 4.5") == 4.5
+    assert parse_final_score("Final Score: 2\n...revised. Final Score: **3**") == 3.0
+    assert parse_final_score("final score:5") == 5.0
+    assert parse_final_score("I cannot rate this image.") != parse_final_score("I cannot rate this image.")  # NaN
+
+
+def test_unified_reward_end_to_end_on_a_tiny_qwen_vl(tmp_path):
+    import math
+
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from g2rpo.models.tiny import tiny_qwen_vl_judge
+    from g2rpo.rewards.unified_reward import DEFAULT_TEMPLATE, parse_final_score
+
+    tiny_qwen_vl_judge(tmp_path / "judge")
+    reward = make_reward("unified_reward", model_dir=str(tmp_path / "judge"), max_new_tokens=6, batch_size=3)
+    images = _images(n=3, seed=4)
+    answers = reward.judge(images, PROMPTS[:3])
+    # an independent greedy generation, one prompt at a time
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "judge").eval()
+    proc = AutoProcessor.from_pretrained(tmp_path / "judge")
+    for img, p, got in zip(to_pil(images), PROMPTS[:3], answers):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                  "text": DEFAULT_TEMPLATE.format(prompt=p)}]}]
+        text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        inputs = proc(text=[text], images=[img], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        assert proc.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0] == got
+    scores = reward.score(images, PROMPTS[:3])
+    expected = [parse_final_score(a) for a in answers]
+    assert all((math.isnan(a) and math.isnan(b)) or a == b for a, b in zip(scores.tolist(), expected))
+    with pytest.raises(FileNotFoundError, match="unified_reward"):
+        make_reward("unified_reward", model_dir=str(tmp_path / "none"))
