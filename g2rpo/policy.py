@@ -10,7 +10,32 @@ import torch
 from .config import ModelConfig, RewardSpec
 from .rewards import RewardModel, make_reward
 
-__all__ = ["LoadedPolicy", "load_policy", "build_rewards"]
+__all__ = ["LoadedPolicy", "load_policy", "build_rewards", "check_paths"]
+
+_PATH_OPTIONS = ("checkpoint", "model_dir", "processor_dir", "med_config", "vocab", "path")
+_MODEL_FILES = {"flux": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
+                         "text_encoder_2/config.json"],
+                "sd3": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
+                        "text_encoder_2/config.json", "text_encoder_3/config.json"]}
+
+
+def check_paths(model: ModelConfig, rewards: list[RewardSpec]) -> None:
+    """Before anything loads: every local file the config names must exist (one error lists them all)."""
+    missing = []
+    if model.kind != "lab" or model.path:
+        if not model.path:
+            missing.append(f"model.path is not set (model.kind={model.kind})")
+        else:
+            root = Path(model.path)
+            files = _MODEL_FILES.get(model.kind, ["lab_world.json", "transformer/config.json"])
+            missing += [f"model.path: {root / f}" for f in files if not (root / f).exists()]
+    for i, spec in enumerate(rewards):
+        for key in _PATH_OPTIONS:
+            value = spec.options.get(key)
+            if isinstance(value, str) and not Path(value).exists():
+                missing.append(f"rewards[{i}] ({spec.name}).options.{key}: {value}")
+    if missing:
+        raise FileNotFoundError("missing files named by the config:\n  " + "\n  ".join(missing))
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

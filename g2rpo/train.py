@@ -448,7 +448,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg)
+    try:
+        from .policy import check_paths
+
+        check_paths(cfg.model, cfg.rewards)
+        trainer = Trainer(cfg)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     base_eval = _lab_eval(trainer) if cfg.model.kind == "lab" else None
     try:
         history = trainer.run()

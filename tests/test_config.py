@@ -44,3 +44,29 @@ def test_missing_config_file(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["lab", "flux_hps", "flux_hps_clip", "dance_grpo", "flow_grpo", "mix_grpo",
+                                  "g2rpo_no_mgai"])
+def test_shipped_configs_validate(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert cfg.sampler.num_steps == 16 and cfg.loss.adv_clip_max == 5.0
+
+
+def test_flux_config_names_every_missing_file(capsys):
+    from pathlib import Path
+
+    from g2rpo.train import main
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "flux_hps_clip.yaml"
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    for needle in ("model.path: /path/to/FLUX.1-dev/model_index.json", "rewards[0] (hps).options.checkpoint",
+                   "rewards[1] (clip).options.model_dir"):
+        assert needle in err
+    paper = load_config(cfg)
+    assert (paper.sampler.sde_indices, paper.sampler.granularities, paper.sampler.group_size) == (
+        list(range(8)), [1, 2, 3], 12)
+    assert (paper.optim.lr, paper.loss.clip_range, paper.seed, paper.sampler_seed) == (2e-6, 1e-4, 42, 1223627)
