@@ -127,6 +127,7 @@ class TrainConfig:
     inner_epochs: int = 1
     minibatches: int = 1
     train_batch: int = 64  # max rows per training forward
+    ops_backend: str = "auto"  # fused log-prob ops: auto | torch | triton | cpp | cuda (g2rpo.ops)
     seed: int = 42
     sampler_seed: int = 1223627
     ema_decay: float | None = None
@@ -177,6 +178,8 @@ class TrainConfig:
              "must be float32, bfloat16 or float16"),
             ("lora.rank", self.lora.rank >= 1, "must be >= 1"),
             ("rewards", len(self.rewards) >= 1, "must name at least one reward model"),
+            ("ops_backend", self.ops_backend in ("auto", "torch", "triton", "cpp", "cuda"),
+             "must be auto, torch, triton, cpp or cuda"),
         ]
         for key, ok, msg in checks:
             if not ok:

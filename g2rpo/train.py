@@ -111,7 +111,7 @@ class Trainer:
         self.sampler = G2RPOSampler(self.policy, num_steps=cfg.sampler.num_steps, shift=cfg.sampler.shift,
                                     eta=cfg.sampler.eta, group_size=cfg.sampler.group_size,
                                     max_batch=cfg.sampler.max_batch, strategy=cfg.sampler.strategy,
-                                    quantize_timesteps=cfg.sampler.quantize_timesteps,
+                                    quantize_timesteps=cfg.sampler.quantize_timesteps, ops_backend=cfg.ops_backend,
                                     **{k: v for k, v in cfg.sampler.strategy_options().items()
                                        if k not in ("num_steps", "group_size", "eta")})
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path)
@@ -163,13 +163,16 @@ class Trainer:
             raise TrainingError(f"iteration {iteration}: {err}; prompts {[prompts[i] for i in bad]}") from None
         return rewards
 
-    def _slot_logprob(self, ro: Rollout, k: int, rows: slice, cond: Any):
-        """New ``(log_prob [Pc, G], mean, std)`` of transitions ``(p in rows, k, :)``.
+    def _slot_logprob(self, ro: Rollout, k: int, rows: slice, cond: Any, need_mean: bool = False):
+        """New ``(log_prob [Pc, G], mean, std)`` of transitions ``(p in rows, k, :)`` (mean/std only with
+        ``need_mean``, for the KL term).
 
-        ONE forward per (prompt, source state): for G2RPO the shared x_k, whose velocity
-        scores all G branches leaving it.
+        ONE forward per (prompt, source state): for G2RPO the shared x_k, whose velocity scores
+        all G branches leaving it through the fused op (:mod:`g2rpo.ops`) without copying it.
         """
+        from . import ops
         from .schedule import model_timesteps
+        from .sde import sde_coefficients
 
         sources, pos = torch.unique(ro.source_of[k], return_inverse=True)
         x_src = ro.x_k[rows][:, sources.to(ro.x_k.device)]  # [Pc, S, ...]
@@ -179,14 +182,23 @@ class Trainer:
         sigma = ro.sigmas[e].to(device=x_src.device, dtype=torch.float32).expand(Pc * S)
         prompt_of_row = torch.arange(rows.start, rows.stop, device=x_src.device).repeat_interleave(S)
         v = self.policy(x_src.reshape(Pc * S, *shape), model_timesteps(sigma, self.cfg.sampler.quantize_timesteps),
-                        gather_cond(cond, prompt_of_row))
-        pos = pos.to(x_src.device)
-        v_g = v.view(Pc, S, *shape)[:, pos].reshape(-1, *shape)
-        x_g = x_src[:, pos].reshape(-1, *shape)
-        x_next = ro.x_next[rows, k].reshape(-1, *shape)
-        _, logp, mean, std = sde_step_with_logprob(v_g, x_g, ro.sigmas, e, ro.eta, prev_sample=x_next,
-                                                   kind=ro.sde_kind)
-        return logp.view(Pc, -1), mean, std
+                        gather_cond(cond, prompt_of_row)).view(Pc, S, *shape)
+        x_next = ro.x_next[rows, k]  # [Pc, G, ...]
+        if need_mean:
+            pos = pos.to(x_src.device)
+            _, logp, mean, std = sde_step_with_logprob(v[:, pos].reshape(-1, *shape), x_src[:, pos].reshape(-1, *shape),
+                                                       ro.sigmas, e, ro.eta, prev_sample=x_next.reshape(-1, *shape),
+                                                       kind=ro.sde_kind)
+            return logp.view(Pc, -1), mean, std
+        a, b, std = sde_coefficients(ro.sigmas, e, ro.eta, ro.sde_kind)
+        backend = self.cfg.ops_backend
+        if S == 1:  # the group shares x_k and v_k: one row of each per prompt
+            logp = torch.stack([ops.logprob(x_src[p], x_next[p], v[p], a, b, std, backend) for p in range(Pc)])
+        else:
+            pos = pos.to(x_src.device)
+            logp = ops.logprob(x_src[:, pos].reshape(-1, *shape), x_next.reshape(-1, *shape),
+                               v[:, pos].reshape(-1, *shape), a, b, std, backend).view(Pc, -1)
+        return logp, None, None
 
     @contextmanager
     def _reference_policy(self):
@@ -230,13 +242,13 @@ class Trainer:
                 for w, (k, rows) in enumerate(work):
                     if is_fsdp(self.module):
                         self.module.set_requires_gradient_sync(w == len(work) - 1)
-                    logp, mean, std = self._slot_logprob(ro, k, rows, cond)
+                    logp, mean, std = self._slot_logprob(ro, k, rows, cond, need_mean=cfg.loss.kl_beta > 0)
                     sur = clipped_surrogate(logp, ro.log_probs[rows, k], adv[rows, k], cfg.loss.clip_range,
                                             cfg.loss.adv_clip_max)
                     loss = sur.loss.sum() / n_total
                     if cfg.loss.kl_beta > 0:
                         with self._reference_policy():
-                            _, ref_mean, _ = self._slot_logprob(ro, k, rows, cond)
+                            _, ref_mean, _ = self._slot_logprob(ro, k, rows, cond, need_mean=True)
                         kl = gaussian_kl(mean, ref_mean, std)
                         loss = loss + cfg.loss.kl_beta * kl.sum() / n_total
                         kls.append(kl.detach())

@@ -24,13 +24,15 @@ class G2RPOSampler:
     :mod:`g2rpo.rollout.engine` for how ``cond`` is gathered per row). ``sde_indices``
     and ``granularities`` apply to the G2RPO strategies; other strategy options
     (``window_size``, ``train_fraction``, ``shared_noise``, ...) go in ``strategy_options``.
-    ``eta=None`` takes the strategy's published default (0.7; DanceGRPO 0.3).
+    ``eta=None`` takes the strategy's published default (0.7; DanceGRPO 0.3). ``ops_backend``
+    picks the fused SDE step (:mod:`g2rpo.ops`; ``"torch"`` is the reference).
     """
 
     def __init__(self, model: VelocityModel, num_steps: int = 16, shift: float = 3.0, eta: float | None = 0.7,
                  sde_indices: Iterable[int] = range(8), granularities: Iterable[int] = (1, 2, 3),
                  group_size: int = 12, max_batch: int | None = 64, strategy: str = "g2rpo",
-                 quantize_timesteps: bool = False, check_finite: bool = True, **strategy_options) -> None:
+                 quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto",
+                 **strategy_options) -> None:
         opts = dict(strategy_options, num_steps=num_steps, group_size=group_size)
         if eta is not None:
             opts["eta"] = eta
@@ -39,7 +41,7 @@ class G2RPOSampler:
             if strategy == "g2rpo":
                 opts["granularities"] = tuple(granularities)
         self.strategy: Strategy = make_strategy(strategy, **opts)
-        self.engine = RolloutEngine(model, num_steps, shift, max_batch, quantize_timesteps, check_finite)
+        self.engine = RolloutEngine(model, num_steps, shift, max_batch, quantize_timesteps, check_finite, ops_backend)
         self._plans: dict[tuple, Plan] = {}
 
     @property

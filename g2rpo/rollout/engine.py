@@ -3,7 +3,7 @@
 Each tick evaluates the velocity of every state that is due (all prompts, all branches,
 all granularities, all k) in chunks of at most ``max_batch`` rows, whose sigmas may
 differ, then makes the next states with :func:`~g2rpo.sde.ode_step` and
-:func:`~g2rpo.sde.sde_step_with_logprob`. Latents are kept in fp32.
+:func:`g2rpo.ops.sde_step_logprob` (the fused SDE step). Latents are kept in fp32.
 
 Conditioning: ``cond`` holds one entry per prompt along its leading dim and is gathered
 per row with the row's prompt index: a tensor ``[P, ...]`` (``index_select``), a dict of
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from ..schedule import model_timesteps, sigma_schedule
-from ..sde import ode_step, sde_step_with_logprob
+from ..ops import sde_step_logprob
+from ..sde import ode_step, sde_coefficients
 from .plan import Plan
 
 __all__ = ["Rollout", "RolloutEngine", "gather_cond", "cond_prompt_count"]
@@ -122,7 +123,7 @@ class RolloutEngine:
     """Runs plans through a velocity model ``model(x [B, ...], sigma [B], cond) -> v``."""
 
     def __init__(self, model: VelocityModel, num_steps: int = 16, shift: float = 3.0, max_batch: int | None = 64,
-                 quantize_timesteps: bool = False, check_finite: bool = True) -> None:
+                 quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto") -> None:
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"max_batch must be an int >= 1 or None, got {max_batch!r}")
         self.model = model
@@ -130,6 +131,7 @@ class RolloutEngine:
         self.max_batch = max_batch
         self.quantize_timesteps = quantize_timesteps
         self.check_finite = check_finite
+        self.ops_backend = ops_backend  # the fused SDE step of g2rpo.ops (auto: Triton on GPU, C++ on CPU)
 
     @property
     def num_steps(self) -> int:
@@ -226,8 +228,8 @@ class RolloutEngine:
                 frm = f_index[parent]
                 if is_sde:
                     eps = _branch_noise(parent.numel() // P, P, shape, generator, dev)
-                    xs, lp, _, _ = sde_step_with_logprob(V[parent], X[parent], sigmas, frm, eta,
-                                                         noise=eps, kind=sde_kind)
+                    a, b, std = sde_coefficients(sigmas, frm, eta, sde_kind)
+                    xs, lp = sde_step_logprob(X[parent], V[parent], eps, a, b, std, backend=self.ops_backend)
                     slot = tick.sde_slot.to(dev)
                     log_probs[:, slot] = lp.view(P, -1)
                     x_next[:, slot] = xs.view(P, -1, *shape)
