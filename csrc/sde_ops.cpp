@@ -195,4 +195,12 @@ TORCH_LIBRARY_IMPL(g2rpo_C, CPU, m) {
 // A plain Python module so that `import g2rpo._C` loads the library (and registers the ops).
 static struct PyModuleDef g2rpo_c_module = {PyModuleDef_HEAD_INIT, "_C", "g2rpo's C++ ops (torch.ops.g2rpo_C)", -1,
                                             nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&g2rpo_c_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&g2rpo_c_module);
+#ifdef G2RPO_WITH_CUDA
+  if (m) PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  if (m) PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  return m;
+}

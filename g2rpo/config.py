@@ -58,6 +58,7 @@ class SamplerConfig:
     group_size: int = 12
     max_batch: int = 64
     quantize_timesteps: bool = False
+    cuda_graphs: bool = False  # rollouts under torch.compile(mode="reduce-overhead") on GPU
     # trajectory strategies (None: the strategy's default)
     train_fraction: float | None = None
     shared_noise: bool | None = None

@@ -112,6 +112,7 @@ class Trainer:
                                     eta=cfg.sampler.eta, group_size=cfg.sampler.group_size,
                                     max_batch=cfg.sampler.max_batch, strategy=cfg.sampler.strategy,
                                     quantize_timesteps=cfg.sampler.quantize_timesteps, ops_backend=cfg.ops_backend,
+                                    cuda_graphs=cfg.sampler.cuda_graphs,
                                     **{k: v for k, v in cfg.sampler.strategy_options().items()
                                        if k not in ("num_steps", "group_size", "eta")})
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path)

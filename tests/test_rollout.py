@@ -210,3 +210,21 @@ def test_per_prompt_generators_make_prompts_independent_of_batching(model):
         assert torch.allclose(together.log_probs[p], alone.log_probs[0], atol=1e-5)
     with pytest.raises(ValueError, match="generators for 3 prompts"):
         sampler.rollout(noise, cond, generator=gens()[:2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_rollout_equals_eager():
+    model = MLPVelocity(SHAPE, cond_dim=8, hidden=64, seed=1).cuda().eval()
+    noise, cond = (t.cuda() for t in _setup(P=2))
+    runs = []
+    for graphs in (False, True, True):  # the second graphed run replays captured graphs
+        s = G2RPOSampler(model, group_size=4, sde_indices=[0, 5], max_batch=16, cuda_graphs=graphs)
+        runs.append(s.rollout(noise, cond, generator=torch.Generator("cuda").manual_seed(3)))
+    for ro in runs[1:]:
+        assert torch.allclose(ro.finals, runs[0].finals, atol=1e-5)
+        assert torch.allclose(ro.log_probs, runs[0].log_probs, atol=1e-5)
+
+
+def test_cuda_graphs_are_off_on_cpu(model):
+    s = G2RPOSampler(model, group_size=2, sde_indices=[0], cuda_graphs=True)
+    assert s.engine._model_for(torch.device("cpu")) is model

@@ -32,7 +32,7 @@ class G2RPOSampler:
                  sde_indices: Iterable[int] = range(8), granularities: Iterable[int] = (1, 2, 3),
                  group_size: int = 12, max_batch: int | None = 64, strategy: str = "g2rpo",
                  quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto",
-                 **strategy_options) -> None:
+                 cuda_graphs: bool = False, **strategy_options) -> None:
         opts = dict(strategy_options, num_steps=num_steps, group_size=group_size)
         if eta is not None:
             opts["eta"] = eta
@@ -41,7 +41,8 @@ class G2RPOSampler:
             if strategy == "g2rpo":
                 opts["granularities"] = tuple(granularities)
         self.strategy: Strategy = make_strategy(strategy, **opts)
-        self.engine = RolloutEngine(model, num_steps, shift, max_batch, quantize_timesteps, check_finite, ops_backend)
+        self.engine = RolloutEngine(model, num_steps, shift, max_batch, quantize_timesteps, check_finite, ops_backend,
+                                    cuda_graphs)
         self._plans: dict[tuple, Plan] = {}
 
     @property

@@ -123,7 +123,8 @@ class RolloutEngine:
     """Runs plans through a velocity model ``model(x [B, ...], sigma [B], cond) -> v``."""
 
     def __init__(self, model: VelocityModel, num_steps: int = 16, shift: float = 3.0, max_batch: int | None = 64,
-                 quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto") -> None:
+                 quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto",
+                 cuda_graphs: bool = False) -> None:
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"max_batch must be an int >= 1 or None, got {max_batch!r}")
         self.model = model
@@ -132,6 +133,11 @@ class RolloutEngine:
         self.quantize_timesteps = quantize_timesteps
         self.check_finite = check_finite
         self.ops_backend = ops_backend  # the fused SDE step of g2rpo.ops (auto: Triton on GPU, C++ on CPU)
+        # CUDA graphs: the model runs under torch.compile(mode="reduce-overhead"), which captures one
+        # graph per distinct chunk shape (a rollout has a handful: max_batch and each tick's remainder)
+        # with static buffers and replays it; off on CPU, where there is no launch overhead to remove.
+        self.cuda_graphs = cuda_graphs
+        self._graphed = None
 
     @property
     def num_steps(self) -> int:
@@ -144,9 +150,10 @@ class RolloutEngine:
         sig = self.sigmas.to(device=x.device, dtype=torch.float32)[index.to(x.device)]
         sig_in = model_timesteps(sig, self.quantize_timesteps)
         out, calls = [], 0
+        model = self._model_for(x.device)
         for lo in range(0, n, step):
             hi = min(n, lo + step)
-            v = self.model(x[lo:hi], sig_in[lo:hi], gather_cond(cond, prompt[lo:hi]))
+            v = model(x[lo:hi], sig_in[lo:hi], gather_cond(cond, prompt[lo:hi]))
             calls += 1
             if not isinstance(v, torch.Tensor) or v.shape != x[lo:hi].shape:
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -158,6 +165,18 @@ class RolloutEngine:
                 raise ValueError(f"model returned non-finite velocity at sigma={sigmas}")
             out.append(v)
         return torch.cat(out) if len(out) > 1 else out[0], calls
+
+    def _model_for(self, device: torch.device):
+        if not (self.cuda_graphs and device.type == "cuda"):
+            return self.model
+        if self._graphed is None:
+            compiled = torch.compile(self.model, mode="reduce-overhead", dynamic=False)
+
+            def call(x, sigma, cond):  # copy out of the graph's static output buffer
+                return compiled(x, sigma, cond).clone()
+
+            self._graphed = call
+        return self._graphed
 
     @torch.no_grad()
     def sample_ode(self, noise: torch.Tensor, cond: object = None) -> torch.Tensor:
