@@ -39,6 +39,8 @@ class CompareSettings:
     eval_every: int = 8
     ablation: tuple[tuple[int, ...], ...] = ((1,), (1, 2), (1, 3), (1, 2, 3))
     overrides: dict = field(default_factory=dict)  # applied to every run (e.g. a smaller group for smoke tests)
+    eval_per_class: int = 20  # final evaluation: held-out prompts x classes, at 16, 8, 4 steps
+    curve_per_class: int = 10  # curve points: training prompts
 
 
 def _score(ev: dict[str, float]) -> float:
@@ -48,7 +50,7 @@ def _score(ev: dict[str, float]) -> float:
 
 def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, out: Path, eval_every: int = 8,
                granularities: tuple[int, ...] | None = None, overrides: dict | None = None,
-               judge=None, rewards=None) -> dict:
+               judge=None, rewards=None, eval_per_class: int = 20, curve_per_class: int = 10) -> dict:
     """Train one method/seed/lr from the base model; returns curves, timings and final evaluations."""
     judge = judge or load_judge(world)
     rewards = rewards or load_rewards(world)
@@ -69,7 +71,7 @@ def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, 
             return evaluate_lab(trainer.policy, world, per_class=per_class, steps=steps, test_prompts=test,
                                 judge=judge, rewards=rewards)
 
-    curve = [(0, _score(evaluate(16, False, 10)))]
+    curve = [(0, _score(evaluate(16, False, curve_per_class)))]
     times, rows = [], []
 
     def callback(tr, m):
@@ -77,10 +79,10 @@ def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, 
         rows.append(m["forward_rows"])
         it = int(m["iteration"])
         if it % eval_every == 0 or it == iterations:
-            curve.append((it, _score(evaluate(16, False, 10))))
+            curve.append((it, _score(evaluate(16, False, curve_per_class))))
 
     trainer.run(callback=callback)
-    final = {str(s): evaluate(s, True, 20) for s in EVAL_STEPS}
+    final = {str(s): evaluate(s, True, eval_per_class) for s in EVAL_STEPS}
     result = {"method": method, "seed": seed, "lr": lr, "granularities": granularities,
               "curve": curve, "sec_per_iter": float(np.mean(times)), "forward_rows_per_iter": float(np.mean(rows)),
               "train_score": curve[-1][1], "final": final}
@@ -109,7 +111,7 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
     world = Path(world) if world else build_world(log=None)
     judge, rewards = load_judge(world), load_rewards(world)
     t_start = time.perf_counter()
-    base_policy_eval = _evaluate_base(world, judge, rewards)
+    base_policy_eval = _evaluate_base(world, judge, rewards, settings.eval_per_class, settings.curve_per_class)
     runs: dict[str, list[dict]] = {}
     lr_choice, lr_search = {}, {}
     grids = {}
@@ -117,7 +119,8 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
         search = {}
         for lr in settings.lr_grid:
             r = run_method(world, method, 0, lr, settings.iterations, out / "runs" / f"{method}_lr{lr:g}_s0",
-                           settings.eval_every, overrides=settings.overrides, judge=judge, rewards=rewards)
+                           settings.eval_every, overrides=settings.overrides, judge=judge, rewards=rewards,
+                           eval_per_class=settings.eval_per_class, curve_per_class=settings.curve_per_class)
             search[lr] = r
             log(f"[{time.perf_counter() - t_start:6.0f}s] {method:14s} seed 0 lr {lr:g}: train score "
                 f"{r['train_score']:.4f} ({r['sec_per_iter']:.2f} s/iter)")
@@ -128,7 +131,8 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
         grids[method] = search[best].pop("_grid")
         for seed in range(1, settings.seeds):
             r = run_method(world, method, seed, best, settings.iterations, out / "runs" / f"{method}_s{seed}",
-                           settings.eval_every, overrides=settings.overrides, judge=judge, rewards=rewards)
+                           settings.eval_every, overrides=settings.overrides, judge=judge, rewards=rewards,
+                           eval_per_class=settings.eval_per_class, curve_per_class=settings.curve_per_class)
             r.pop("_grid")
             runs[method].append(r)
             log(f"[{time.perf_counter() - t_start:6.0f}s] {method:14s} seed {seed} lr {best:g}: train score "
@@ -148,7 +152,8 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
             for seed in range(settings.seeds):
                 r = run_method(world, "g2rpo", seed, lr, settings.iterations,
                                out / "runs" / f"g2rpo_lambda{'-'.join(map(str, lam))}_s{seed}", settings.eval_every,
-                               granularities=tuple(lam), overrides=settings.overrides, judge=judge, rewards=rewards)
+                               granularities=tuple(lam), overrides=settings.overrides, judge=judge, rewards=rewards,
+                               eval_per_class=settings.eval_per_class, curve_per_class=settings.curve_per_class)
                 r.pop("_grid")
                 ablation[key].append(r)
             log(f"[{time.perf_counter() - t_start:6.0f}s] ablation Lambda={key} done")
@@ -163,13 +168,13 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
     return results
 
 
-def _evaluate_base(world: Path, judge, rewards) -> dict:
+def _evaluate_base(world: Path, judge, rewards, eval_per_class: int, curve_per_class: int) -> dict:
     from .generator import load_lab_policy
 
     policy = load_lab_policy(world)
-    return {"final": {str(s): evaluate_lab(policy, world, per_class=20, steps=s, judge=judge, rewards=rewards)
-                      for s in EVAL_STEPS},
-            "train_score": _score(evaluate_lab(policy, world, per_class=10, steps=16, test_prompts=False,
+    return {"final": {str(s): evaluate_lab(policy, world, per_class=eval_per_class, steps=s, judge=judge,
+                                           rewards=rewards) for s in EVAL_STEPS},
+            "train_score": _score(evaluate_lab(policy, world, per_class=curve_per_class, steps=16, test_prompts=False,
                                                judge=judge, rewards=rewards))}
 
 
