@@ -31,46 +31,30 @@ void check(const at::Tensor& x, const at::Tensor& v, const at::Tensor& rows, con
   TORCH_CHECK(v.size(0) == 1 || v.size(0) == rows.size(0), what, ": v must have 1 or B rows");
 }
 
-template <typename scalar_t, typename acc_t>
-void step_impl(const scalar_t* x, const scalar_t* v, const scalar_t* z, acc_t* out, const acc_t* a,
-               const acc_t* b, const acc_t* s, acc_t* part, int64_t B, int64_t N, bool xs, bool vs,
-               int64_t nb) {
+// kStep: x_next = mean + s * zy is written to `out` and squared; else zy is x_next itself.
+template <bool kStep, typename scalar_t, typename acc_t>
+void rows_impl(const scalar_t* x, const scalar_t* v, const scalar_t* zy, acc_t* out, const acc_t* a, const acc_t* b,
+               const acc_t* s, acc_t* part, int64_t B, int64_t N, bool xs, bool vs, int64_t nb) {
   at::parallel_for(0, B * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / nb, lo = (i % nb) * kBlock, hi = std::min(N, lo + kBlock);
       const scalar_t* xr = x + (xs ? 0 : r * N);
       const scalar_t* vr = v + (vs ? 0 : r * N);
-      const scalar_t* zr = z + r * N;
-      acc_t* o = out + r * N;
-      const acc_t ar = a[r], br = b[r], sr = s[r];
+      const scalar_t* yr = zy + r * N;
+      acc_t* o = kStep ? out + r * N : nullptr;
+      const acc_t ar = a[r], br = b[r], sr = kStep ? s[r] : acc_t(0);
       acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t n = lo; n < hi; ++n) {
         const acc_t mean = ar * static_cast<acc_t>(xr[n]) + br * static_cast<acc_t>(vr[n]);
-        const acc_t xn = mean + sr * static_cast<acc_t>(zr[n]);
-        o[n] = xn;
-        const acc_t d = xn - mean;
-        sum += d * d;
-      }
-      part[i] = sum;
-    }
-  });
-}
-
-template <typename scalar_t, typename acc_t>
-void sums_impl(const scalar_t* x, const scalar_t* v, const scalar_t* xn, const acc_t* a, const acc_t* b,
-               acc_t* part, int64_t B, int64_t N, bool xs, bool vs, int64_t nb) {
-  at::parallel_for(0, B * nb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / nb, lo = (i % nb) * kBlock, hi = std::min(N, lo + kBlock);
-      const scalar_t* xr = x + (xs ? 0 : r * N);
-      const scalar_t* vr = v + (vs ? 0 : r * N);
-      const scalar_t* yr = xn + r * N;
-      const acc_t ar = a[r], br = b[r];
-      acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t n = lo; n < hi; ++n) {
-        const acc_t d = static_cast<acc_t>(yr[n]) - (ar * static_cast<acc_t>(xr[n]) + br * static_cast<acc_t>(vr[n]));
+        acc_t d;
+        if constexpr (kStep) {
+          const acc_t xn = mean + sr * static_cast<acc_t>(yr[n]);
+          o[n] = xn;
+          d = xn - mean;
+        } else {
+          d = static_cast<acc_t>(yr[n]) - mean;
+        }
         sum += d * d;
       }
       part[i] = sum;
@@ -134,9 +118,10 @@ std::tuple<at::Tensor, at::Tensor> sde_step(const at::Tensor& x_, const at::Tens
   auto part = at::empty({B, nb}, z.options().dtype(at_));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "sde_step", [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    step_impl<scalar_t, acc_t>(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-                               out.data_ptr<acc_t>(), a.data_ptr<acc_t>(), b.data_ptr<acc_t>(), s.data_ptr<acc_t>(),
-                               part.data_ptr<acc_t>(), B, N, x.size(0) == 1 && B > 1, v.size(0) == 1 && B > 1, nb);
+    rows_impl<true, scalar_t, acc_t>(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                                     out.data_ptr<acc_t>(), a.data_ptr<acc_t>(), b.data_ptr<acc_t>(),
+                                     s.data_ptr<acc_t>(), part.data_ptr<acc_t>(), B, N, x.size(0) == 1 && B > 1,
+                                     v.size(0) == 1 && B > 1, nb);
   });
   return {out, part.sum(1)};
 }
@@ -152,9 +137,10 @@ at::Tensor residual_sums(const at::Tensor& x_, const at::Tensor& v_, const at::T
   auto part = at::empty({B, nb}, xn.options().dtype(at_));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "residual_sums", [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    sums_impl<scalar_t, acc_t>(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), xn.data_ptr<scalar_t>(),
-                               a.data_ptr<acc_t>(), b.data_ptr<acc_t>(), part.data_ptr<acc_t>(), B, N,
-                               x.size(0) == 1 && B > 1, v.size(0) == 1 && B > 1, nb);
+    rows_impl<false, scalar_t, acc_t>(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), xn.data_ptr<scalar_t>(),
+                                      nullptr, a.data_ptr<acc_t>(), b.data_ptr<acc_t>(), nullptr,
+                                      part.data_ptr<acc_t>(), B, N, x.size(0) == 1 && B > 1,
+                                      v.size(0) == 1 && B > 1, nb);
   });
   return part.sum(1);
 }

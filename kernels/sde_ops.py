@@ -21,6 +21,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_mean(x_ptr, v_ptr, a_ptr, b_ptr, x_shared, v_shared, r, offs, mask, x_stride, v_stride, ACC: tl.constexpr):
+    """``a_r * x_r + b_r * v_r`` on one column block; a shared x/v block is passed in, not re-read."""
+    x = x_shared
+    v = v_shared
+    if x_stride != 0:
+        x = tl.load(x_ptr + r * x_stride + offs, mask=mask, other=0.0).to(ACC)
+    if v_stride != 0:
+        v = tl.load(v_ptr + r * v_stride + offs, mask=mask, other=0.0).to(ACC)
+    return tl.load(a_ptr + r).to(ACC) * x + tl.load(b_ptr + r).to(ACC) * v
+
+
+@triton.jit
 def _sde_step_kernel(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, s_ptr, part_ptr, B, N, x_stride, v_stride,
                      n_blocks, BLOCK: tl.constexpr, ACC: tl.constexpr):
     blk = tl.program_id(0)
@@ -29,18 +41,9 @@ def _sde_step_kernel(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, s_ptr, part_ptr
     x_shared = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     v_shared = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
     for r in range(0, B):
-        x = x_shared
-        v = v_shared
-        if x_stride != 0:
-            x = tl.load(x_ptr + r * x_stride + offs, mask=mask, other=0.0).to(ACC)
-        if v_stride != 0:
-            v = tl.load(v_ptr + r * v_stride + offs, mask=mask, other=0.0).to(ACC)
-        a = tl.load(a_ptr + r).to(ACC)
-        b = tl.load(b_ptr + r).to(ACC)
-        s = tl.load(s_ptr + r).to(ACC)
+        mean = _row_mean(x_ptr, v_ptr, a_ptr, b_ptr, x_shared, v_shared, r, offs, mask, x_stride, v_stride, ACC)
         z = tl.load(z_ptr + r * N + offs, mask=mask, other=0.0).to(ACC)
-        mean = a * x + b * v
-        xn = mean + s * z
+        xn = mean + tl.load(s_ptr + r).to(ACC) * z
         tl.store(out_ptr + r * N + offs, xn.to(out_ptr.dtype.element_ty), mask=mask)
         d = tl.where(mask, xn - mean, 0.0)
         tl.store(part_ptr + r * n_blocks + blk, tl.sum(d * d, axis=0))
@@ -55,16 +58,9 @@ def _residual_sums_kernel(x_ptr, v_ptr, xn_ptr, a_ptr, b_ptr, part_ptr, B, N, x_
     x_shared = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     v_shared = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
     for r in range(0, B):
-        x = x_shared
-        v = v_shared
-        if x_stride != 0:
-            x = tl.load(x_ptr + r * x_stride + offs, mask=mask, other=0.0).to(ACC)
-        if v_stride != 0:
-            v = tl.load(v_ptr + r * v_stride + offs, mask=mask, other=0.0).to(ACC)
-        a = tl.load(a_ptr + r).to(ACC)
-        b = tl.load(b_ptr + r).to(ACC)
+        mean = _row_mean(x_ptr, v_ptr, a_ptr, b_ptr, x_shared, v_shared, r, offs, mask, x_stride, v_stride, ACC)
         xn = tl.load(xn_ptr + r * N + offs, mask=mask, other=0.0).to(ACC)
-        d = tl.where(mask, xn - (a * x + b * v), 0.0)
+        d = tl.where(mask, xn - mean, 0.0)
         tl.store(part_ptr + r * n_blocks + blk, tl.sum(d * d, axis=0))
 
 
@@ -78,17 +74,9 @@ def _residual_sums_bwd_kernel(x_ptr, v_ptr, xn_ptr, a_ptr, b_ptr, g_ptr, gv_ptr,
     v_shared = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK,), dtype=ACC)
     for r in range(0, B):
-        x = x_shared
-        v = v_shared
-        if x_stride != 0:
-            x = tl.load(x_ptr + r * x_stride + offs, mask=mask, other=0.0).to(ACC)
-        if v_stride != 0:
-            v = tl.load(v_ptr + r * v_stride + offs, mask=mask, other=0.0).to(ACC)
-        a = tl.load(a_ptr + r).to(ACC)
-        b = tl.load(b_ptr + r).to(ACC)
-        g = tl.load(g_ptr + r).to(ACC)
+        mean = _row_mean(x_ptr, v_ptr, a_ptr, b_ptr, x_shared, v_shared, r, offs, mask, x_stride, v_stride, ACC)
         xn = tl.load(xn_ptr + r * N + offs, mask=mask, other=0.0).to(ACC)
-        contrib = -2.0 * g * b * (xn - (a * x + b * v))
+        contrib = -2.0 * tl.load(g_ptr + r).to(ACC) * tl.load(b_ptr + r).to(ACC) * (xn - mean)
         if v_stride != 0:
             tl.store(gv_ptr + r * N + offs, contrib.to(gv_ptr.dtype.element_ty), mask=mask)
         else:

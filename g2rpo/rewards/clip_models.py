@@ -24,14 +24,22 @@ from .base import register_reward
 __all__ = ["OpenClipScore", "PickScore"]
 
 
-class OpenClipScore:
-    """Cosine similarity of an open_clip model's normalised image and text features."""
+class _BatchedModelReward:
+    """A reward around one torch model: eval mode, a device, a batch size."""
 
-    def __init__(self, model, preprocess, tokenizer, name: str, device=None, batch_size: int = 32) -> None:
-        self.model, self.preprocess, self.tokenizer, self.name = model.eval(), preprocess, tokenizer, name
+    def __init__(self, model, device=None, batch_size: int = 32) -> None:
+        self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
         self.batch_size = batch_size
+
+
+class OpenClipScore(_BatchedModelReward):
+    """Cosine similarity of an open_clip model's normalised image and text features."""
+
+    def __init__(self, model, preprocess, tokenizer, name: str, device=None, batch_size: int = 32) -> None:
+        super().__init__(model, device, batch_size)
+        self.preprocess, self.tokenizer, self.name = preprocess, tokenizer, name
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -91,16 +99,14 @@ def load_clip_score(model_dir: str | None = None, model_name: str | None = None,
     return OpenClipScore(model, preprocess, tokenizer, "clip", device, batch_size)
 
 
-class PickScore:
+class PickScore(_BatchedModelReward):
     """PickScore: ``logit_scale.exp() * cosine(image, text)`` with a transformers CLIPModel."""
 
     name = "pickscore"
 
     def __init__(self, model, processor, device=None, batch_size: int = 32) -> None:
-        self.model, self.processor = model.eval(), processor
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model.to(self.device)
-        self.batch_size = batch_size
+        super().__init__(model, device, batch_size)
+        self.processor = processor
 
     @staticmethod
     def _features(out) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 
 from ._images import check_batch, to_pil
 from .base import register_reward
+from .clip_models import _BatchedModelReward
 
 __all__ = ["ImageRewardModel", "ImageReward", "convert_official_state_dict", "REWARD_MEAN", "REWARD_STD"]
 
@@ -87,17 +88,15 @@ def convert_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-class ImageReward:
+class ImageReward(_BatchedModelReward):
     name = "imagereward"
 
     def __init__(self, model: ImageRewardModel, tokenizer, image_size: int = 224, device=None,
                  batch_size: int = 16, max_length: int = 35) -> None:
         from torchvision import transforms as T
 
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model.to(self.device)
-        self.batch_size, self.max_length = batch_size, max_length
+        super().__init__(model, device, batch_size)
+        self.tokenizer, self.max_length = tokenizer, max_length
         self.preprocess = T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
                                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 

@@ -19,6 +19,7 @@ import torch
 
 from ._images import check_batch, to_pil
 from .base import register_reward
+from .clip_models import _BatchedModelReward
 
 __all__ = ["UnifiedReward", "parse_final_score", "DEFAULT_TEMPLATE"]
 
@@ -38,15 +39,13 @@ def parse_final_score(answer: str) -> float:
     return float(found[-1]) if found else math.nan
 
 
-class UnifiedReward:
+class UnifiedReward(_BatchedModelReward):
     name = "unified_reward"
 
     def __init__(self, model, processor, template: str = DEFAULT_TEMPLATE, max_new_tokens: int = 256, device=None,
                  batch_size: int = 4) -> None:
-        self.model, self.processor, self.template = model.eval(), processor, template
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model.to(self.device)
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        super().__init__(model, device, batch_size)
+        self.processor, self.template, self.max_new_tokens = processor, template, max_new_tokens
         self.processor.tokenizer.padding_side = "left"  # batched generation continues every row at the end
 
     def _messages(self, prompt: str) -> list[dict]:
