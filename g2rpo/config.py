@@ -35,6 +35,7 @@ class ModelConfig:
     width: int = 720
     max_sequence_length: int = 512
     gradient_checkpointing: bool = False
+    attention_backend: str | None = None  # diffusers attention dispatch: native (SDPA) default; flash, _flash_3, ...
 
 
 @dataclass

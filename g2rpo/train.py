@@ -94,6 +94,11 @@ class Trainer:
                 p.requires_grad_(True)
         if cfg.model.gradient_checkpointing:
             self.module.enable_gradient_checkpointing()
+        if cfg.model.attention_backend:
+            try:  # diffusers checks that the backend's package (flash-attn, ...) is installed
+                self.module.set_attention_backend(cfg.model.attention_backend)
+            except (ValueError, RuntimeError, ImportError) as err:
+                raise ConfigError(f"model.attention_backend={cfg.model.attention_backend!r}: {err}") from None
         self.ref_module = None
         if cfg.loss.kl_beta > 0 and not cfg.lora.enabled:
             import copy

@@ -196,3 +196,37 @@ def test_prompt_files(tmp_path):
     seen = [s.prompt_at(i) for i in range(6)]
     assert sorted(seen[:3]) == ["a", "b", "c"] and sorted(seen[3:]) == ["a", "b", "c"]
     assert seen == [PromptSchedule(["a", "b", "c"], seed=1).prompt_at(i) for i in range(6)]
+
+
+def test_attention_backend_option(lab_world, tmp_path):
+    from g2rpo.config import ConfigError
+
+    trainer, hist = run(tiny(lab_world, tmp_path / "sdpa", iterations=1, **{"model.attention_backend": "native"}))
+    assert hist[0]["ratio_first_max_dev"] < 1e-6
+    with pytest.raises(ConfigError, match="model.attention_backend"):
+        Trainer(load_config(None, tiny(lab_world, tmp_path / "bad", **{"model.attention_backend": "warp_drive"})),
+                log=lambda *a, **k: None)
+
+
+def test_nan_in_the_training_forward_stops_the_run(lab_world, tmp_path):
+    cfg = load_config(None, tiny(lab_world, tmp_path, iterations=3))
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    velocity = trainer.policy.velocity
+    real_forward = velocity.forward
+    state = {"iteration": 0}
+
+    def forward(x, sigma, cond):  # NaN only in the second iteration's training forwards
+        v = real_forward(x, sigma, cond)
+        return v * float("nan") if torch.is_grad_enabled() and state["iteration"] == 1 else v
+
+    velocity.forward = forward
+    real_iteration = trainer.iteration
+
+    def iteration(i):
+        state["iteration"] = i
+        return real_iteration(i)
+
+    trainer.iteration = iteration
+    with pytest.raises(TrainingError, match=r"iteration 1: non-finite loss at SDE step \d+ for prompts \["):
+        trainer.run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000001"]
