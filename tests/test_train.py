@@ -76,7 +76,7 @@ def test_first_ratio_of_every_iteration_is_one(lab_world, tmp_path):
 
 
 def test_training_changes_weights_checkpoints_and_exports(lab_world, tmp_path):
-    trainer, hist = run(tiny(lab_world, tmp_path))
+    trainer, hist = run(tiny(lab_world, tmp_path, tensorboard=True, image_every=2))
     assert [m["iteration"] for m in hist] == [1, 2, 3] == [m["iteration"] for m in _metrics(tmp_path)]
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["iter_000001", "iter_000002", "iter_000003"]
@@ -88,6 +88,14 @@ def test_training_changes_weights_checkpoints_and_exports(lab_world, tmp_path):
     from g2rpo.lab import load_lab_policy
 
     load_lab_policy(tmp_path / "final")  # the export loads through the diffusers code path
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = events.Scalars("reward/digit_alignment")
+    assert [e.step for e in logged] == [1, 2, 3]
+    assert [e.value for e in logged] == pytest.approx([m["reward/digit_alignment"] for m in hist])
+    assert (tmp_path / "images" / "iter_000002.png").is_file()
 
 
 def test_kill_mid_iteration_and_resume_reproduces_metrics(lab_world, tmp_path):
