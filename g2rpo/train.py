@@ -158,7 +158,7 @@ class Trainer:
         images = self.policy.decode(ro.flat_finals())
         per_image = [p for p in prompts for _ in range(Kf * J * G)]
         scores = []
-        for name, model, _ in self.rewards:
+        for _, model, _ in self.rewards:
             s = model.score(images, per_image).float().reshape(P, Kf, J, G)
             scores.append(s.to(self.ctx.device))
         rewards = torch.stack(scores)
@@ -236,7 +236,7 @@ class Trainer:
         loss_sum, loss_count = 0.0, 0
         first_dev = None
         self.module.train()
-        for epoch in range(cfg.inner_epochs):
+        for _ in range(cfg.inner_epochs):
             order = slots
             if cfg.inner_epochs > 1 or cfg.minibatches > 1:
                 order = [slots[i] for i in torch.randperm(len(slots), generator=gen).tolist()]

@@ -72,7 +72,7 @@ def test_clip_score_from_local_dir_matches_and_refuses_random_weights(tiny_open_
     bad.mkdir()
     (bad / "open_clip_config.json").write_text((d / "open_clip_config.json").read_text())
     torch.save(state, bad / "open_clip_model.pt")
-    with pytest.raises(Exception):
+    with pytest.raises(FileNotFoundError, match=r"no weights loaded .*\.pt file is ignored"):
         make_reward("clip", model_dir=str(bad))
     with pytest.raises(FileNotFoundError):
         make_reward("clip", model_dir=str(tmp_path / "nope"))

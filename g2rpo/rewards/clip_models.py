@@ -88,7 +88,12 @@ def load_clip_score(model_dir: str | None = None, model_name: str | None = None,
     if model_dir is not None:
         d = _require(model_dir, "CLIP model directory")
         # create_model_from_pretrained raises when no weights file is found (never silently random)
-        model, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{d}")
+        try:
+            model, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{d}")
+        except RuntimeError as err:
+            raise FileNotFoundError(
+                f"clip reward: no weights loaded from {d}: open_clip looks for open_clip_model.safetensors, "
+                f"open_clip_pytorch_model.bin or .pth (a .pt file is ignored) ({err})") from None
         tokenizer = open_clip.get_tokenizer(f"local-dir:{d}")
     elif model_name is not None and checkpoint is not None:
         ckpt = _require(checkpoint, "CLIP checkpoint")
