@@ -136,6 +136,7 @@ class TrainConfig:
     output_dir: str = "runs/default"
     checkpoint_every: int = 50
     resume: bool = False
+    overwrite: bool = False  # a fresh run may replace an earlier run's checkpoints in output_dir
     export_final: bool = True
     image_every: int = 0
     tensorboard: bool = True

@@ -75,6 +75,15 @@ class Trainer:
             raise ConfigError(f"data.prompts_per_iteration ({cfg.data.prompts_per_iteration}) must be divisible "
                               f"by the number of ranks ({self.ctx.world})")
         self.out = Path(cfg.output_dir)
+        if not cfg.resume and latest_checkpoint(self.out) is not None:
+            if not cfg.overwrite:
+                raise ConfigError(f"output_dir {self.out} holds checkpoints of an earlier run: continue it with "
+                                  "--resume, start over with overwrite=true, or pick another output_dir")
+            if self.ctx.is_main:
+                import shutil
+
+                shutil.rmtree(self.out / "checkpoints")
+            self.ctx.barrier()
         self.prompts = PromptSchedule(load_prompts(cfg.data.prompts), cfg.seed, cfg.data.shuffle)
         torch.manual_seed(cfg.seed)
         loaded = load_policy(cfg.model, log=self.log)

@@ -88,6 +88,10 @@ def test_training_changes_weights_checkpoints_and_exports(lab_world, tmp_path):
     from g2rpo.lab import load_lab_policy
 
     load_lab_policy(tmp_path / "final")  # the export loads through the diffusers code path
+    from g2rpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume"):  # a fresh run never silently mixes with an old one
+        Trainer(load_config(None, tiny(lab_world, tmp_path)), log=lambda *a, **k: None)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))
