@@ -1,4 +1,5 @@
-"""`python -m g2rpo.lab {build,sample,grid}`: build the lab world, sample it, look at it."""
+"""`python -m g2rpo.lab {build,sample,grid,compare}`: build the lab world, sample it, look at it,
+and compare the GRPO methods on it."""
 
 from __future__ import annotations
 
