@@ -92,6 +92,14 @@ class Trainer:
         for p in self.policy.parameters():
             p.requires_grad_(False)
         self.module = self.policy.transformer
+        # Mixed precision: model.dtype is the *compute* dtype. Trained weights are fp32 masters (an
+        # lr of 2e-6 is below bf16's resolution: bf16 weights would not move); bf16 compute comes
+        # from FSDP2's MixedPrecisionPolicy across ranks and from autocast in any case. Frozen parts
+        # (VAE, text encoders, LoRA base weights) stay in model.dtype.
+        self.compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                              "float16": torch.float16}[cfg.model.dtype]
+        if not cfg.lora.enabled and self.compute_dtype != torch.float32:
+            self.module.to(torch.float32)
         if cfg.lora.enabled:
             from peft import LoraConfig
 
@@ -114,7 +122,8 @@ class Trainer:
 
             self.ref_module = copy.deepcopy(self.module).eval().requires_grad_(False)
         if self.ctx.enabled:
-            shard_module(self.module, self.ctx.device, bf16=self.ctx.device.type == "cuda")
+            shard_module(self.module, self.ctx.device,
+                         param_dtype=None if self.compute_dtype == torch.float32 else self.compute_dtype)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -215,6 +224,12 @@ class Trainer:
                                v[:, pos].reshape(-1, *shape), a, b, std, backend).view(Pc, -1)
         return logp, None, None
 
+    def autocast(self):
+        """Compute in ``model.dtype`` (no-op for float32)."""
+        if self.compute_dtype == torch.float32:
+            return torch.autocast(self.ctx.device.type, enabled=False)
+        return torch.autocast(self.ctx.device.type, dtype=self.compute_dtype)
+
     @contextmanager
     def _reference_policy(self):
         """Run the policy as the frozen reference: LoRA adapters off, or the saved initial transformer."""
@@ -257,12 +272,13 @@ class Trainer:
                 for w, (k, rows) in enumerate(work):
                     if is_fsdp(self.module):
                         self.module.set_requires_gradient_sync(w == len(work) - 1)
-                    logp, mean, std = self._slot_logprob(ro, k, rows, cond, need_mean=cfg.loss.kl_beta > 0)
+                    with self.autocast():
+                        logp, mean, std = self._slot_logprob(ro, k, rows, cond, need_mean=cfg.loss.kl_beta > 0)
                     sur = clipped_surrogate(logp, ro.log_probs[rows, k], adv[rows, k], cfg.loss.clip_range,
                                             cfg.loss.adv_clip_max)
                     loss = sur.loss.sum() / n_total
                     if cfg.loss.kl_beta > 0:
-                        with self._reference_policy():
+                        with self._reference_policy(), self.autocast():
                             _, ref_mean, _ = self._slot_logprob(ro, k, rows, cond, need_mean=True)
                         kl = gaussian_kl(mean, ref_mean, std)
                         loss = loss + cfg.loss.kl_beta * kl.sum() / n_total
@@ -312,7 +328,7 @@ class Trainer:
         cond = self.policy.encode_prompts(prompts)
         noise, gens = self._noise(iteration, positions)
         _fault_point(iteration, "rollout")
-        with rollout_mode(self.module):
+        with rollout_mode(self.module), self.autocast():
             ro = self.sampler.rollout(noise, cond, generator=gens, iteration=iteration)
         t1 = time.perf_counter()
         rewards = self.score(ro, prompts, iteration)
@@ -506,7 +522,7 @@ def _lab_eval(trainer: Trainer) -> dict[str, float]:
     """Held-out lab evaluation; every rank runs it (sharded forwards are collective)."""
     from .lab.world import evaluate_lab
 
-    with rollout_mode(trainer.module):
+    with rollout_mode(trainer.module), trainer.autocast():
         return evaluate_lab(trainer.policy, trainer.base_path, steps=trainer.cfg.sampler.num_steps)
 
 

@@ -67,7 +67,7 @@ def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, 
     trainer = Trainer(cfg, log=lambda *a, **k: None)
 
     def evaluate(steps: int, test: bool, per_class: int) -> dict[str, float]:
-        with rollout_mode(trainer.module):
+        with rollout_mode(trainer.module), trainer.autocast():
             return evaluate_lab(trainer.policy, world, per_class=per_class, steps=steps, test_prompts=test,
                                 judge=judge, rewards=rewards)
 
