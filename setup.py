@@ -34,7 +34,8 @@ def _extensions():
             ext_cls = cpp_extension.CUDAExtension
         else:
             print("g2rpo: G2RPO_BUILD_CUDA=1 but no CUDA torch/toolkit; building the CPU op only", file=sys.stderr)
-    ext = ext_cls("g2rpo._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"])
+    ext = ext_cls("g2rpo._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"],
+                  depends=["csrc/ops_common.h"])
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
         """Build the op if possible; on failure keep going without it (torch ninja errors included)."""

@@ -14,22 +14,14 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
+
+#include "ops_common.h"
 
 namespace g2rpo {
 namespace {
 
 constexpr int64_t kBlock = 8192;
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-void check(const at::Tensor& x, const at::Tensor& v, const at::Tensor& rows, const char* what) {
-  TORCH_CHECK(rows.dim() == 2, what, ": expected [B, N] rows");
-  TORCH_CHECK(x.dim() == 2 && v.dim() == 2 && x.size(1) == rows.size(1) && v.size(1) == rows.size(1), what,
-              ": x and v must be [1 or B, N] with the rows' N");
-  TORCH_CHECK(x.size(0) == 1 || x.size(0) == rows.size(0), what, ": x must have 1 or B rows");
-  TORCH_CHECK(v.size(0) == 1 || v.size(0) == rows.size(0), what, ": v must have 1 or B rows");
-}
 
 // kStep: x_next = mean + s * zy is written to `out` and squared; else zy is x_next itself.
 template <bool kStep, typename scalar_t, typename acc_t>
@@ -104,63 +96,48 @@ void bwd_impl(const scalar_t* x, const scalar_t* v, const scalar_t* xn, const ac
   }
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-std::tuple<at::Tensor, at::Tensor> sde_step(const at::Tensor& x_, const at::Tensor& v_, const at::Tensor& z_,
-                                            const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& s_) {
-  check(x_, v_, z_, "sde_step");
-  const auto st = z_.scalar_type();
-  const auto at_ = acc_type(st);
-  auto x = x_.to(st).contiguous(), v = v_.to(st).contiguous(), z = z_.contiguous();
-  auto a = a_.to(at_).contiguous(), b = b_.to(at_).contiguous(), s = s_.to(at_).contiguous();
-  const int64_t B = z.size(0), N = z.size(1), nb = (N + kBlock - 1) / kBlock;
-  auto out = at::empty({B, N}, z.options().dtype(at_));
-  auto part = at::empty({B, nb}, z.options().dtype(at_));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "sde_step", [&] {
+std::tuple<at::Tensor, at::Tensor> sde_step(const at::Tensor& x, const at::Tensor& v, const at::Tensor& z,
+                                            const at::Tensor& a, const at::Tensor& b, const at::Tensor& s) {
+  Rows r = prepare("sde_step", x, v, z, a, b, s);
+  const int64_t nb = (r.N + kBlock - 1) / kBlock;
+  auto out = at::empty({r.B, r.N}, r.y.options().dtype(r.acc));
+  auto part = at::empty({r.B, nb}, r.y.options().dtype(r.acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.dtype, "sde_step", [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    rows_impl<true, scalar_t, acc_t>(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-                                     out.data_ptr<acc_t>(), a.data_ptr<acc_t>(), b.data_ptr<acc_t>(),
-                                     s.data_ptr<acc_t>(), part.data_ptr<acc_t>(), B, N, x.size(0) == 1 && B > 1,
-                                     v.size(0) == 1 && B > 1, nb);
+    rows_impl<true, scalar_t, acc_t>(r.x.data_ptr<scalar_t>(), r.v.data_ptr<scalar_t>(), r.y.data_ptr<scalar_t>(),
+                                     out.data_ptr<acc_t>(), r.a.data_ptr<acc_t>(), r.b.data_ptr<acc_t>(),
+                                     r.c.data_ptr<acc_t>(), part.data_ptr<acc_t>(), r.B, r.N,
+                                     r.x_shared && r.B > 1, r.v_shared && r.B > 1, nb);
   });
   return {out, part.sum(1)};
 }
 
-at::Tensor residual_sums(const at::Tensor& x_, const at::Tensor& v_, const at::Tensor& xn_, const at::Tensor& a_,
-                         const at::Tensor& b_) {
-  check(x_, v_, xn_, "residual_sums");
-  const auto st = xn_.scalar_type();
-  const auto at_ = acc_type(st);
-  auto x = x_.to(st).contiguous(), v = v_.to(st).contiguous(), xn = xn_.contiguous();
-  auto a = a_.to(at_).contiguous(), b = b_.to(at_).contiguous();
-  const int64_t B = xn.size(0), N = xn.size(1), nb = (N + kBlock - 1) / kBlock;
-  auto part = at::empty({B, nb}, xn.options().dtype(at_));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "residual_sums", [&] {
+at::Tensor residual_sums(const at::Tensor& x, const at::Tensor& v, const at::Tensor& xn, const at::Tensor& a,
+                         const at::Tensor& b) {
+  Rows r = prepare("residual_sums", x, v, xn, a, b);
+  const int64_t nb = (r.N + kBlock - 1) / kBlock;
+  auto part = at::empty({r.B, nb}, r.y.options().dtype(r.acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.dtype, "residual_sums", [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    rows_impl<false, scalar_t, acc_t>(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), xn.data_ptr<scalar_t>(),
-                                      nullptr, a.data_ptr<acc_t>(), b.data_ptr<acc_t>(), nullptr,
-                                      part.data_ptr<acc_t>(), B, N, x.size(0) == 1 && B > 1,
-                                      v.size(0) == 1 && B > 1, nb);
+    rows_impl<false, scalar_t, acc_t>(r.x.data_ptr<scalar_t>(), r.v.data_ptr<scalar_t>(), r.y.data_ptr<scalar_t>(),
+                                      nullptr, r.a.data_ptr<acc_t>(), r.b.data_ptr<acc_t>(), nullptr,
+                                      part.data_ptr<acc_t>(), r.B, r.N, r.x_shared && r.B > 1,
+                                      r.v_shared && r.B > 1, nb);
   });
   return part.sum(1);
 }
 
-at::Tensor residual_sums_backward(const at::Tensor& x_, const at::Tensor& v_, const at::Tensor& xn_,
-                                  const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& g_) {
-  check(x_, v_, xn_, "residual_sums_backward");
-  const auto st = xn_.scalar_type();
-  const auto at_ = acc_type(st);
-  auto x = x_.to(st).contiguous(), v = v_.to(st).contiguous(), xn = xn_.contiguous();
-  auto a = a_.to(at_).contiguous(), b = b_.to(at_).contiguous(), g = g_.to(at_).contiguous();
-  const int64_t B = xn.size(0), N = xn.size(1);
-  auto gv = at::empty({v.size(0), N}, xn.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "residual_sums_backward", [&] {
+at::Tensor residual_sums_backward(const at::Tensor& x, const at::Tensor& v, const at::Tensor& xn,
+                                  const at::Tensor& a, const at::Tensor& b, const at::Tensor& g) {
+  Rows r = prepare("residual_sums_backward", x, v, xn, a, b, g);
+  auto gv = at::empty({r.v.size(0), r.N}, r.y.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.dtype, "residual_sums_backward", [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    bwd_impl<scalar_t, acc_t>(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), xn.data_ptr<scalar_t>(),
-                              a.data_ptr<acc_t>(), b.data_ptr<acc_t>(), g.data_ptr<acc_t>(), gv.data_ptr<scalar_t>(),
-                              B, N, x.size(0) == 1 && B > 1, v.size(0) == 1);
+    bwd_impl<scalar_t, acc_t>(r.x.data_ptr<scalar_t>(), r.v.data_ptr<scalar_t>(), r.y.data_ptr<scalar_t>(),
+                              r.a.data_ptr<acc_t>(), r.b.data_ptr<acc_t>(), r.c.data_ptr<acc_t>(),
+                              gv.data_ptr<scalar_t>(), r.B, r.N, r.x_shared && r.B > 1, r.v_shared);
   });
-  return gv.to(v_.scalar_type());
+  return gv.to(v.scalar_type());
 }
 
 }  // namespace

@@ -9,15 +9,14 @@
 
 #include <tuple>
 
+#include "ops_common.h"
+
 namespace g2rpo {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kItems = 8;  // elements per thread per tile
 constexpr int kTile = kThreads * kItems;
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
 
 template <typename acc_t>
 __device__ acc_t block_sum(acc_t v) {
@@ -78,61 +77,50 @@ __global__ void bwd_kernel(const scalar_t* x, const scalar_t* v, const scalar_t*
   }
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-std::tuple<at::Tensor, at::Tensor> sde_step_cuda(const at::Tensor& x_, const at::Tensor& v_, const at::Tensor& z_,
-                                                 const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& s_) {
-  const auto st = z_.scalar_type();
-  const auto at_ = acc_type(st);
-  auto x = x_.to(st).contiguous(), v = v_.to(st).contiguous(), z = z_.contiguous();
-  auto a = a_.to(at_).contiguous(), b = b_.to(at_).contiguous(), s = s_.to(at_).contiguous();
-  const int64_t B = z.size(0), N = z.size(1), tiles = (N + kTile - 1) / kTile;
-  auto out = at::empty({B, N}, z.options().dtype(at_));
-  auto part = at::empty({B, tiles}, z.options().dtype(at_));
-  const int64_t xs = x.size(0) == 1 ? 0 : N, vs = v.size(0) == 1 ? 0 : N;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "sde_step_cuda", [&] {
+std::tuple<at::Tensor, at::Tensor> sde_step_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& z,
+                                                 const at::Tensor& a, const at::Tensor& b, const at::Tensor& s) {
+  Rows r = prepare("sde_step", x, v, z, a, b, s);
+  const int64_t tiles = (r.N + kTile - 1) / kTile;
+  auto out = at::empty({r.B, r.N}, r.y.options().dtype(r.acc));
+  auto part = at::empty({r.B, tiles}, r.y.options().dtype(r.acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.dtype, "sde_step_cuda", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     rows_kernel<scalar_t, acc_t, true><<<tiles, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), out.data_ptr<acc_t>(),
-        a.data_ptr<acc_t>(), b.data_ptr<acc_t>(), s.data_ptr<acc_t>(), part.data_ptr<acc_t>(), B, N, xs, vs);
+        r.x.data_ptr<scalar_t>(), r.v.data_ptr<scalar_t>(), r.y.data_ptr<scalar_t>(), out.data_ptr<acc_t>(),
+        r.a.data_ptr<acc_t>(), r.b.data_ptr<acc_t>(), r.c.data_ptr<acc_t>(), part.data_ptr<acc_t>(), r.B, r.N,
+        r.x_shared ? 0 : r.N, r.v_shared ? 0 : r.N);
   });
   return {out, part.sum(1)};
 }
 
-at::Tensor residual_sums_cuda(const at::Tensor& x_, const at::Tensor& v_, const at::Tensor& xn_, const at::Tensor& a_,
-                              const at::Tensor& b_) {
-  const auto st = xn_.scalar_type();
-  const auto at_ = acc_type(st);
-  auto x = x_.to(st).contiguous(), v = v_.to(st).contiguous(), xn = xn_.contiguous();
-  auto a = a_.to(at_).contiguous(), b = b_.to(at_).contiguous();
-  const int64_t B = xn.size(0), N = xn.size(1), tiles = (N + kTile - 1) / kTile;
-  auto part = at::empty({B, tiles}, xn.options().dtype(at_));
-  const int64_t xs = x.size(0) == 1 ? 0 : N, vs = v.size(0) == 1 ? 0 : N;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "residual_sums_cuda", [&] {
+at::Tensor residual_sums_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& xn, const at::Tensor& a,
+                              const at::Tensor& b) {
+  Rows r = prepare("residual_sums", x, v, xn, a, b);
+  const int64_t tiles = (r.N + kTile - 1) / kTile;
+  auto part = at::empty({r.B, tiles}, r.y.options().dtype(r.acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.dtype, "residual_sums_cuda", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     rows_kernel<scalar_t, acc_t, false><<<tiles, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), xn.data_ptr<scalar_t>(), nullptr, a.data_ptr<acc_t>(),
-        b.data_ptr<acc_t>(), nullptr, part.data_ptr<acc_t>(), B, N, xs, vs);
+        r.x.data_ptr<scalar_t>(), r.v.data_ptr<scalar_t>(), r.y.data_ptr<scalar_t>(), nullptr,
+        r.a.data_ptr<acc_t>(), r.b.data_ptr<acc_t>(), nullptr, part.data_ptr<acc_t>(), r.B, r.N,
+        r.x_shared ? 0 : r.N, r.v_shared ? 0 : r.N);
   });
   return part.sum(1);
 }
 
-at::Tensor residual_sums_backward_cuda(const at::Tensor& x_, const at::Tensor& v_, const at::Tensor& xn_,
-                                       const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& g_) {
-  const auto st = xn_.scalar_type();
-  const auto at_ = acc_type(st);
-  auto x = x_.to(st).contiguous(), v = v_.to(st).contiguous(), xn = xn_.contiguous();
-  auto a = a_.to(at_).contiguous(), b = b_.to(at_).contiguous(), g = g_.to(at_).contiguous();
-  const int64_t B = xn.size(0), N = xn.size(1), tiles = (N + kTile - 1) / kTile;
-  auto gv = at::empty({v.size(0), N}, xn.options());
-  const int64_t xs = x.size(0) == 1 ? 0 : N, vs = v.size(0) == 1 ? 0 : N;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "residual_sums_backward_cuda", [&] {
+at::Tensor residual_sums_backward_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& xn,
+                                       const at::Tensor& a, const at::Tensor& b, const at::Tensor& g) {
+  Rows r = prepare("residual_sums_backward", x, v, xn, a, b, g);
+  const int64_t tiles = (r.N + kTile - 1) / kTile;
+  auto gv = at::empty({r.v.size(0), r.N}, r.y.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.dtype, "residual_sums_backward_cuda", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     bwd_kernel<scalar_t, acc_t><<<tiles, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), xn.data_ptr<scalar_t>(), a.data_ptr<acc_t>(),
-        b.data_ptr<acc_t>(), g.data_ptr<acc_t>(), gv.data_ptr<scalar_t>(), B, N, xs, vs);
+        r.x.data_ptr<scalar_t>(), r.v.data_ptr<scalar_t>(), r.y.data_ptr<scalar_t>(), r.a.data_ptr<acc_t>(),
+        r.b.data_ptr<acc_t>(), r.c.data_ptr<acc_t>(), gv.data_ptr<scalar_t>(), r.B, r.N, r.x_shared ? 0 : r.N,
+        r.v_shared ? 0 : r.N);
   });
-  return gv.to(v_.scalar_type());
+  return gv.to(v.scalar_type());
 }
 
 }  // namespace
