@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel
 
+from ..models._cache import PromptEmbeddingCache
 from ..models.flux import FluxVelocity, pack_latents, unpack_latents
 from .data import load_splits, to_unit
 from .prompts import LabTextEncoder, class_prompts
@@ -64,7 +65,7 @@ class LabPolicy(torch.nn.Module):
         self.size = config.image_size
         self.velocity = FluxVelocity(transformer, self.size, self.size, guidance_scale=None)
         self.text_encoder = text_encoder
-        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._cache = PromptEmbeddingCache()
 
     @property
     def transformer(self) -> FluxTransformer2DModel:
@@ -77,14 +78,8 @@ class LabPolicy(torch.nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.velocity(x, sigma, cond)
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            out = self.text_encoder(missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = {k: v[i].detach() for k, v in out.items()}
-        return {k: torch.stack([self._cache[p][k] for p in prompts]) for k in ("prompt_embeds", "pooled_prompt_embeds")}
+        return self._cache(prompts, self.text_encoder)
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return torch.randn((n, *self.latent_shape), generator=generator, device=device)

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
+from ._cache import PromptEmbeddingCache
+
 __all__ = ["FluxVelocity", "pack_latents", "unpack_latents", "latent_image_ids"]
 
 
@@ -102,7 +104,7 @@ class FluxPolicy(torch.nn.Module):
         self.vae = pipe.vae
         self.text_encoder, self.text_encoder_2 = pipe.text_encoder, pipe.text_encoder_2
         self._pipe = pipe  # tokenizers, scheduler config, encode_prompt, save_pretrained
-        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._cache = PromptEmbeddingCache()
 
     @property
     def transformer(self) -> FluxTransformer2DModel:
@@ -115,18 +117,15 @@ class FluxPolicy(torch.nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.velocity(x, sigma, cond)
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
+        def encode(new: list[str]) -> dict[str, torch.Tensor]:
             device = next(self.text_encoder_2.parameters()).device
-            embeds, pooled, _ = self._pipe.encode_prompt(prompt=missing, prompt_2=None, device=device,
+            embeds, pooled, _ = self._pipe.encode_prompt(prompt=new, prompt_2=None, device=device,
                                                          num_images_per_prompt=1,
                                                          max_sequence_length=self.max_sequence_length)
-            for i, p in enumerate(missing):
-                self._cache[p] = {"prompt_embeds": embeds[i], "pooled_prompt_embeds": pooled[i]}
-        return {k: torch.stack([self._cache[p][k] for p in prompts])
-                for k in ("prompt_embeds", "pooled_prompt_embeds")}
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+        return self._cache(prompts, encode)
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         shape = (n, self.latent_channels, self.latent_height, self.latent_width)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from ._cache import PromptEmbeddingCache
 from ._files import require_files
 
 __all__ = ["SD3Policy", "load_sd3_policy"]
@@ -35,7 +36,7 @@ class SD3Policy(torch.nn.Module):
         self.vae = pipe.vae
         self.text_encoders = torch.nn.ModuleList([pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3])
         self._pipe = pipe
-        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._cache = PromptEmbeddingCache()
 
     @property
     def cfg(self) -> bool:
@@ -56,22 +57,19 @@ class SD3Policy(torch.nn.Module):
                              pooled_projections=cond["pooled_prompt_embeds"].to(dtype), return_dict=False)[0]
         return v.float()
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
+        def encode(new: list[str]) -> dict[str, torch.Tensor]:
             device = next(self.transformer.parameters()).device
             pe, npe, pp, npp = self._pipe.encode_prompt(
-                prompt=missing, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-                do_classifier_free_guidance=self.cfg, negative_prompt=[self.negative_prompt] * len(missing),
+                prompt=new, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+                do_classifier_free_guidance=self.cfg, negative_prompt=[self.negative_prompt] * len(new),
                 max_sequence_length=self.max_sequence_length)
-            for i, p in enumerate(missing):
-                entry = {"prompt_embeds": pe[i], "pooled_prompt_embeds": pp[i]}
-                if self.cfg:
-                    entry.update(negative_prompt_embeds=npe[i], negative_pooled_prompt_embeds=npp[i])
-                self._cache[p] = entry
-        keys = self._cache[prompts[0]].keys()
-        return {k: torch.stack([self._cache[p][k] for p in prompts]) for k in keys}
+            out = {"prompt_embeds": pe, "pooled_prompt_embeds": pp}
+            if self.cfg:
+                out.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npp)
+            return out
+
+        return self._cache(prompts, encode)
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         c = self.transformer.config.in_channels

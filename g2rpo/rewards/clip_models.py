@@ -33,6 +33,12 @@ class _BatchedModelReward:
         self.model.to(self.device)
         self.batch_size = batch_size
 
+    def batches(self, images: torch.Tensor, prompts: Sequence[str]):
+        """Checked ``(PIL images, prompts)`` chunks of ``batch_size``."""
+        check_batch(images, prompts, self.name)
+        for lo in range(0, len(prompts), self.batch_size):
+            yield to_pil(images[lo:lo + self.batch_size]), list(prompts[lo:lo + self.batch_size])
+
 
 class OpenClipScore(_BatchedModelReward):
     """Cosine similarity of an open_clip model's normalised image and text features."""
@@ -43,12 +49,10 @@ class OpenClipScore(_BatchedModelReward):
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        check_batch(images, prompts, self.name)
         out = []
-        for lo in range(0, len(prompts), self.batch_size):
-            pil = to_pil(images[lo:lo + self.batch_size])
+        for pil, texts in self.batches(images, prompts):
             x = torch.stack([self.preprocess(p) for p in pil]).to(self.device)
-            tokens = self.tokenizer(list(prompts[lo:lo + self.batch_size])).to(self.device)
+            tokens = self.tokenizer(texts).to(self.device)
             img = self.model.encode_image(x, normalize=True)
             txt = self.model.encode_text(tokens, normalize=True)
             out.append((img * txt).sum(-1).float().cpu())
@@ -120,12 +124,10 @@ class PickScore(_BatchedModelReward):
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        check_batch(images, prompts, self.name)
         out = []
-        for lo in range(0, len(prompts), self.batch_size):
-            pil = to_pil(images[lo:lo + self.batch_size])
+        for pil, texts in self.batches(images, prompts):
             px = self.processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device)
-            tx = self.processor(text=list(prompts[lo:lo + self.batch_size]), padding=True, truncation=True,
+            tx = self.processor(text=texts, padding=True, truncation=True,
                                 max_length=77, return_tensors="pt").to(self.device)
             img = self._features(self.model.get_image_features(pixel_values=px))
             txt = self._features(self.model.get_text_features(**tx))

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from ._images import check_batch, to_pil
 from .base import register_reward
 from .clip_models import _BatchedModelReward
 
@@ -102,11 +101,10 @@ class ImageReward(_BatchedModelReward):
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        check_batch(images, prompts, self.name)
         out = []
-        for lo in range(0, len(prompts), self.batch_size):
-            px = torch.stack([self.preprocess(p) for p in to_pil(images[lo:lo + self.batch_size])]).to(self.device)
-            tok = self.tokenizer(list(prompts[lo:lo + self.batch_size]), padding="max_length", truncation=True,
+        for pil, texts in self.batches(images, prompts):
+            px = torch.stack([self.preprocess(p) for p in pil]).to(self.device)
+            tok = self.tokenizer(texts, padding="max_length", truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(self.device)
             out.append(self.model(px, tok["input_ids"], tok["attention_mask"]).float().cpu())
         return torch.cat(out)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from ._images import check_batch, to_pil
 from .base import register_reward
 from .clip_models import _BatchedModelReward
 
@@ -55,14 +54,11 @@ class UnifiedReward(_BatchedModelReward):
     @torch.no_grad()
     def judge(self, images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
         """The judge's answers (greedy)."""
-        check_batch(images, prompts, self.name)
         answers = []
-        for lo in range(0, len(prompts), self.batch_size):
-            ps = list(prompts[lo:lo + self.batch_size])
+        for pil, ps in self.batches(images, prompts):
             texts = [self.processor.apply_chat_template(self._messages(p), tokenize=False, add_generation_prompt=True)
                      for p in ps]
-            inputs = self.processor(text=texts, images=to_pil(images[lo:lo + self.batch_size]), padding=True,
-                                    return_tensors="pt").to(self.device)
+            inputs = self.processor(text=texts, images=pil, padding=True, return_tensors="pt").to(self.device)
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
             answers += self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return answers
