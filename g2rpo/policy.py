@@ -10,7 +10,7 @@ import torch
 from .config import ModelConfig, RewardSpec
 from .rewards import RewardModel, make_reward
 
-__all__ = ["LoadedPolicy", "load_policy", "build_rewards", "check_paths"]
+__all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths"]
 
 _PATH_OPTIONS = ("checkpoint", "model_dir", "processor_dir", "med_config", "vocab", "path")
 _MODEL_FILES = {"flux": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
@@ -37,7 +37,7 @@ def check_paths(model: ModelConfig, rewards: list[RewardSpec]) -> None:
     if missing:
         raise FileNotFoundError("missing files named by the config:\n  " + "\n  ".join(missing))
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -48,7 +48,7 @@ class LoadedPolicy:
 
 def load_policy(cfg: ModelConfig, log=print) -> LoadedPolicy:
     """Load the policy named by ``cfg`` from a local folder (the lab world is built on first use)."""
-    dtype = _DTYPES[cfg.dtype]
+    dtype = TORCH_DTYPES[cfg.dtype]
     if cfg.kind == "lab":
         from .lab import build_world, load_lab_policy
 

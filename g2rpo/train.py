@@ -27,9 +27,9 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, config_to_dict, load_config
 from .distributed import DistContext, is_fsdp, rollout_mode, shard_module
 from .loss import clipped_surrogate, gaussian_kl
-from .policy import build_rewards, load_policy
+from .policy import TORCH_DTYPES, build_rewards, load_policy
 from .prompts import PromptSchedule, load_prompts
-from .rollout import G2RPOSampler, Rollout, gather_cond
+from .rollout import G2RPOSampler, Rollout, gather_cond, make_strategy
 from .sde import sde_step_with_logprob
 
 __all__ = ["Trainer", "TrainingError", "main"]
@@ -96,8 +96,7 @@ class Trainer:
         # lr of 2e-6 is below bf16's resolution: bf16 weights would not move); bf16 compute comes
         # from FSDP2's MixedPrecisionPolicy across ranks and from autocast in any case. Frozen parts
         # (VAE, text encoders, LoRA base weights) stay in model.dtype.
-        self.compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                              "float16": torch.float16}[cfg.model.dtype]
+        self.compute_dtype = TORCH_DTYPES[cfg.model.dtype]
         if not cfg.lora.enabled and self.compute_dtype != torch.float32:
             self.module.to(torch.float32)
         if cfg.lora.enabled:
@@ -131,13 +130,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
         self.ema = ({n: p.detach().clone().float() for n, p in self.module.named_parameters() if p.requires_grad}
                     if cfg.ema_decay is not None else None)
-        self.sampler = G2RPOSampler(self.policy, num_steps=cfg.sampler.num_steps, shift=cfg.sampler.shift,
-                                    eta=cfg.sampler.eta, group_size=cfg.sampler.group_size,
-                                    max_batch=cfg.sampler.max_batch, strategy=cfg.sampler.strategy,
-                                    quantize_timesteps=cfg.sampler.quantize_timesteps, ops_backend=cfg.ops_backend,
-                                    cuda_graphs=cfg.sampler.cuda_graphs,
-                                    **{k: v for k, v in cfg.sampler.strategy_options().items()
-                                       if k not in ("num_steps", "group_size", "eta")})
+        strategy = make_strategy(cfg.sampler.strategy, **cfg.sampler.strategy_options())
+        self.sampler = G2RPOSampler(self.policy, shift=cfg.sampler.shift, max_batch=cfg.sampler.max_batch,
+                                    strategy=strategy, quantize_timesteps=cfg.sampler.quantize_timesteps,
+                                    ops_backend=cfg.ops_backend, cuda_graphs=cfg.sampler.cuda_graphs)
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path)
         self.start_iteration = 0
         if cfg.resume:

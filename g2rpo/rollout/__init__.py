@@ -25,23 +25,29 @@ class G2RPOSampler:
     and ``granularities`` apply to the G2RPO strategies; other strategy options
     (``window_size``, ``train_fraction``, ``shared_noise``, ...) go in ``strategy_options``.
     ``eta=None`` takes the strategy's published default (0.7; DanceGRPO 0.3). ``ops_backend``
-    picks the fused SDE step (:mod:`g2rpo.ops`; ``"torch"`` is the reference).
+    picks the fused SDE step (:mod:`g2rpo.ops`; ``"torch"`` is the reference). ``strategy`` may
+    also be a built :class:`Strategy`; its own settings are then used as they are.
     """
 
     def __init__(self, model: VelocityModel, num_steps: int = 16, shift: float = 3.0, eta: float | None = 0.7,
                  sde_indices: Iterable[int] = range(8), granularities: Iterable[int] = (1, 2, 3),
-                 group_size: int = 12, max_batch: int | None = 64, strategy: str = "g2rpo",
+                 group_size: int = 12, max_batch: int | None = 64, strategy: str | Strategy = "g2rpo",
                  quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto",
                  cuda_graphs: bool = False, **strategy_options) -> None:
-        opts = dict(strategy_options, num_steps=num_steps, group_size=group_size)
-        if eta is not None:
-            opts["eta"] = eta
-        if strategy in ("g2rpo", "g2rpo_no_mgai"):
-            opts["sde_indices"] = tuple(sde_indices)
-            if strategy == "g2rpo":
-                opts["granularities"] = tuple(granularities)
-        self.strategy: Strategy = make_strategy(strategy, **opts)
-        self.engine = RolloutEngine(model, num_steps, shift, max_batch, quantize_timesteps, check_finite, ops_backend,
+        if isinstance(strategy, Strategy):
+            if strategy_options:
+                raise ValueError(f"options {sorted(strategy_options)} given with a built strategy")
+            self.strategy = strategy
+        else:
+            opts = dict(strategy_options, num_steps=num_steps, group_size=group_size)
+            if eta is not None:
+                opts["eta"] = eta
+            if strategy in ("g2rpo", "g2rpo_no_mgai"):
+                opts["sde_indices"] = tuple(sde_indices)
+                if strategy == "g2rpo":
+                    opts["granularities"] = tuple(granularities)
+            self.strategy = make_strategy(strategy, **opts)
+        self.engine = RolloutEngine(model, self.strategy.num_steps, shift, max_batch, quantize_timesteps, check_finite, ops_backend,
                                     cuda_graphs)
         self._plans: dict[tuple, Plan] = {}
 

@@ -48,6 +48,12 @@ def cond_prompt_count(cond: object) -> int | None:
     raise TypeError(f"unsupported cond type {type(cond).__name__}: use a tensor, dict, tuple, list or None")
 
 
+def _check_cond(cond: object, prompts: int) -> None:
+    n_cond = cond_prompt_count(cond)
+    if n_cond is not None and n_cond != prompts:
+        raise ValueError(f"noise has {prompts} prompts but cond has {n_cond}")
+
+
 def gather_cond(cond: object, rows: torch.Tensor) -> object:
     """Pick the conditioning of each row (``rows`` are prompt indices)."""
     if cond is None:
@@ -181,9 +187,7 @@ class RolloutEngine:
     @torch.no_grad()
     def sample_ode(self, noise: torch.Tensor, cond: object = None) -> torch.Tensor:
         """Plain batched Euler ODE sampling of ``noise [P, ...]`` (one row per prompt) to the image latent."""
-        n_cond = cond_prompt_count(cond)
-        if n_cond is not None and n_cond != noise.shape[0]:
-            raise ValueError(f"noise has {noise.shape[0]} rows but cond has {n_cond}")
+        _check_cond(cond, noise.shape[0])
         x = noise.float()
         rows = torch.arange(x.shape[0], device=x.device)
         for i in range(self.num_steps):
@@ -210,9 +214,7 @@ class RolloutEngine:
         P, shape = roots.shape[0], roots.shape[2:]
         if isinstance(generator, (list, tuple)) and len(generator) != P:
             raise ValueError(f"got {len(generator)} generators for {P} prompts (pass one per prompt or a single one)")
-        n_cond = cond_prompt_count(cond)
-        if n_cond is not None and n_cond != P:
-            raise ValueError(f"noise has {P} prompts but cond has {n_cond}")
+        _check_cond(cond, P)
         dev = roots.device
         sigmas = self.sigmas.to(dev)
         K, G, J, Kf = plan.num_k, plan.group_size, plan.num_j, plan.num_final_k
