@@ -32,12 +32,17 @@ BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def _cpp_ops():
+def _extension():
+    """The compiled extension (importing it registers ``torch.ops.g2rpo_C``), or None when not built."""
     try:
-        from . import _build  # noqa: F401  (loads the compiled extension, registering torch.ops.g2rpo_C)
+        from . import _build
     except ImportError:
         return None
-    return getattr(torch.ops, "g2rpo_C", None)
+    return _build
+
+
+def _cpp_ops():
+    return torch.ops.g2rpo_C if _extension() is not None else None
 
 
 def _triton():
@@ -52,21 +57,12 @@ def available_backends() -> list[str]:
     out = ["torch"]
     if _triton() is not None:
         out.append("triton")
-    ops = _cpp_ops()
-    if ops is not None and hasattr(ops, "sde_step"):
+    ext = _extension()
+    if ext is not None:
         out.append("cpp")
-        if torch.cuda.is_available() and getattr(_build_info(), "cuda", False):
+        if torch.cuda.is_available() and ext.cuda:
             out.append("cuda")
     return out
-
-
-def _build_info():
-    try:
-        from . import _build
-
-        return _build
-    except ImportError:
-        return None
 
 
 def _resolve(backend: str, device: torch.device) -> str:
@@ -76,8 +72,7 @@ def _resolve(backend: str, device: torch.device) -> str:
         return backend
     if device.type == "cuda":
         return "triton" if _triton() is not None else "torch"
-    ops = _cpp_ops()
-    return "cpp" if ops is not None and hasattr(ops, "sde_step") else "torch"
+    return "cpp" if _extension() is not None else "torch"
 
 
 def _rows(x: torch.Tensor, B: int, name: str) -> torch.Tensor:
