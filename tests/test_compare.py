@@ -19,7 +19,7 @@ def test_compare_writes_tables_curves_and_grids(lab_world, tmp_path):
                         ablation=((1,), (1, 2, 3)), overrides=SMALL, eval_per_class=3, curve_per_class=3)
     res = compare(tmp_path, s, world=lab_world, log=lambda *a: None)
     assert set(res["runs"]) == {"dance_grpo", "g2rpo"} and all(len(v) == 2 for v in res["runs"].values())
-    assert set(res["lr_choice"]["g2rpo"] for _ in [0]) <= {1e-4, 3e-4}
+    assert res["lr_choice"]["g2rpo"] in {1e-4, 3e-4}
     assert set(res["ablation"]) == {"{1}", "{1,2,3}"} and res["ablation"]["{1,2,3}"] is res["runs"]["g2rpo"]
     text = (tmp_path / "tables.md").read_text()
     for heading in ("Table 1 analogue", "Table 2 analogue", "Table 4 analogue", "Fig. 1a analogue", "Reward hacking"):

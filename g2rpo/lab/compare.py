@@ -62,7 +62,10 @@ def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, 
     if granularities is not None:
         o["sampler"]["granularities"] = list(granularities)
     for k, v in (overrides or {}).items():
-        o.setdefault(k, {}).update(v) if isinstance(v, dict) else o.__setitem__(k, v)
+        if isinstance(v, dict):
+            o.setdefault(k, {}).update(v)
+        else:
+            o[k] = v
     cfg = load_config(None, o)
     trainer = Trainer(cfg, log=lambda *a, **k: None)
 
