@@ -227,4 +227,4 @@ def test_cuda_graph_rollout_equals_eager():
 
 def test_cuda_graphs_are_off_on_cpu(model):
     s = G2RPOSampler(model, group_size=2, sde_indices=[0], cuda_graphs=True)
-    assert s.engine._model_for(torch.device("cpu")) is model
+    assert s.engine._model_for(torch.device("cpu")) == (model, False)

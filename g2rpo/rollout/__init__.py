@@ -25,7 +25,9 @@ class G2RPOSampler:
     and ``granularities`` apply to the G2RPO strategies; other strategy options
     (``window_size``, ``train_fraction``, ``shared_noise``, ...) go in ``strategy_options``.
     ``eta=None`` takes the strategy's published default (0.7; DanceGRPO 0.3). ``ops_backend``
-    picks the fused SDE step (:mod:`g2rpo.ops`; ``"torch"`` is the reference). ``strategy`` may
+    picks the fused SDE step (:mod:`g2rpo.ops`; ``"torch"`` is the reference). ``cuda_graphs``
+    (GPU) or ``compile_options`` (torch.compile kwargs, any device) compile the model, with chunks
+    padded to ``batch_buckets`` row counts (at most 4 shapes by default). ``strategy`` may
     also be a built :class:`Strategy`; its own settings are then used as they are.
     """
 
@@ -33,7 +35,8 @@ class G2RPOSampler:
                  sde_indices: Iterable[int] = range(8), granularities: Iterable[int] = (1, 2, 3),
                  group_size: int = 12, max_batch: int | None = 64, strategy: str | Strategy = "g2rpo",
                  quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto",
-                 cuda_graphs: bool = False, **strategy_options) -> None:
+                 cuda_graphs: bool = False, compile_options: dict | None = None,
+                 batch_buckets: Iterable[int] | None = None, **strategy_options) -> None:
         if isinstance(strategy, Strategy):
             if strategy_options:
                 raise ValueError(f"options {sorted(strategy_options)} given with a built strategy")
@@ -47,8 +50,8 @@ class G2RPOSampler:
                 if strategy == "g2rpo":
                     opts["granularities"] = tuple(granularities)
             self.strategy = make_strategy(strategy, **opts)
-        self.engine = RolloutEngine(model, self.strategy.num_steps, shift, max_batch, quantize_timesteps, check_finite, ops_backend,
-                                    cuda_graphs)
+        self.engine = RolloutEngine(model, self.strategy.num_steps, shift, max_batch, quantize_timesteps, check_finite,
+                                    ops_backend, cuda_graphs, compile_options, batch_buckets)
         self._plans: dict[tuple, Plan] = {}
 
     @property

@@ -13,7 +13,7 @@ objects (picked by index), or None.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,7 @@ from ..ops import sde_step_logprob
 from ..sde import ode_step, sde_coefficients
 from .plan import Plan
 
-__all__ = ["Rollout", "RolloutEngine", "gather_cond", "cond_prompt_count"]
+__all__ = ["Rollout", "RolloutEngine", "default_buckets", "gather_cond", "cond_prompt_count"]
 
 VelocityModel = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
@@ -98,6 +98,7 @@ class Rollout:
     granularities: tuple[int, ...]
     forward_rows: int
     forward_calls: int
+    padded_rows: int = 0  # rows a compiled model evaluated only to fill a bucketed chunk shape
 
     @property
     def num_prompts(self) -> int:
@@ -125,14 +126,34 @@ def _branch_noise(per_prompt: int, P: int, shape: torch.Size, generator, device)
     return torch.randn((P * per_prompt, *shape), generator=generator, device=device)
 
 
+def default_buckets(max_batch: int) -> tuple[int, ...]:
+    """The padded chunk sizes of a compiled model: max_batch / 8, / 4, / 2 and max_batch (at most 4 shapes)."""
+    return tuple(sorted({max(1, -(-max_batch // d)) for d in (8, 4, 2, 1)}))
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with its last row repeated up to ``rows`` rows (padding rows are real inputs: always finite)."""
+    n = t.shape[0]
+    return t if n == rows else torch.cat([t, t[-1:].expand(rows - n, *t.shape[1:])])
+
+
 class RolloutEngine:
     """Runs plans through a velocity model ``model(x [B, ...], sigma [B], cond) -> v``."""
 
     def __init__(self, model: VelocityModel, num_steps: int = 16, shift: float = 3.0, max_batch: int | None = 64,
                  quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto",
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, compile_options: Mapping[str, object] | None = None,
+                 batch_buckets: Sequence[int] | None = None) -> None:
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"max_batch must be an int >= 1 or None, got {max_batch!r}")
+        if (cuda_graphs or compile_options is not None) and max_batch is None:
+            raise ValueError("compiled rollouts (cuda_graphs / compile_options) need a max_batch: "
+                             "the chunk shapes are bucketed up to it")
+        if batch_buckets is not None:
+            batch_buckets = tuple(sorted({int(b) for b in batch_buckets}))
+            if not batch_buckets or batch_buckets[0] < 1 or (max_batch is not None and batch_buckets[-1] != max_batch):
+                raise ValueError(f"batch_buckets must be ints >= 1 whose largest is max_batch ({max_batch}), "
+                                 f"got {batch_buckets}")
         self.model = model
         self.sigmas = sigma_schedule(num_steps, shift)
         self.max_batch = max_batch
@@ -140,10 +161,16 @@ class RolloutEngine:
         self.check_finite = check_finite
         self.ops_backend = ops_backend  # the fused SDE step of g2rpo.ops (auto: Triton on GPU, C++ on CPU)
         # CUDA graphs: the model runs under torch.compile(mode="reduce-overhead"), which captures one
-        # graph per distinct chunk shape (a rollout has a handful: max_batch and each tick's remainder)
-        # with static buffers and replays it; off on CPU, where there is no launch overhead to remove.
+        # graph per distinct chunk shape with static buffers and replays it; off on CPU, where there is
+        # no launch overhead to remove. `compile_options` compiles on any device (torch.compile kwargs).
+        # A compiled model sees chunks padded up to a few row counts (`batch_buckets`, by default
+        # max_batch / 8, / 4, / 2, max_batch): a rollout then compiles at most 4 graphs, far below
+        # dynamo's recompile limit (8), past which it would silently fall back to eager.
         self.cuda_graphs = cuda_graphs
-        self._graphed = None
+        self.compile_options = dict(compile_options) if compile_options is not None else None
+        self.batch_buckets = batch_buckets or (default_buckets(max_batch) if max_batch is not None else None)
+        self.padded_rows = 0  # rows added by bucketing since the engine was built (the padding waste)
+        self._compiled = None
 
     @property
     def num_steps(self) -> int:
@@ -156,10 +183,16 @@ class RolloutEngine:
         sig = self.sigmas.to(device=x.device, dtype=torch.float32)[index.to(x.device)]
         sig_in = model_timesteps(sig, self.quantize_timesteps)
         out, calls = [], 0
-        model = self._model_for(x.device)
+        model, bucketed = self._model_for(x.device)
         for lo in range(0, n, step):
             hi = min(n, lo + step)
-            v = model(x[lo:hi], sig_in[lo:hi], gather_cond(cond, prompt[lo:hi]))
+            xc, sc, pc = x[lo:hi], sig_in[lo:hi], prompt[lo:hi]
+            if bucketed:
+                xc, sc, pc = (_pad_rows(t, self._bucket(hi - lo)) for t in (xc, sc, pc))
+                self.padded_rows += xc.shape[0] - (hi - lo)
+            v = model(xc, sc, gather_cond(cond, pc))
+            if bucketed and isinstance(v, torch.Tensor):
+                v = v[:hi - lo]
             calls += 1
             if not isinstance(v, torch.Tensor) or v.shape != x[lo:hi].shape:
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -172,17 +205,26 @@ class RolloutEngine:
             out.append(v)
         return torch.cat(out) if len(out) > 1 else out[0], calls
 
-    def _model_for(self, device: torch.device):
-        if not (self.cuda_graphs and device.type == "cuda"):
-            return self.model
-        if self._graphed is None:
-            compiled = torch.compile(self.model, mode="reduce-overhead", dynamic=False)
+    def _bucket(self, rows: int) -> int:
+        return next(b for b in self.batch_buckets if b >= rows)
 
-            def call(x, sigma, cond):  # copy out of the graph's static output buffer
-                return compiled(x, sigma, cond).clone()
+    def _model_for(self, device: torch.device) -> tuple[VelocityModel, bool]:
+        """The model to call on ``device`` and whether its chunks are padded to ``batch_buckets``."""
+        graphs = self.cuda_graphs and device.type == "cuda"
+        if not graphs and self.compile_options is None:
+            return self.model, False
+        if self._compiled is None:
+            opts = {"fullgraph": True, "dynamic": False, **(self.compile_options or {})}
+            if graphs:
+                opts["mode"] = "reduce-overhead"
+            compiled = torch.compile(self.model, **opts)
 
-            self._graphed = call
-        return self._graphed
+            def call(x, sigma, cond):  # copy out of a CUDA graph's static output buffer
+                out = compiled(x, sigma, cond)
+                return out.clone() if graphs else out
+
+            self._compiled = call
+        return self._compiled, True
 
     @torch.no_grad()
     def sample_ode(self, noise: torch.Tensor, cond: object = None) -> torch.Tensor:
@@ -228,6 +270,7 @@ class RolloutEngine:
 
         X = roots.reshape(-1, *shape)  # frontier rows (the roots), prompt-major
         rows = calls = 0
+        padded_before = self.padded_rows
         p_idx = torch.arange(P, device=dev)
         for tick in plan.ticks:
             F = tick.frontier_index.numel()
@@ -271,4 +314,5 @@ class RolloutEngine:
             "finals": finals.view(P, Kf, J, G, *shape),
             "forward_rows": rows,
             "forward_calls": calls,
+            "padded_rows": self.padded_rows - padded_before,
         }
