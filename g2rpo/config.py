@@ -96,6 +96,10 @@ class LossConfig:
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
     kl_beta: float = 0.0
+    # old log-probs recomputed in the training layout (no-grad forwards) before the first update:
+    # true | false | auto (on when model.dtype is not float32: batch-shape-dependent low-precision
+    # kernels could otherwise move the on-policy ratio off 1)
+    recompute_old_logprob: bool | str = "auto"
 
 
 @dataclass
@@ -129,6 +133,7 @@ class TrainConfig:
     inner_epochs: int = 1
     minibatches: int = 1
     train_batch: int = 64  # max rows per training forward
+    reward_batch: int = 32  # final latents decoded and scored per chunk (bounds the decoded images' memory)
     ops_backend: str = "auto"  # fused log-prob ops: auto | torch | triton | cpp | cuda (g2rpo.ops)
     seed: int = 42
     sampler_seed: int = 1223627
@@ -154,6 +159,9 @@ class TrainConfig:
             ("inner_epochs", self.inner_epochs >= 1, "must be >= 1"),
             ("minibatches", self.minibatches >= 1, "must be >= 1"),
             ("train_batch", self.train_batch >= 1, "must be >= 1"),
+            ("reward_batch", self.reward_batch >= 1, "must be >= 1"),
+            ("loss.recompute_old_logprob", self.loss.recompute_old_logprob in (True, False, "auto"),
+             f"must be true, false or auto, got {self.loss.recompute_old_logprob!r}"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0 (0: only at the end)"),
             ("image_every", self.image_every >= 0, "must be >= 0"),
             ("sampler.max_batch", s.max_batch >= 1, "must be >= 1"),

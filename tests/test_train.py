@@ -143,7 +143,7 @@ def test_two_ranks_match_one_rank(lab_world, tmp_path):
 
 
 def test_nan_reward_stops_with_iteration_and_prompt_named(lab_world, tmp_path, monkeypatch):
-    cfg = load_config(None, tiny(lab_world, tmp_path, iterations=3))
+    cfg = load_config(None, tiny(lab_world, tmp_path, iterations=3, reward_batch=1000))  # one score call per iteration
     trainer = Trainer(cfg, log=lambda *a, **k: None)
     name, model, w = trainer.rewards[0]
     real_score = model.score
@@ -260,3 +260,96 @@ def test_bf16_compute_keeps_fp32_master_weights(lab_world, tmp_path):
     assert 0 < step < 2e-5  # one Adam step of lr 1e-5: far below bf16 spacing near 1 (0.0078)
     assert hist[0]["forward_rows"] > 0 and all(torch.isfinite(torch.tensor(v)) for v in hist[0].values()
                                                if isinstance(v, float))
+
+
+# ---- precision parity between rollout and training (issue 11) ---------------------------------
+
+def test_bf16_timesteps_reach_the_transformer_identically_in_rollout_and_training(lab_world, tmp_path):
+    """The rollout's and the training forwards' transformer inputs (timestep, hidden states) have one
+    dtype, and the trained sigma's timestep value is the same bits in both phases."""
+    cfg = load_config(None, tiny(lab_world, tmp_path, iterations=1, **{"model.dtype": "bfloat16"}))
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    seen = {True: [], False: []}
+
+    def hook(module, args, kwargs):
+        seen[module.training].append((kwargs["timestep"].dtype, kwargs["hidden_states"].dtype,
+                                      set(kwargs["timestep"].float().tolist())))
+
+    trainer.module.register_forward_pre_hook(hook, with_kwargs=True)
+    hist = trainer.run()
+    rollout, train = seen[False], seen[True]
+    assert rollout and train
+    assert {d for d, _, _ in rollout} == {d for d, _, _ in train} == {torch.bfloat16}
+    assert {h for _, h, _ in rollout} == {h for _, h, _ in train} == {torch.bfloat16}
+    rollout_t = set().union(*(t for _, _, t in rollout))
+    assert set().union(*(t for _, _, t in train)) <= rollout_t
+    assert hist[0]["ratio_first_max_dev"] <= 1e-6
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_bf16_one_process_ratio_is_one(lab_world, tmp_path, recompute):
+    _, hist = run(tiny(lab_world, tmp_path, iterations=2, **{"model.dtype": "bfloat16",
+                                                             "loss.recompute_old_logprob": recompute}))
+    for m in hist:
+        assert m["ratio_first_max_dev"] <= 1e-6
+        # 4 prompts x 2 SDE steps, one forward per (prompt, shared x_k)
+        assert ("recompute_forward_rows" in m) == recompute
+        if recompute:
+            assert m["recompute_forward_rows"] == 4 * 2
+
+
+def test_recomputed_old_logprobs_replace_the_rollouts(lab_world, tmp_path):
+    """With the rollout's log-probs perturbed (as a batch-dependent kernel would), recompute=false
+    shows the deviation in the first ratio and recompute=true removes it."""
+    devs = {}
+    for recompute in (False, True):
+        cfg = load_config(None, tiny(lab_world, tmp_path / str(recompute), iterations=1,
+                                     **{"loss.recompute_old_logprob": recompute}))
+        trainer = Trainer(cfg, log=lambda *a, **k: None)
+        real = trainer.sampler.rollout
+
+        def perturbed(*a, **k):
+            ro = real(*a, **k)
+            ro.log_probs = ro.log_probs + 0.05
+            return ro
+
+        trainer.sampler.rollout = perturbed
+        m = trainer.run()[0]
+        devs[recompute] = m["ratio_first_max_dev"]
+        if recompute:
+            assert m["old_logprob_max_dev"] == pytest.approx(0.05, rel=1e-3)
+    assert devs[False] > 0.04 and devs[True] <= 1e-6
+    assert load_config(None, {"model": {"dtype": "bfloat16"}}).loss.recompute_old_logprob == "auto"
+    from g2rpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.recompute_old_logprob"):
+        load_config(None, {"loss": {"recompute_old_logprob": "sometimes"}})
+
+
+def test_two_ranks_bf16_fsdp_ratio_is_one(lab_world, tmp_path):
+    """2-rank gloo FSDP2 with a bf16 param dtype, old log-probs NOT recomputed: the rollout's and the
+    training forwards see identical inputs, so the first ratio is 1."""
+    out = tmp_path / "two"
+    r = _cli(_flat(tiny(lab_world, out, iterations=2, checkpoint_every=0,
+                        **{"model.dtype": "bfloat16", "loss.recompute_old_logprob": False})), torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for m in _metrics(out):
+        assert m["ratio_first_max_dev"] <= 1e-6
+
+
+def test_chunked_scoring_equals_unchunked(lab_world, tmp_path):
+    cfg = load_config(None, tiny(lab_world, tmp_path, iterations=1, reward_batch=1000))
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    positions, prompts = trainer.local_prompts(0)
+    cond = trainer.policy.encode_prompts(prompts)
+    noise, gens = trainer._noise(0, positions)
+    ro = trainer.sampler.rollout(noise, cond, generator=gens)
+    decoded = []
+    real_decode = trainer.policy.decode
+    trainer.policy.decode = lambda z: decoded.append(z.shape[0]) or real_decode(z)
+    whole = trainer.score(ro, prompts, 0)
+    trainer.cfg.reward_batch = 5
+    chunked = trainer.score(ro, prompts, 0)
+    n = ro.flat_finals().shape[0]
+    assert decoded[0] == n and max(decoded[1:]) == 5 and sum(decoded[1:]) == n
+    assert torch.allclose(whole, chunked, atol=1e-6)

@@ -51,11 +51,15 @@ class FluxVelocity(torch.nn.Module):
         self.transformer = transformer
         self.latent_height, self.latent_width = latent_height, latent_width
         self.guidance_scale = guidance_scale
+        # The dtype of every input (latents, text, timestep, guidance). None: the parameters' dtype,
+        # which is fine standalone but changes under FSDP2 (bf16 while gathered for a rollout, fp32
+        # shards in training): the trainer fixes it to model.dtype so both phases feed the same values.
+        self.compute_dtype: torch.dtype | None = None
         self.register_buffer("img_ids", latent_image_ids(latent_height, latent_width), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        return self.compute_dtype or next(self.transformer.parameters()).dtype
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if not isinstance(cond, Mapping) or "prompt_embeds" not in cond or "pooled_prompt_embeds" not in cond:

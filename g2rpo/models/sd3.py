@@ -37,13 +37,14 @@ class SD3Policy(torch.nn.Module):
         self.text_encoders = torch.nn.ModuleList([pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3])
         self._pipe = pipe
         self._cache = PromptEmbeddingCache()
+        self.compute_dtype: torch.dtype | None = None  # the inputs' dtype (None: the parameters')
 
     @property
     def cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        dtype = next(self.transformer.parameters()).dtype
+        dtype = self.compute_dtype or next(self.transformer.parameters()).dtype
         t = (sigma.float() * 1000.0).to(dtype)
         if self.cfg:
             xx = torch.cat([x, x]).to(dtype)

@@ -22,17 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .advantage import check_finite_rewards, integrate_advantages
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig, config_to_dict, load_config
-from .distributed import DistContext, is_fsdp, rollout_mode, shard_module
-from .loss import clipped_surrogate, gaussian_kl
-from .policy import TORCH_DTYPES, build_rewards, load_policy
-from .prompts import PromptSchedule, load_prompts
-from .rollout import G2RPOSampler, Rollout, gather_cond, make_strategy
-from .sde import sde_step_with_logprob
+from ..advantage import check_finite_rewards, integrate_advantages
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..config import ConfigError, TrainConfig, config_to_dict, load_config
+from ..distributed import DistContext, is_fsdp, rollout_mode, shard_module
+from ..loss import clipped_surrogate, gaussian_kl
+from ..policy import TORCH_DTYPES, build_rewards, load_policy
+from ..prompts import PromptSchedule, load_prompts
+from ..rollout import G2RPOSampler, Rollout, make_strategy
+from .update import recompute_old_logprobs, slot_logprob
 
-__all__ = ["Trainer", "TrainingError", "main"]
+__all__ = ["Trainer", "TrainingError"]
 
 
 class TrainingError(RuntimeError):
@@ -97,6 +97,9 @@ class Trainer:
         # from FSDP2's MixedPrecisionPolicy across ranks and from autocast in any case. Frozen parts
         # (VAE, text encoders, LoRA base weights) stay in model.dtype.
         self.compute_dtype = TORCH_DTYPES[cfg.model.dtype]
+        velocity = getattr(self.policy, "velocity", self.policy)
+        if hasattr(velocity, "compute_dtype"):  # the same input dtypes (timestep too) in rollout and training
+            velocity.compute_dtype = self.compute_dtype
         if not cfg.lora.enabled and self.compute_dtype != torch.float32:
             self.module.to(torch.float32)
         if cfg.lora.enabled:
@@ -169,12 +172,15 @@ class Trainer:
     def score(self, ro: Rollout, prompts: list[str], iteration: int) -> torch.Tensor:
         """Rewards ``[R, P, K', J, G]`` of the rollout's final latents."""
         P, Kf, J, G = ro.reward_shape
-        images = self.policy.decode(ro.flat_finals())
+        flat = ro.flat_finals()
         per_image = [p for p in prompts for _ in range(Kf * J * G)]
-        scores = []
-        for _, model, _ in self.rewards:
-            s = model.score(images, per_image).float().reshape(P, Kf, J, G)
-            scores.append(s.to(self.ctx.device))
+        step = self.cfg.reward_batch
+        parts: list[list[torch.Tensor]] = [[] for _ in self.rewards]
+        for lo in range(0, flat.shape[0], step):  # decode and score in chunks: bounded image memory
+            images = self.policy.decode(flat[lo:lo + step])
+            for r, (_, model, _) in enumerate(self.rewards):
+                parts[r].append(model.score(images, per_image[lo:lo + step]).float().to(self.ctx.device))
+        scores = [torch.cat(p).reshape(P, Kf, J, G) for p in parts]
         rewards = torch.stack(scores)
         try:
             check_finite_rewards(rewards, [n for n, _, _ in self.rewards])
@@ -184,41 +190,8 @@ class Trainer:
         return rewards
 
     def _slot_logprob(self, ro: Rollout, k: int, rows: slice, cond: Any, need_mean: bool = False):
-        """New ``(log_prob [Pc, G], mean, std)`` of transitions ``(p in rows, k, :)`` (mean/std only with
-        ``need_mean``, for the KL term).
-
-        ONE forward per (prompt, source state): for G2RPO the shared x_k, whose velocity scores
-        all G branches leaving it through the fused op (:mod:`g2rpo.ops`) without copying it.
-        """
-        from . import ops
-        from .schedule import model_timesteps
-        from .sde import sde_coefficients
-
-        sources, pos = torch.unique(ro.source_of[k], return_inverse=True)
-        x_src = ro.x_k[rows][:, sources.to(ro.x_k.device)]  # [Pc, S, ...]
-        Pc, S = x_src.shape[:2]
-        shape = x_src.shape[2:]
-        e = int(ro.step_index[k])
-        sigma = ro.sigmas[e].to(device=x_src.device, dtype=torch.float32).expand(Pc * S)
-        prompt_of_row = torch.arange(rows.start, rows.stop, device=x_src.device).repeat_interleave(S)
-        v = self.policy(x_src.reshape(Pc * S, *shape), model_timesteps(sigma, self.cfg.sampler.quantize_timesteps),
-                        gather_cond(cond, prompt_of_row)).view(Pc, S, *shape)
-        x_next = ro.x_next[rows, k]  # [Pc, G, ...]
-        if need_mean:
-            pos = pos.to(x_src.device)
-            _, logp, mean, std = sde_step_with_logprob(v[:, pos].reshape(-1, *shape), x_src[:, pos].reshape(-1, *shape),
-                                                       ro.sigmas, e, ro.eta, prev_sample=x_next.reshape(-1, *shape),
-                                                       kind=ro.sde_kind)
-            return logp.view(Pc, -1), mean, std
-        a, b, std = sde_coefficients(ro.sigmas, e, ro.eta, ro.sde_kind)
-        backend = self.cfg.ops_backend
-        if S == 1:  # the group shares x_k and v_k: one row of each per prompt
-            logp = torch.stack([ops.logprob(x_src[p], x_next[p], v[p], a, b, std, backend) for p in range(Pc)])
-        else:
-            pos = pos.to(x_src.device)
-            logp = ops.logprob(x_src[:, pos].reshape(-1, *shape), x_next.reshape(-1, *shape),
-                               v[:, pos].reshape(-1, *shape), a, b, std, backend).view(Pc, -1)
-        return logp, None, None
+        return slot_logprob(self.policy, ro, k, rows, cond, quantize_timesteps=self.cfg.sampler.quantize_timesteps,
+                            backend=self.cfg.ops_backend, need_mean=need_mean)
 
     def autocast(self):
         """Compute in ``model.dtype`` (no-op for float32)."""
@@ -256,6 +229,17 @@ class Trainer:
         loss_sum, loss_count = 0.0, 0
         first_dev = None
         self.module.train()
+        old_logp, extra = ro.log_probs, {}
+        recompute = cfg.loss.recompute_old_logprob
+        if recompute == "auto":
+            recompute = self.compute_dtype != torch.float32
+        if recompute:
+            with self.autocast():
+                old_logp, spent = recompute_old_logprobs(self.policy, ro, slots, chunk, cond,
+                                                         quantize_timesteps=cfg.sampler.quantize_timesteps,
+                                                         backend=cfg.ops_backend)
+            extra = {"recompute_forward_rows": float(spent),
+                     "old_logprob_max_dev": float((old_logp - ro.log_probs)[:, slots].abs().max())}
         for _ in range(cfg.inner_epochs):
             order = slots
             if cfg.inner_epochs > 1 or cfg.minibatches > 1:
@@ -270,7 +254,7 @@ class Trainer:
                         self.module.set_requires_gradient_sync(w == len(work) - 1)
                     with self.autocast():
                         logp, mean, std = self._slot_logprob(ro, k, rows, cond, need_mean=cfg.loss.kl_beta > 0)
-                    sur = clipped_surrogate(logp, ro.log_probs[rows, k], adv[rows, k], cfg.loss.clip_range,
+                    sur = clipped_surrogate(logp, old_logp[rows, k], adv[rows, k], cfg.loss.clip_range,
                                             cfg.loss.adv_clip_max)
                     loss = sur.loss.sum() / n_total
                     if cfg.loss.kl_beta > 0:
@@ -304,7 +288,7 @@ class Trainer:
         m = {"ratio_mean": float(r.mean()), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
              "ratio_first_max_dev": first_dev, "clip_frac": float(torch.cat(clips).mean()),
              "loss": loss_sum / loss_count, "grad_norm": float(np.mean(grad_norms)),
-             "trained_steps": float(len(slots))}
+             "trained_steps": float(len(slots)), **extra}
         if kls:
             m["kl"] = float(torch.cat(kls).mean())
         return m
@@ -345,7 +329,7 @@ class Trainer:
                   "time_iteration": t3 - t0})
         ops = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", "adv_abs_max": "max",
                "forward_rows": "sum", "time_rollout": "max", "time_reward": "max", "time_train": "max",
-               "time_iteration": "max"}
+               "time_iteration": "max", "recompute_forward_rows": "sum", "old_logprob_max_dev": "max"}
         m = self.ctx.reduce_metrics(m, ops)
         m["iteration"] = iteration + 1
         if cfg.image_every and (iteration + 1) % cfg.image_every == 0 and self.ctx.is_main:
@@ -471,69 +455,3 @@ class Trainer:
         return history
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m g2rpo.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Overrides: key=value or --key value (dotted keys, YAML values), e.g. "
-               "sampler.group_size=8 --optim.lr 1e-5 --resume")
-    parser.add_argument("--config", default=None, help="YAML config (default: the embedded lab config)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    args, rest = parser.parse_known_args(argv)
-    overrides = list(rest) + (["resume=true"] if args.resume else [])
-    try:
-        cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    try:
-        from .policy import check_paths
-
-        check_paths(cfg.model, cfg.rewards)
-        trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    base_eval = _lab_eval(trainer) if cfg.model.kind == "lab" else None
-    try:
-        history = trainer.run()
-    except TrainingError as err:
-        print(f"training stopped: {err}", file=sys.stderr)
-        return 3
-    finally:
-        trainer.ctx.close()
-    final_eval = _lab_eval(trainer) if base_eval is not None and history else None
-    if trainer.ctx.is_main and history:
-        _print_curve(history, trainer)
-        if final_eval is not None:
-            print("held-out evaluation (test paraphrases, 200 ODE samples, fixed noise):")
-            for key in final_eval:
-                print(f"  {key:16s} base {base_eval[key]:8.4f}  ->  trained {final_eval[key]:8.4f}")
-            (trainer.out / "lab_eval.json").write_text(json.dumps({"base": base_eval, "trained": final_eval}, indent=1))
-    return 0
-
-
-def _lab_eval(trainer: Trainer) -> dict[str, float]:
-    """Held-out lab evaluation; every rank runs it (sharded forwards are collective)."""
-    from .lab.world import evaluate_lab
-
-    with rollout_mode(trainer.module), trainer.autocast():
-        return evaluate_lab(trainer.policy, trainer.base_path, steps=trainer.cfg.sampler.num_steps)
-
-
-def _print_curve(history: list[dict[str, float]], trainer: Trainer) -> None:
-    keys = [k for k in history[0] if k.startswith("reward/") and k.count("/") == 1]
-    n = len(history)
-    window = max(1, n // 6)
-    print(f"\nreward curve (rollout rewards, mean over windows of {window} iterations):")
-    print("  iterations  " + "  ".join(f"{k.split('/')[1]:>16s}" for k in keys))
-    for lo in range(0, n, window):
-        part = history[lo:lo + window]
-        first, last = int(part[0]["iteration"]), int(part[-1]["iteration"])
-        print(f"  {first:4d}-{last:<5d}  " + "  ".join(f"{np.mean([m[k] for m in part]):16.4f}" for k in keys))
-    print(f"outputs in {trainer.out} (metrics.jsonl, checkpoints/, final/)")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
