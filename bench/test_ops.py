@@ -51,6 +51,7 @@ def test_bench_ratio_loss_fwd_bwd_cpu(benchmark, backend, shared):
     benchmark(step)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("what", ["copy", "triton"])
 def test_bench_triton_bandwidth(benchmark, what):

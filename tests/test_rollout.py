@@ -212,6 +212,7 @@ def test_per_prompt_generators_make_prompts_independent_of_batching(model):
         sampler.rollout(noise, cond, generator=gens()[:2])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_rollout_equals_eager():
     model = MLPVelocity(SHAPE, cond_dim=8, hidden=64, seed=1).cuda().eval()
