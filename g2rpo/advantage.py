@@ -6,26 +6,45 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["GROUP_STD_EPS", "group_advantages", "integrate_advantages", "check_finite_rewards"]
+__all__ = ["GROUP_STD_EPS", "batch_std", "group_advantages", "integrate_advantages", "check_finite_rewards"]
 
 #: Added to the group's std (DanceGRPO's convention: unbiased std + 1e-8).
 GROUP_STD_EPS = 1e-8
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = GROUP_STD_EPS) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, eps: float = GROUP_STD_EPS, unbiased: bool = True,
+                     std: torch.Tensor | None = None) -> torch.Tensor:
     """Standardise over the group dim (the last): ``(r - mean) / (std + eps)`` (Eq. 4).
 
-    ``std`` is the unbiased sample std (as DanceGRPO). A group whose rewards are all
-    exactly equal carries no signal and gets zero advantages (never NaN, never the
-    rounding noise of ``r - mean``). Computed in float64, returned as float32.
+    ``std`` is the group's sample std, unbiased (torch ``.std()``, as G2RPO and DanceGRPO) or
+    biased (``np.std``, as Flow-GRPO), unless a ``std`` tensor broadcastable to ``rewards`` is
+    given (Flow-GRPO's ``global_std``: see :func:`batch_std`). A group whose rewards are all
+    exactly equal carries no signal and gets zero advantages (never NaN, never the rounding
+    noise of ``r - mean``). Computed in float64, returned as float32.
     """
     if rewards.ndim < 1 or rewards.shape[-1] < 2:
         raise ValueError(f"need a group dim (last) of size >= 2, got shape {tuple(rewards.shape)}")
     r = rewards.double()
     mean = r.mean(dim=-1, keepdim=True)
-    adv = (r - mean) / (r.std(dim=-1, keepdim=True) + eps)
+    sd = r.std(dim=-1, keepdim=True, correction=1 if unbiased else 0) if std is None else std.double()
+    adv = (r - mean) / (sd + eps)
     flat = (r.amax(dim=-1, keepdim=True) == r.amin(dim=-1, keepdim=True))
     return torch.where(flat, torch.zeros_like(adv), adv).float()
+
+
+def batch_std(rewards: torch.Tensor, unbiased: bool = False, all_reduce=None) -> torch.Tensor:
+    """The std of all rewards of the batch per (reward, step slot, granularity): ``rewards
+    [R, P, K, J, G] -> [R, 1, K, J, 1]``, over every prompt and branch, and over every rank when
+    ``all_reduce`` (an in-place sum over ranks, e.g. ``torch.distributed.all_reduce``) is given.
+    Flow-GRPO's ``global_std`` is the biased one (``np.std`` of the gathered rewards)."""
+    r = rewards.double()
+    stats = torch.stack([r.sum(dim=(1, 4)), (r * r).sum(dim=(1, 4)),
+                         torch.full_like(r[:, 0, :, :, 0], r.shape[1] * r.shape[4])])
+    if all_reduce is not None:
+        all_reduce(stats)
+    s1, s2, n = stats
+    var = (s2 - s1 * s1 / n).clamp_min(0) / (n - 1 if unbiased else n)
+    return var.sqrt()[:, None, :, :, None]
 
 
 def check_finite_rewards(rewards: torch.Tensor, names: Sequence[str] | None = None, max_report: int = 8) -> None:
@@ -43,12 +62,14 @@ def check_finite_rewards(rewards: torch.Tensor, names: Sequence[str] | None = No
 
 
 def integrate_advantages(rewards: torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None,
-                         eps: float = GROUP_STD_EPS) -> torch.Tensor:
+                         eps: float = GROUP_STD_EPS, unbiased: bool = True,
+                         std: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-granularity, multi-reward advantages (Eq. 11).
 
     ``rewards [R, P, K, J, G]`` (R reward models, P prompts, K SDE steps, J granularities,
     G branches) -> ``[P, K, G]`` = sum over r (weighted) and j of the group-standardised
-    ``rewards[r, p, k, j, :]``. NaN/inf rewards raise a ValueError naming them.
+    ``rewards[r, p, k, j, :]`` (:func:`group_advantages`; ``std`` replaces the group's std, e.g.
+    :func:`batch_std`). NaN/inf rewards raise a ValueError naming them.
     """
     if rewards.ndim != 5:
         raise ValueError(f"rewards must be [R, P, K, J, G], got shape {tuple(rewards.shape)}")
@@ -59,5 +80,5 @@ def integrate_advantages(rewards: torch.Tensor, weights: Sequence[float] | torch
         raise ValueError(f"weights must have one entry per reward model ({R}), got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
         raise ValueError(f"weights must be finite, got {w.tolist()}")
-    adv = group_advantages(rewards, eps)  # [R, P, K, J, G]
+    adv = group_advantages(rewards, eps, unbiased, std)  # [R, P, K, J, G]
     return torch.einsum("r,rpkjg->pkg", w.to(adv.device), adv)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "ModelConfig", "LoraConfig", "SamplerConfig", "RewardSpec", "LossConfig",
+__all__ = ["ConfigError", "ModelConfig", "LoraConfig", "SamplerConfig", "RewardSpec", "LossConfig", "AdvantageConfig",
            "OptimConfig", "DataConfig", "TrainConfig", "load_config", "parse_overrides", "config_to_dict"]
 
 
@@ -67,6 +67,10 @@ class SamplerConfig:
     window_stride: int | None = None
     shift_interval: int | None = None
     window_max_start: int | None = None
+    train_selection: str | None = None  # per_iteration | per_sample (DanceGRPO's code) | first (Flow-GRPO's code)
+    train_last_step: bool | None = None  # false: never train the last grid step (DanceGRPO's code)
+    window_end: int | None = None  # MixGRPO's code: windows end before T-2 ...
+    window_roll_back: bool | None = None  # ... and the start rolls back to 0 past it
 
     def strategy_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_steps": self.num_steps, "group_size": self.group_size}
@@ -77,7 +81,7 @@ class SamplerConfig:
             if self.strategy == "g2rpo":
                 opts["granularities"] = tuple(self.granularities)
         for key in ("train_fraction", "shared_noise", "window_size", "window_stride", "shift_interval",
-                    "window_max_start"):
+                    "window_max_start", "train_selection", "train_last_step", "window_end", "window_roll_back"):
             value = getattr(self, key)
             if value is not None:
                 opts[key] = value
@@ -100,6 +104,20 @@ class LossConfig:
     # true | false | auto (on when model.dtype is not float32: batch-shape-dependent low-precision
     # kernels could otherwise move the on-policy ratio off 1)
     recompute_old_logprob: bool | str = "auto"
+    # KL(policy || reference) of the step's Gaussians: "transition" divides the squared mean gap by
+    # 2 std^2 with the transition std sigma_t sqrt|dt|; "flow_grpo" by 2 sigma_t^2 (Flow-GRPO's code)
+    kl_convention: str = "transition"
+
+
+@dataclass
+class AdvantageConfig:
+    """How rewards become advantages (Eq. 4, 11)."""
+
+    # group: std over the G samples of each prompt (per granularity); batch: the std of all the
+    # iteration's rewards over every prompt and rank (Flow-GRPO's global_std); the mean is per prompt
+    std: str = "group"
+    unbiased: bool = True  # torch .std() as G2RPO/DanceGRPO; false: np.std as Flow-GRPO
+    eps: float = 1e-8  # added to the std: 1e-8 G2RPO/DanceGRPO, 1e-4 Flow-GRPO
 
 
 @dataclass
@@ -111,6 +129,13 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     schedule: str = "constant"  # constant | linear | cosine (after warmup)
     warmup_iterations: int = 0
+    # per_iteration: optimizer steps per `minibatches` of the trained step slots (the paper's
+    # Algorithm 1); per_sde_step: one step per trained slot, in order, on that slot's loss, ratios
+    # against the rollout's log-probs (the public G2RPO/Flow-GRPO/DanceGRPO loops)
+    update_schedule: str = "per_iteration"
+    # split each minibatch's samples (prompt, branch; prompt-major on this rank) into this many
+    # optimizer steps: gradient accumulation over samples (DanceGRPO: 12 samples / 4 = 3 steps)
+    sample_minibatches: int = 1
 
 
 @dataclass
@@ -127,6 +152,7 @@ class TrainConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     loss: LossConfig = field(default_factory=LossConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     iterations: int = 300
@@ -183,6 +209,18 @@ class TrainConfig:
             ("optim.schedule", self.optim.schedule in ("constant", "linear", "cosine"),
              "must be constant, linear or cosine"),
             ("optim.warmup_iterations", self.optim.warmup_iterations >= 0, "must be >= 0"),
+            ("optim.update_schedule", self.optim.update_schedule in ("per_iteration", "per_sde_step"),
+             f"must be per_iteration or per_sde_step, got {self.optim.update_schedule!r}"),
+            ("optim.sample_minibatches", self.optim.sample_minibatches >= 1, "must be >= 1"),
+            ("minibatches", self.optim.update_schedule == "per_iteration" or self.minibatches == 1,
+             "must be 1 with optim.update_schedule=per_sde_step (it makes one step per trained slot)"),
+            ("optim.sample_minibatches", self.optim.sample_minibatches <= self.sampler.group_size *
+             max(1, self.data.prompts_per_iteration), "must be <= the samples per iteration (prompts x group_size)"),
+            ("advantage.std", self.advantage.std in ("group", "batch"), f"must be group or batch, "
+             f"got {self.advantage.std!r}"),
+            ("advantage.eps", self.advantage.eps >= 0, "must be >= 0"),
+            ("loss.kl_convention", self.loss.kl_convention in ("transition", "flow_grpo"),
+             f"must be transition or flow_grpo, got {self.loss.kl_convention!r}"),
             ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "must be in (0, 1) or null"),
             ("model.kind", self.model.kind in ("lab", "flux", "sd3"), "must be lab, flux or sd3"),
             ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"),

@@ -55,6 +55,16 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place sum over ranks (a no-op on one rank); gloo reduces on CPU."""
+        if self.enabled:
+            dev = t.device
+            buf = t if dev.type == self.device.type else t.to(self.device)
+            dist.all_reduce(buf)
+            if buf is not t:
+                t.copy_(buf.to(dev))
+        return t
+
     def reduce_metrics(self, metrics: dict[str, float], ops: dict[str, str]) -> dict[str, float]:
         """All-reduce metrics: ``ops[key]`` is ``mean`` (default), ``sum``, ``min`` or ``max``."""
         if not self.enabled or not metrics:

@@ -157,7 +157,7 @@ def test_nan_reward_stops_with_iteration_and_prompt_named(lab_world, tmp_path, m
         return s
 
     monkeypatch.setattr(model, "score", flaky)
-    with pytest.raises(TrainingError, match=r"iteration 2: reward 0 \(digit_alignment\).*prompts \["):
+    with pytest.raises(TrainingError, match=r"iteration 3: reward 0 \(digit_alignment\).*prompts \["):
         trainer.run()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
 
@@ -239,7 +239,7 @@ def test_nan_in_the_training_forward_stops_the_run(lab_world, tmp_path):
         return real_iteration(i)
 
     trainer.iteration = iteration
-    with pytest.raises(TrainingError, match=r"iteration 1: non-finite loss at SDE step \d+ for prompts \["):
+    with pytest.raises(TrainingError, match=r"iteration 2: non-finite loss at SDE step \d+ for prompts \["):
         trainer.run()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000001"]
 

@@ -28,7 +28,9 @@ from ..schedule import granularity_grid
 from ..sde import SDE_KINDS
 from .plan import Plan, PlanBuilder
 
-__all__ = ["Strategy", "G2RPOStrategy", "TrajectoryStrategy", "STRATEGIES", "make_strategy"]
+__all__ = ["Strategy", "G2RPOStrategy", "TrajectoryStrategy", "STRATEGIES", "TRAIN_SELECTIONS", "make_strategy"]
+
+TRAIN_SELECTIONS = ("per_iteration", "per_sample", "first")
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,10 @@ class Strategy:
     def plan(self, iteration: int = 0) -> Plan:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def train_steps(self, plan: Plan, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Transition slots (rows of the plan's K axis) trained this iteration: all by default."""
-        return torch.arange(plan.num_k)
+    def train_mask(self, plan: Plan, num_prompts: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Which transitions ``[P, K, G]`` (prompt, trained-step slot, branch) are trained this
+        iteration: all by default."""
+        return torch.ones(num_prompts, plan.num_k, plan.group_size, dtype=torch.bool)
 
 
 @dataclass(frozen=True)
@@ -110,15 +113,30 @@ class TrajectoryStrategy(Strategy):
 
     shared_noise: bool = True
     train_fraction: float = 1.0
+    # which int(train_fraction * eligible) steps are trained: one random subset of the slots for the
+    # whole iteration ("per_iteration"), a random subset per sample ("per_sample", DanceGRPO's code),
+    # or the first ones in order ("first", Flow-GRPO's code)
+    train_selection: str = "per_iteration"
+    train_last_step: bool = True  # False: the last grid step is never trained (DanceGRPO's code)
     window_size: int | None = None  # None: SDE at every step
     window_stride: int = 1
     shift_interval: int = 25
-    window_max_start: int | None = None
+    window_max_start: int | None = None  # the window start is clipped here (and to T - window_size)
+    # MixGRPO's code: the window covers range(start, min(start + size, window_end)) (window_end T-2),
+    # and with window_roll_back the start goes back to 0 once it passes window_end
+    window_end: int | None = None
+    window_roll_back: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction!r}")
+        if self.train_selection not in TRAIN_SELECTIONS:
+            raise ValueError(f"train_selection must be one of {TRAIN_SELECTIONS}, got {self.train_selection!r}")
+        if self.window_end is not None and not 1 <= self.window_end <= self.num_steps:
+            raise ValueError(f"window_end must be in 1..{self.num_steps}, got {self.window_end!r}")
+        if self.window_roll_back and self.window_end is None:
+            raise ValueError("window_roll_back needs window_end (where the window start rolls back)")
         if self.window_size is not None and not 1 <= self.window_size <= self.num_steps:
             raise ValueError(f"window_size must be in 1..{self.num_steps}, got {self.window_size!r}")
         if self.shift_interval < 1 or self.window_stride < 0:
@@ -128,10 +146,18 @@ class TrajectoryStrategy(Strategy):
         """Grid indices with an SDE step at this iteration."""
         if self.window_size is None:
             return list(range(self.num_steps))
+        shifts = iteration // self.shift_interval
+        if self.window_end is not None:  # MixGRPO's code: start <= window_end, else roll back to 0 or clip
+            if self.window_roll_back and self.window_stride > 0:
+                shifts %= self.window_end // self.window_stride + 1
+            start = min(shifts * self.window_stride, self.window_end)
+            if self.window_max_start is not None:
+                start = min(start, self.window_max_start)
+            return list(range(start, min(start + self.window_size, self.window_end)))
         max_start = self.num_steps - self.window_size
         if self.window_max_start is not None:
             max_start = min(max_start, self.window_max_start)
-        start = min((iteration // self.shift_interval) * self.window_stride, max_start)
+        start = min(shifts * self.window_stride, max_start)
         return list(range(start, start + self.window_size))
 
     def plan(self, iteration: int = 0) -> Plan:
@@ -152,11 +178,25 @@ class TrajectoryStrategy(Strategy):
         K = len(steps)
         return b.build(K, 1, G, adv_slot_of=[0] * K, step_index=steps)
 
-    def train_steps(self, plan: Plan, generator: torch.Generator | None = None) -> torch.Tensor:
-        n = max(1, round(self.train_fraction * plan.num_k))
-        if n == plan.num_k:
-            return torch.arange(plan.num_k)
-        return torch.randperm(plan.num_k, generator=generator)[:n].sort().values
+    def train_mask(self, plan: Plan, num_prompts: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[P, K, G]``: ``int(train_fraction * eligible)`` (at least 1) of the eligible slots (all, or
+        all but the last grid step), chosen per ``train_selection``."""
+        P, K, G = num_prompts, plan.num_k, plan.group_size
+        eligible = [k for k in range(K) if self.train_last_step or int(plan.step_index[k]) != self.num_steps - 1]
+        mask = torch.zeros(P, K, G, dtype=torch.bool)
+        if not eligible:
+            return mask
+        n = max(1, int(self.train_fraction * len(eligible) + 1e-9))
+        idx = torch.tensor(eligible)
+        if self.train_selection == "first" or n == len(eligible):
+            mask[:, idx[:n]] = True
+        elif self.train_selection == "per_iteration":
+            mask[:, idx[torch.randperm(len(eligible), generator=generator)[:n]]] = True
+        else:  # per sample (prompt, branch): its own subset, as DanceGRPO's per-sample permutations
+            for p in range(P):
+                for g in range(G):
+                    mask[p, idx[torch.randperm(len(eligible), generator=generator)[:n]], g] = True
+        return mask
 
 
 def _g2rpo(**kw) -> Strategy:
@@ -182,7 +222,7 @@ def _flow(**kw) -> Strategy:
 
 def _mix(**kw) -> Strategy:
     kw = {"eta": 0.7, "sde_kind": "flow_grpo", "window_size": 4, "shift_interval": 25, "window_stride": 1, **kw}
-    if kw.get("window_max_start") is None:
+    if kw.get("window_max_start") is None and kw.get("window_end") is None:
         kw["window_max_start"] = kw.get("num_steps", 16) // 2
     return TrajectoryStrategy(name="mix_grpo", **kw)
 

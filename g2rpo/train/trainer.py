@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..advantage import check_finite_rewards, integrate_advantages
+from ..advantage import batch_std, check_finite_rewards, integrate_advantages
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..config import ConfigError, TrainConfig, config_to_dict, load_config
 from ..distributed import DistContext, is_fsdp, rollout_mode, shard_module
@@ -30,7 +30,7 @@ from ..loss import clipped_surrogate, gaussian_kl
 from ..policy import TORCH_DTYPES, build_rewards, load_policy
 from ..prompts import PromptSchedule, load_prompts
 from ..rollout import G2RPOSampler, Rollout, make_strategy
-from .update import recompute_old_logprobs, slot_logprob
+from .update import optimizer_steps, recompute_old_logprobs, selection, slot_logprob, source_rows, work_units
 
 __all__ = ["Trainer", "TrainingError"]
 
@@ -186,11 +186,11 @@ class Trainer:
             check_finite_rewards(rewards, [n for n, _, _ in self.rewards])
         except ValueError as err:
             bad = (~torch.isfinite(rewards)).flatten(2).any(dim=(0, 2)).nonzero().flatten().tolist()
-            raise TrainingError(f"iteration {iteration}: {err}; prompts {[prompts[i] for i in bad]}") from None
+            raise TrainingError(f"iteration {iteration + 1}: {err}; prompts {[prompts[i] for i in bad]}") from None
         return rewards
 
-    def _slot_logprob(self, ro: Rollout, k: int, rows: slice, cond: Any, need_mean: bool = False):
-        return slot_logprob(self.policy, ro, k, rows, cond, quantize_timesteps=self.cfg.sampler.quantize_timesteps,
+    def _slot_logprob(self, ro: Rollout, k: int, rows: slice, cond: Any, mask=None, need_mean: bool = False):
+        return slot_logprob(self.policy, ro, k, rows, cond, mask=mask, quantize_timesteps=self.cfg.sampler.quantize_timesteps,
                             backend=self.cfg.ops_backend, need_mean=need_mean)
 
     def autocast(self):
@@ -218,14 +218,17 @@ class Trainer:
                     owner.transformer = saved
 
     def train_on(self, ro: Rollout, adv: torch.Tensor, cond: Any, iteration: int, prompts: list[str]) -> dict[str, float]:
-        """The policy update of one iteration; returns local metrics."""
+        """The policy update of one iteration (``iteration`` 0-based); returns local metrics."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(_seed(cfg.seed, iteration, 2))
-        slots = self.sampler.strategy.train_steps(self.sampler.plan(iteration), gen).tolist()
-        P, G = adv.shape[0], adv.shape[2]
-        S_max = max(int(torch.unique(ro.source_of[k]).numel()) for k in slots)
-        chunk = max(1, cfg.train_batch // S_max)
-        ratios, clips, kls, grad_norms = [], [], [], []
+        P, K, G = ro.log_probs.shape
+        mask = self.sampler.strategy.train_mask(self.sampler.plan(iteration), P, gen)  # [P, K, G]
+        steps = optimizer_steps(mask, cfg.optim.update_schedule, cfg.minibatches, cfg.optim.sample_minibatches,
+                                cfg.inner_epochs, gen)
+        trained = [k for k in range(K) if bool(mask[:, k].any())]
+        S_max = max([source_rows(ro, k) for k in trained] or [1])
+        steps_units = [work_units(m, max(1, cfg.train_batch // S_max)) for m in steps]
+        ratios, clips, kls, grad_norms, step_devs = [], [], [], [], []
         loss_sum, loss_count = 0.0, 0
         first_dev = None
         self.module.train()
@@ -233,62 +236,69 @@ class Trainer:
         recompute = cfg.loss.recompute_old_logprob
         if recompute == "auto":
             recompute = self.compute_dtype != torch.float32
-        if recompute:
+        if recompute and steps:
             with self.autocast():
-                old_logp, spent = recompute_old_logprobs(self.policy, ro, slots, chunk, cond,
+                old_logp, spent = recompute_old_logprobs(self.policy, ro, steps_units, cond,
                                                          quantize_timesteps=cfg.sampler.quantize_timesteps,
                                                          backend=cfg.ops_backend)
             extra = {"recompute_forward_rows": float(spent),
-                     "old_logprob_max_dev": float((old_logp - ro.log_probs)[:, slots].abs().max())}
-        for _ in range(cfg.inner_epochs):
-            order = slots
-            if cfg.inner_epochs > 1 or cfg.minibatches > 1:
-                order = [slots[i] for i in torch.randperm(len(slots), generator=gen).tolist()]
-            batches = [order[i::cfg.minibatches] for i in range(cfg.minibatches) if order[i::cfg.minibatches]]
-            for mb in batches:
-                work = [(k, slice(lo, min(P, lo + chunk))) for k in mb for lo in range(0, P, chunk)]
-                n_total = len(mb) * P * G
-                self.optimizer.zero_grad(set_to_none=True)
-                for w, (k, rows) in enumerate(work):
-                    if is_fsdp(self.module):
-                        self.module.set_requires_gradient_sync(w == len(work) - 1)
-                    with self.autocast():
-                        logp, mean, std = self._slot_logprob(ro, k, rows, cond, need_mean=cfg.loss.kl_beta > 0)
-                    sur = clipped_surrogate(logp, old_logp[rows, k], adv[rows, k], cfg.loss.clip_range,
-                                            cfg.loss.adv_clip_max)
-                    loss = sur.loss.sum() / n_total
-                    if cfg.loss.kl_beta > 0:
-                        with self._reference_policy(), self.autocast():
-                            _, ref_mean, _ = self._slot_logprob(ro, k, rows, cond, need_mean=True)
-                        kl = gaussian_kl(mean, ref_mean, std)
-                        loss = loss + cfg.loss.kl_beta * kl.sum() / n_total
-                        kls.append(kl.detach())
-                    if not torch.isfinite(loss):
-                        bad = sorted({prompts[rows.start + i] for i in
-                                      (~torch.isfinite(sur.loss)).any(dim=1).nonzero().flatten().tolist()})
-                        raise TrainingError(f"iteration {iteration}: non-finite loss at SDE step "
-                                            f"{int(ro.step_index[k])} for prompts {bad}")
-                    loss.backward()
-                    if first_dev is None:
-                        first_dev = float((sur.ratio - 1).abs().max())
-                    ratios.append(sur.ratio.flatten())
-                    clips.append(sur.clipped.flatten().float())
-                    loss_sum += float(loss.detach()) * n_total
-                    loss_count += sur.loss.numel()
-                gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
-                gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-                if not math.isfinite(gn):
-                    raise TrainingError(f"iteration {iteration}: non-finite gradient norm ({gn}); "
-                                        f"prompts {prompts}")
-                grad_norms.append(gn)
-                self.optimizer.step()
-                self._update_ema()
+                     "old_logprob_max_dev": float((old_logp - ro.log_probs)[mask.to(old_logp.device)].abs().max())}
+        for step, units in zip(steps, steps_units):
+            n_total = int(step.sum())
+            self.optimizer.zero_grad(set_to_none=True)
+            step_ratios = []
+            for w, unit in enumerate(units):
+                k, rows, sub = unit
+                sel = selection(unit, G).to(old_logp.device)
+                if is_fsdp(self.module):
+                    self.module.set_requires_gradient_sync(w == len(units) - 1)
+                with self.autocast():
+                    logp, mean, std = self._slot_logprob(ro, k, rows, cond, mask=sub, need_mean=cfg.loss.kl_beta > 0)
+                sur = clipped_surrogate(logp, old_logp[rows, k][sel], adv[rows, k][sel.to(adv.device)],
+                                        cfg.loss.clip_range, cfg.loss.adv_clip_max)
+                loss = sur.loss.sum() / n_total
+                if cfg.loss.kl_beta > 0:
+                    with self._reference_policy(), self.autocast():
+                        _, ref_mean, _ = self._slot_logprob(ro, k, rows, cond, mask=sub, need_mean=True)
+                    kl = gaussian_kl(mean, ref_mean, std)
+                    if cfg.loss.kl_convention == "flow_grpo":  # Flow-GRPO divides by 2 sigma_t^2, not 2 sigma_t^2 |dt|
+                        e = int(ro.step_index[k])
+                        kl = kl * float(ro.sigmas[e] - ro.sigmas[e + 1])
+                    loss = loss + cfg.loss.kl_beta * kl.sum() / n_total
+                    kls.append(kl.detach())
+                if not torch.isfinite(loss):
+                    bad_rows = sel.nonzero()[:, 0][~torch.isfinite(sur.loss)].unique().tolist()
+                    bad = sorted({prompts[rows.start + i] for i in bad_rows})
+                    raise TrainingError(f"iteration {iteration + 1}: non-finite loss at SDE step "
+                                        f"{int(ro.step_index[k])} for prompts {bad}")
+                loss.backward()
+                if first_dev is None:
+                    first_dev = float((sur.ratio - 1).abs().max())
+                step_ratios.append(sur.ratio.flatten())
+                clips.append(sur.clipped.flatten().float())
+                loss_sum += float(loss.detach()) * n_total
+                loss_count += sur.loss.numel()
+            gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
+            gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+            if not math.isfinite(gn):
+                raise TrainingError(f"iteration {iteration + 1}: non-finite gradient norm ({gn}); "
+                                    f"prompts {prompts}")
+            grad_norms.append(gn)
+            self.optimizer.step()
+            self._update_ema()
+            ratios += step_ratios
+            step_devs.append(float((torch.cat(step_ratios) - 1).abs().max()))
         self.scheduler.step()
+        if not steps:  # nothing trained this iteration (e.g. an empty MixGRPO window)
+            return {"ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0, "ratio_first_max_dev": 0.0,
+                    "ratio_last_step_max_dev": 0.0, "clip_frac": 0.0, "loss": 0.0, "grad_norm": 0.0,
+                    "trained_steps": 0.0, "optimizer_steps": 0.0, **extra}
         r = torch.cat(ratios)
         m = {"ratio_mean": float(r.mean()), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
-             "ratio_first_max_dev": first_dev, "clip_frac": float(torch.cat(clips).mean()),
-             "loss": loss_sum / loss_count, "grad_norm": float(np.mean(grad_norms)),
-             "trained_steps": float(len(slots)), **extra}
+             "ratio_first_max_dev": first_dev, "ratio_last_step_max_dev": step_devs[-1],
+             "clip_frac": float(torch.cat(clips).mean()), "loss": loss_sum / loss_count,
+             "grad_norm": float(np.mean(grad_norms)), "trained_steps": float(len(trained)),
+             "optimizer_steps": float(len(steps)), **extra}
         if kls:
             m["kl"] = float(torch.cat(kls).mean())
         return m
@@ -314,7 +324,11 @@ class Trainer:
         rewards = self.score(ro, prompts, iteration)
         t2 = time.perf_counter()
         weights = [w for _, _, w in self.rewards]
-        adv_final = integrate_advantages(rewards, weights)  # [P, K', G]
+        a = cfg.advantage
+        std = None
+        if a.std == "batch":  # Flow-GRPO's global_std: the std of every rank's rewards
+            std = batch_std(rewards, a.unbiased, all_reduce=self.ctx.all_reduce_sum if self.ctx.enabled else None)
+        adv_final = integrate_advantages(rewards, weights, eps=a.eps, unbiased=a.unbiased, std=std)  # [P, K', G]
         adv = adv_final[:, ro.adv_slot_of.to(adv_final.device)]  # [P, K, G]
         _fault_point(iteration, "train")
         m = self.train_on(ro, adv, cond, iteration, prompts)
@@ -327,7 +341,7 @@ class Trainer:
                   "forward_rows": float(ro.forward_rows), "lr": self.scheduler.get_last_lr()[0],
                   "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2,
                   "time_iteration": t3 - t0})
-        ops = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", "adv_abs_max": "max",
+        ops = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", "ratio_last_step_max_dev": "max", "adv_abs_max": "max",
                "forward_rows": "sum", "time_rollout": "max", "time_reward": "max", "time_train": "max",
                "time_iteration": "max", "recompute_forward_rows": "sum", "old_logprob_max_dev": "max"}
         m = self.ctx.reduce_metrics(m, ops)
