@@ -369,14 +369,36 @@ def default_config_path() -> Path:
     return Path(str(resources.files("g2rpo.configs").joinpath("lab.yaml")))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
-    """Load and validate a config (the embedded lab default when ``path`` is None)."""
-    path = Path(path) if path is not None else default_config_path()
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML syntax error: {str(err).replace('<unicode string>', str(path))}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path | list[str | Path] | tuple | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """Load and validate a config (the embedded lab default when ``path`` is None).
+
+    ``path`` may be several YAML files, merged left to right (a model config, then a method
+    preset from ``configs/methods/``); ``overrides`` are applied last.
+    """
+    paths = [default_config_path()] if path is None else (
+        [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)])
+    if not paths:
+        paths = [default_config_path()]
+    data: dict[str, Any] = {}
+    for p in paths:
+        data = _merge(data, _read_yaml(p))
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         data = _merge(data, extra)

@@ -67,8 +67,10 @@ def model_timesteps(sigmas: torch.Tensor, quantize: bool = False) -> torch.Tenso
 
     With ``quantize=True`` the value is ``int(sigma * 1000) / 1000`` as in the public
     Flux GRPO code (DanceGRPO, MixGRPO, G2RPO), which conditions the transformer on
-    ``int(sigma * 1000)`` timesteps; the SDE/ODE math always uses the exact sigma.
+    ``int(sigma * 1000)`` timesteps; the SDE/ODE math always uses the exact sigma. As there,
+    ``sigma * 1000`` is computed in float32 (fp32 0.9 * 1000 rounds to 900, where float64
+    gives 899.99998 and truncates to 899), and ``timesteps / 1000`` divides in float32.
     """
     if not quantize:
         return sigmas
-    return torch.floor(sigmas.double() * 1000.0).div(1000.0).to(sigmas.dtype)
+    return torch.floor(sigmas.float() * 1000.0).div(1000.0).to(sigmas.dtype)

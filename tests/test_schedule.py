@@ -67,6 +67,10 @@ def test_model_timesteps_quantisation_is_opt_in():
     assert torch.equal(model_timesteps(s), s)
     q = model_timesteps(s, quantize=True)
     assert q.dtype == s.dtype
-    expected = torch.tensor([int(x * 1000) / 1000 for x in s.double().tolist()], dtype=torch.float32)
+    # the public code: int(sigma * 1000) of an fp32 tensor element, then a long tensor / 1000
+    expected = torch.tensor([int(x * 1000) for x in s], dtype=torch.long) / 1000
     assert torch.equal(q, expected)
     assert not torch.equal(q, s)
+    fp32 = torch.tensor([0.9, 0.7], dtype=torch.float32)
+    assert (model_timesteps(fp32, quantize=True) * 1000).round().tolist() == [900, 700]
+    assert torch.equal(model_timesteps(fp32.double(), quantize=True).float(), torch.tensor([0.9, 0.7]))

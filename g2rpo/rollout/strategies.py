@@ -122,7 +122,8 @@ class TrajectoryStrategy(Strategy):
     window_stride: int = 1
     shift_interval: int = 25
     window_max_start: int | None = None  # the window start is clipped here (and to T - window_size)
-    # MixGRPO's code: the window covers range(start, min(start + size, window_end)) (window_end T-2),
+    # MixGRPO's code: the window covers range(start, min(start + size, window_end)) (window_end T-2;
+    # a negative value counts from T),
     # and with window_roll_back the start goes back to 0 once it passes window_end
     window_end: int | None = None
     window_roll_back: bool = False
@@ -133,6 +134,8 @@ class TrajectoryStrategy(Strategy):
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction!r}")
         if self.train_selection not in TRAIN_SELECTIONS:
             raise ValueError(f"train_selection must be one of {TRAIN_SELECTIONS}, got {self.train_selection!r}")
+        if self.window_end is not None and self.window_end < 0:  # relative to T: -2 is MixGRPO's T-2
+            object.__setattr__(self, "window_end", self.num_steps + self.window_end)
         if self.window_end is not None and not 1 <= self.window_end <= self.num_steps:
             raise ValueError(f"window_end must be in 1..{self.num_steps}, got {self.window_end!r}")
         if self.window_roll_back and self.window_end is None:

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m g2rpo.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Overrides: key=value or --key value (dotted keys, YAML values), e.g. "
                "sampler.group_size=8 --optim.lr 1e-5 --resume")
-    parser.add_argument("--config", default=None, help="YAML config (default: the embedded lab config)")
+    parser.add_argument("--config", action="append", default=None,
+                        help="YAML config (default: the embedded lab config); repeat to merge left to right, "
+                             "e.g. --config configs/lab.yaml --config configs/methods/dance_grpo-official.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     args, rest = parser.parse_known_args(argv)
     overrides = list(rest) + (["resume=true"] if args.resume else [])

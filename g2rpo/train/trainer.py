@@ -303,6 +303,18 @@ class Trainer:
             m["kl"] = float(torch.cat(kls).mean())
         return m
 
+    def _adv_stats(self, adv: torch.Tensor) -> dict[str, float]:
+        """Mean, std and max |.| of the advantages over every rank (not a mean of per-rank stds)."""
+        a = adv.double().flatten()
+        stats = torch.tensor([a.sum().item(), (a * a).sum().item(), float(a.numel())], dtype=torch.float64)
+        self.ctx.all_reduce_sum(stats)
+        s1, s2, n = stats.tolist()
+        if n == 0:
+            return {"adv_mean": 0.0, "adv_std": 0.0, "adv_abs_max": 0.0}
+        var = max(0.0, s2 - s1 * s1 / n) / max(1.0, n - 1)
+        return {"adv_mean": s1 / n, "adv_std": math.sqrt(var),
+                "adv_abs_max": float(a.abs().max()) if a.numel() else 0.0}
+
     def _update_ema(self) -> None:
         if self.ema is None:
             return
@@ -337,11 +349,11 @@ class Trainer:
             m[f"reward/{name}"] = float(rewards[r].mean())
             for j, lam in enumerate(ro.granularities):
                 m[f"reward/{name}/lambda{lam}"] = float(rewards[r, :, :, j].mean())
-        m.update({"adv_mean": float(adv.mean()), "adv_std": float(adv.std()), "adv_abs_max": float(adv.abs().max()),
+        m.update({**self._adv_stats(adv),
                   "forward_rows": float(ro.forward_rows), "lr": self.scheduler.get_last_lr()[0],
                   "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2,
                   "time_iteration": t3 - t0})
-        ops = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", "ratio_last_step_max_dev": "max", "adv_abs_max": "max",
+        ops = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", "ratio_last_step_max_dev": "max", "adv_abs_max": "max", "adv_mean": "max", "adv_std": "max",
                "forward_rows": "sum", "time_rollout": "max", "time_reward": "max", "time_train": "max",
                "time_iteration": "max", "recompute_forward_rows": "sum", "old_logprob_max_dev": "max"}
         m = self.ctx.reduce_metrics(m, ops)

@@ -1,0 +1,169 @@
+"""The public code's update schedules, selections and advantages (issue 12), and the method presets."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from g2rpo.advantage import batch_std, integrate_advantages
+from g2rpo.config import ConfigError, load_config
+from g2rpo.rollout import make_strategy
+from g2rpo.train import Trainer
+from g2rpo.train.update import optimizer_steps
+
+from test_train import run, tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
+LAB = ROOT / "configs" / "lab.yaml"
+
+
+def test_every_method_has_a_paper_and_an_official_preset_whose_values_cite_a_source():
+    names = {p.stem for p in PRESETS}
+    for method in ("g2rpo", "g2rpo_no_mgai", "dance_grpo", "flow_grpo", "mix_grpo"):
+        assert {f"{method}-paper", f"{method}-official"} <= names
+    for p in PRESETS:
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if re.match(r"^\s+\w+:\s*\S", line):
+                assert "#" in line, f"{p.name}:{n} has no source comment: {line}"
+        top = {line.split(":")[0] for line in p.read_text().splitlines() if re.match(r"^\w+:", line)}
+        assert top <= {"sampler", "loss", "optim", "advantage"}, (p.name, top)
+
+
+# preset -> optimizer steps per iteration at the smoke-test scale below (2 prompts x group 4)
+STEPS = {"g2rpo-official": 8, "g2rpo_no_mgai-official": 8, "dance_grpo-official": 3, "flow_grpo-official": 2,
+         "mix_grpo-official": 4}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_runs_two_lab_iterations(lab_world, tmp_path, preset):
+    scale = {"model": {"path": str(lab_world)}, "sampler": {"group_size": 4, "max_batch": 256},
+             "data": {"prompts_per_iteration": 2}, "iterations": 2, "checkpoint_every": 0, "export_final": False,
+             "output_dir": str(tmp_path), "progress": False, "tensorboard": False, "optim": {"lr": 1e-4}}
+    cfg = load_config([LAB, preset], scale)
+    hist = Trainer(cfg, log=lambda *a, **k: None).run()
+    assert len(hist) == 2
+    for m in hist:
+        assert m["optimizer_steps"] == STEPS.get(preset.stem, 1)
+        assert m["ratio_first_max_dev"] < 1e-6 and np.isfinite(m["loss"])
+    if preset.stem.startswith("g2rpo-official"):
+        assert {k for k in hist[0] if k.startswith("reward/digit_alignment/")} == {
+            "reward/digit_alignment/lambda1", "reward/digit_alignment/lambda2"}  # Lambda {1, 2}
+
+
+def test_per_sde_step_clip_acts_after_the_first_slot(lab_world, tmp_path):
+    """One optimizer step per trained slot, ratios against the rollout's log-probs: the first slot's
+    ratio is 1, later slots' are not, and the clip binds."""
+    _, hist = run(tiny(lab_world, tmp_path, iterations=2, **{"optim.update_schedule": "per_sde_step",
+                                                             "sampler.sde_indices": [0, 2, 4], "optim.lr": 3e-3}))
+    for m in hist:
+        assert m["optimizer_steps"] == 3
+        assert m["ratio_first_max_dev"] < 1e-6
+        assert m["ratio_last_step_max_dev"] > 1e-4
+        assert m["clip_frac"] > 0
+    _, base = run(tiny(lab_world, tmp_path / "b", iterations=1, **{"sampler.sde_indices": [0, 2, 4],
+                                                                   "optim.lr": 3e-3}))
+    assert base[0]["optimizer_steps"] == 1 and base[0]["clip_frac"] == 0 and base[0]["ratio_last_step_max_dev"] < 1e-6
+    with pytest.raises(ConfigError, match="minibatches must be 1"):
+        load_config(None, {"optim": {"update_schedule": "per_sde_step"}, "minibatches": 2})
+
+
+def test_sample_minibatches_split_the_samples_into_optimizer_steps(lab_world, tmp_path):
+    _, hist = run(tiny(lab_world, tmp_path, iterations=1, **{"optim.sample_minibatches": 3}))
+    m = hist[0]
+    assert m["optimizer_steps"] == 3
+    assert m["ratio_first_max_dev"] < 1e-6 and m["ratio_last_step_max_dev"] > 1e-6  # later steps see an updated policy
+    mask = torch.ones(2, 3, 4, dtype=torch.bool)
+    steps = optimizer_steps(mask, "per_iteration", 1, 3, 1)
+    assert [int(s.sum()) for s in steps] == [9, 9, 6]  # 8 samples x 3 slots in prompt-major thirds
+    assert torch.equal(sum(s.int() for s in steps), mask.int())
+    per_slot = optimizer_steps(mask, "per_sde_step", 1, 2, 1)
+    assert len(per_slot) == 6 and all(int(s.sum()) == 4 for s in per_slot)
+
+
+def test_dance_grpo_official_selection_per_sample_without_the_last_step():
+    s = make_strategy("dance_grpo", train_fraction=0.6, train_selection="per_sample", train_last_step=False)
+    mask = s.train_mask(s.plan(0), 3, torch.Generator().manual_seed(0))  # [P, K=16, G=12]
+    per_sample = mask.sum(dim=1)
+    assert (per_sample == 9).all()  # int(0.6 * 15)
+    assert not mask[:, 15].any()  # the last step never
+    patterns = {tuple(mask[p, :, g].tolist()) for p in range(3) for g in range(12)}
+    assert len(patterns) > 10  # each sample its own subset
+    shared = make_strategy("dance_grpo").train_mask(s.plan(0), 3, torch.Generator().manual_seed(0))
+    assert len({tuple(shared[p, :, g].tolist()) for p in range(3) for g in range(12)}) == 1
+    first = make_strategy("flow_grpo", train_fraction=0.99, train_selection="first")
+    fm = first.train_mask(first.plan(0), 1, None)
+    assert fm[0, :15].all() and not fm[0, 15].any()  # int(0.99 * 16) = 15, the first ones
+
+
+def test_dance_per_sample_training_forwards_only_the_trained_states(lab_world, tmp_path):
+    _, hist = run(tiny(lab_world, tmp_path, iterations=1, **{
+        "sampler.strategy": "dance_grpo", "sampler.eta": None, "sampler.train_selection": "per_sample",
+        "sampler.train_last_step": False, "sampler.train_fraction": 0.5, "loss.recompute_old_logprob": True}))
+    # 4 prompts x 3 samples x int(0.5 * 7) = 3 trained steps each: one forward per (sample, step) from step 1
+    # on; step 0 leaves from the shared initial noise (one row per prompt for all its samples)
+    assert 4 * 3 * 2 <= hist[0]["recompute_forward_rows"] <= 4 * 3 * 3
+
+
+def test_mix_grpo_official_window_ends_at_t_minus_2_and_rolls_back():
+    s = make_strategy("mix_grpo", window_size=4, shift_interval=1, window_end=-2, window_roll_back=True)
+    starts = [s.sde_steps(i) for i in range(17)]
+    assert starts[0] == [0, 1, 2, 3] and starts[11] == [11, 12, 13]  # clipped at T - 2 = 14
+    assert starts[13] == [13] and starts[14] == [] and starts[15] == [0, 1, 2, 3]  # roll back past T - 2
+    clip = make_strategy("mix_grpo", window_size=4, shift_interval=1, window_end=14)
+    assert clip.sde_steps(40) == []  # no roll back: the start stays at T - 2
+    assert make_strategy("mix_grpo", window_size=4, shift_interval=1).sde_steps(40) == [8, 9, 10, 11]  # T // 2
+
+
+def test_an_empty_mix_window_trains_nothing_and_does_not_crash(lab_world, tmp_path):
+    _, hist = run(tiny(lab_world, tmp_path, iterations=2, **{
+        "sampler.strategy": "mix_grpo", "sampler.window_size": 4, "sampler.window_end": 6,
+        "sampler.window_stride": 6, "sampler.shift_interval": 1, "sampler.window_roll_back": True}))
+    assert hist[0]["trained_steps"] == 4 and hist[1]["trained_steps"] == 0 and hist[1]["optimizer_steps"] == 0
+
+
+def test_batch_std_is_flow_grpo_global_std_and_reduces_over_ranks():
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(1, 6, 1, 1, 5, generator=g)  # [R, P, K, J, G]
+    adv = integrate_advantages(r, eps=1e-4, unbiased=False, std=batch_std(r, unbiased=False))
+    x = r[0, :, 0, 0].double().numpy()
+    expected = (x - x.mean(axis=1, keepdims=True)) / (np.std(x) + 1e-4)  # stat_tracking.py, global_std=True
+    assert np.allclose(adv[:, 0].numpy(), expected, atol=1e-6)
+    halves = (r[:, :3], r[:, 3:])
+
+    def fake_all_reduce(stats):  # what torch.distributed.all_reduce does with a second rank holding halves[1]
+        p = halves[1].double()
+        stats += torch.stack([p.sum(dim=(1, 4)), (p * p).sum(dim=(1, 4)),
+                              torch.full_like(p[:, 0, :, :, 0], p.shape[1] * p.shape[4])])
+
+    assert torch.allclose(batch_std(halves[0], all_reduce=fake_all_reduce), batch_std(r), atol=1e-12)
+
+
+def test_trainer_uses_the_configured_advantage(lab_world, tmp_path):
+    cfg = load_config(None, tiny(lab_world, tmp_path, iterations=1, **{
+        "advantage.std": "batch", "advantage.unbiased": False, "advantage.eps": 1e-4}))
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    seen = {}
+    real_score, real_train = trainer.score, trainer.train_on
+    trainer.score = lambda *a, **k: seen.setdefault("rewards", real_score(*a, **k))
+    trainer.train_on = lambda ro, adv, *a, **k: seen.setdefault("adv", adv) is not None and real_train(ro, adv, *a, **k)
+    trainer.run()
+    r = seen["rewards"].double()  # [R, P, K, J, G]
+    expected = ((r - r.mean(-1, keepdim=True)) / (r.std(dim=(1, 4), correction=0, keepdim=True) + 1e-4)).sum((0, 3))
+    assert torch.allclose(seen["adv"].double(), expected, atol=1e-5)
+
+
+def test_flow_grpo_kl_convention_divides_by_sigma_t_squared(lab_world, tmp_path):
+    """Flow-GRPO's KL is the transition KL times |dt| (2 sigma_t^2 instead of 2 sigma_t^2 |dt|)."""
+    kls = {}
+    for conv in ("transition", "flow_grpo"):
+        _, hist = run(tiny(lab_world, tmp_path / conv, iterations=1, inner_epochs=2, **{
+            "loss.kl_beta": 0.04, "loss.kl_convention": conv, "sampler.sde_indices": [2]}))
+        kls[conv] = hist[0]["kl"]
+    from g2rpo.schedule import sigma_schedule
+
+    s = sigma_schedule(8)
+    assert kls["transition"] > 0
+    assert kls["flow_grpo"] == pytest.approx(kls["transition"] * float(s[2] - s[3]), rel=1e-4)
