@@ -14,15 +14,24 @@ def test_g2rpo_raises_the_in_domain_reward_above_the_base_model(lab_world, tmp_p
     assert set(r["final"]) == {"16", "8", "4"} and "judge_accuracy" in r["final"]["16"]
 
 
-def test_compare_writes_tables_curves_and_grids(lab_world, tmp_path):
-    s = CompareSettings(methods=("dance_grpo", "g2rpo"), seeds=2, iterations=2, lr_grid=(1e-4, 3e-4), eval_every=1,
-                        ablation=((1,), (1, 2, 3)), overrides=SMALL, eval_per_class=3, curve_per_class=3)
+def test_compare_writes_both_families_equal_lr_tables_curves_and_grids(lab_world, tmp_path):
+    s = CompareSettings(methods=("dance_grpo", "g2rpo_no_mgai", "g2rpo"), seeds=2, iterations=2, lr_grid=(1e-4, 3e-4),
+                        eval_every=1, overrides=SMALL, eval_per_class=3, curve_per_class=3)
     res = compare(tmp_path, s, world=lab_world, log=lambda *a: None)
-    assert set(res["runs"]) == {"dance_grpo", "g2rpo"} and all(len(v) == 2 for v in res["runs"].values())
-    assert res["lr_choice"]["g2rpo"] in {1e-4, 3e-4}
-    assert set(res["ablation"]) == {"{1}", "{1,2,3}"} and res["ablation"]["{1,2,3}"] is res["runs"]["g2rpo"]
+    assert set(res["grid"]) == {"paper", "official"}
+    for family in res["grid"].values():
+        assert set(family) == {"dance_grpo", "g2rpo_no_mgai", "g2rpo"}
+        assert all(set(per_lr) == {"0.0001", "0.0003"} and all(len(v) == 2 for v in per_lr.values())
+                   for per_lr in family.values())
+    assert res["lr_choice"]["official"]["g2rpo"] in {1e-4, 3e-4}
+    off, pap = res["grid"]["official"]["g2rpo"]["0.0001"][0], res["grid"]["paper"]["g2rpo"]["0.0001"][0]
+    assert off["optimizer_steps_per_iter"] == 3 and pap["optimizer_steps_per_iter"] == 1  # per_sde_step vs Alg. 1
+    assert set(res["per_sde_step_variant"]) == {"g2rpo_no_mgai", "g2rpo"}
+    assert res["per_sde_step_variant"]["g2rpo"][0]["optimizer_steps_per_iter"] == 3
     text = (tmp_path / "tables.md").read_text()
-    for heading in ("Table 1 analogue", "Table 2 analogue", "Table 4 analogue", "Fig. 1a analogue", "Reward hacking"):
+    for heading in ("Family `paper`", "Family `official`", "Table 1 analogue", "Equal-lr table", "Orderings",
+                    "Table 4 analogue", "Fig. 1a analogue", "Reward hacking", "the update schedule alone"):
         assert heading in text
-    assert (tmp_path / "curves.png").is_file() and (tmp_path / "grids" / "g2rpo.png").is_file()
+    assert (tmp_path / "curves.png").is_file()
+    assert (tmp_path / "grids" / "paper.png").is_file() and (tmp_path / "grids" / "official.png").is_file()
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["iterations"] == 2

@@ -44,13 +44,15 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--steps", type=int, default=16)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True)
-    c = sub.add_parser("compare", help="train every method from the base model and compare (Tables 1, 2, 4, Fig. 1a)")
+    c = sub.add_parser("compare", help="train every method from the base model under both preset families and "
+                                          "compare (Tables 1, 4, Fig. 1a, equal-lr table)")
     c.add_argument("--methods", default="dance_grpo,flow_grpo,mix_grpo,g2rpo_no_mgai,g2rpo")
+    c.add_argument("--families", default="paper,official", help="preset families (configs/methods/*-FAMILY.yaml)")
     c.add_argument("--seeds", type=int, default=3)
-    c.add_argument("--iterations", type=int, default=48)
-    c.add_argument("--lr-grid", default="3e-5,1e-4,3e-4")
+    c.add_argument("--iterations", type=int, default=32)
+    c.add_argument("--lr-grid", default="1e-4,3e-4")
     c.add_argument("--eval-every", type=int, default=8)
-    c.add_argument("--no-ablation", action="store_true")
+    c.add_argument("--no-variant", action="store_true", help="skip the paper preset + per_sde_step runs")
     c.add_argument("--checkpoint", default=None, help="the lab world (default: the cached one)")
     c.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -60,16 +62,16 @@ def main(argv: list[str] | None = None) -> None:
         build_world(args.out, cfg, force=args.force)
         return
     if args.cmd == "compare":
-        from .compare import METHODS, CompareSettings, compare
+        from .compare import FAMILIES, METHODS, CompareSettings, compare
 
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        unknown = [m for m in methods if m not in METHODS]
+        families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+        unknown = [m for m in methods if m not in METHODS] + [f for f in families if f not in FAMILIES]
         if unknown:
-            sys.exit(f"unknown methods {unknown}; choose from {list(METHODS)}")
-        settings = CompareSettings(methods=methods, seeds=args.seeds, iterations=args.iterations,
+            sys.exit(f"unknown methods/families {unknown}; choose from {list(METHODS)} and {list(FAMILIES)}")
+        settings = CompareSettings(methods=methods, families=families, seeds=args.seeds, iterations=args.iterations,
                                    lr_grid=tuple(float(x) for x in args.lr_grid.split(",")),
-                                   eval_every=args.eval_every,
-                                   ablation=() if args.no_ablation else CompareSettings.ablation)
+                                   eval_every=args.eval_every, per_sde_step_variant=not args.no_variant)
         world = _checkpoint(args.checkpoint) if args.checkpoint else None
         compare(args.out, settings, world)
         return

@@ -1,11 +1,16 @@
-"""`python -m g2rpo.lab compare`: the paper's comparison (Tables 1, 2, 4 and Fig. 1a) on the lab world.
+"""`python -m g2rpo.lab compare`: the paper's comparison (Tables 1, 4 and Fig. 1a) on the lab world,
+under both preset families (``configs/methods/<method>-{paper,official}.yaml``).
 
 Every method trains from the same base model on the same prompts with the same seeds and
-iteration budget; each gets its learning rate from the same grid (chosen on seed 0 by the
-in-domain reward of ODE samples of the *training* prompts, never by a judge); then every
-final policy is evaluated on the held-out paraphrases at 16, 8 and 4 ODE steps with the
-in-domain rewards and the out-of-domain judges. Curves are ODE evaluations every
-``eval_every`` iterations (rollout rewards of different strategies are not comparable).
+iteration budget, with its family's preset method keys at lab scale (the same T, group size,
+candidate steps and prompts for everyone: ``CompareSettings.lab_scale``), at every learning rate
+of the grid. The best-lr table takes, per method, the lr with the best in-domain reward of ODE
+samples of the *training* prompts on seed 0 (never a judge); the equal-lr table shows every
+method at each lr. Final policies are evaluated on the held-out paraphrases at 16, 8 and 4 ODE
+steps with the in-domain rewards and the out-of-domain judges. Curves are ODE evaluations every
+``eval_every`` iterations (rollout rewards of different strategies are not comparable). The
+``paper_sde`` variant runs the two G2RPO methods with the paper preset but the public code's
+``per_sde_step`` update schedule, so the effect of the active clip is seen alone.
 """
 
 from __future__ import annotations
@@ -13,34 +18,47 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import load_config
+from ..config import default_config_path, load_config
 from ..distributed import rollout_mode
 from ..train import Trainer
 from .world import build_world, evaluate_lab, load_judge, load_rewards
 
-__all__ = ["CompareSettings", "run_method", "compare"]
+__all__ = ["CompareSettings", "run_method", "compare", "preset_path"]
 
 METHODS = ("dance_grpo", "flow_grpo", "mix_grpo", "g2rpo_no_mgai", "g2rpo")
+FAMILIES = ("paper", "official")
 IN_DOMAIN = ("digit_alignment", "digit_realism")
 EVAL_STEPS = (16, 8, 4)
+COLS = ("digit_alignment", "digit_realism", "judge_accuracy", "judge_realism", "diversity")
+PAPER_ORDER = ("g2rpo", "g2rpo_no_mgai", "mix_grpo", "dance_grpo")  # Table 1, best first
 
 
 @dataclass
 class CompareSettings:
     methods: tuple[str, ...] = METHODS
+    families: tuple[str, ...] = FAMILIES
     seeds: int = 3
-    iterations: int = 48
-    lr_grid: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
+    iterations: int = 32
+    lr_grid: tuple[float, ...] = (1e-4, 3e-4)
     eval_every: int = 8
-    ablation: tuple[tuple[int, ...], ...] = ((1,), (1, 2), (1, 3), (1, 2, 3))
-    overrides: dict = field(default_factory=dict)  # applied to every run (e.g. a smaller group for smoke tests)
+    per_sde_step_variant: bool = True  # paper preset + per_sde_step for g2rpo / g2rpo_no_mgai at their best lr
+    # the same scale for every method and family (the presets' T, G and M are Flux-scale)
+    lab_scale: dict = field(default_factory=lambda: {"sampler": {"num_steps": 16, "group_size": 8,
+                                                                 "sde_indices": [0, 1, 2, 3], "max_batch": 512}})
+    overrides: dict = field(default_factory=dict)  # applied to every run after lab_scale (smoke tests)
     eval_per_class: int = 20  # final evaluation: held-out prompts x classes, at 16, 8, 4 steps
     curve_per_class: int = 10  # curve points: training prompts
+
+
+def preset_path(method: str, family: str) -> Path:
+    """``configs/methods/<method>-<family>.yaml`` (shipped as ``g2rpo.configs``)."""
+    return Path(str(resources.files("g2rpo.configs").joinpath("methods", f"{method}-{family}.yaml")))
 
 
 def _score(ev: dict[str, float]) -> float:
@@ -48,25 +66,25 @@ def _score(ev: dict[str, float]) -> float:
     return ev["digit_alignment"] + ev["digit_realism"]
 
 
+def _deep_update(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, out: Path, eval_every: int = 8,
-               granularities: tuple[int, ...] | None = None, overrides: dict | None = None,
-               judge=None, rewards=None, eval_per_class: int = 20, curve_per_class: int = 10) -> dict:
-    """Train one method/seed/lr from the base model; returns curves, timings and final evaluations."""
+               family: str = "paper", overrides: dict | None = None, judge=None, rewards=None,
+               eval_per_class: int = 20, curve_per_class: int = 10) -> dict:
+    """Train one method (its ``family`` preset over the lab config) from the base model; returns curves,
+    timings, the mean clip fraction and final evaluations."""
     judge = judge or load_judge(world)
     rewards = rewards or load_rewards(world)
-    o = {"model": {"path": str(world)}, "sampler": {"strategy": method}, "optim": {"lr": lr},
-         "iterations": iterations, "seed": 42 + seed, "sampler_seed": 1223627 + seed, "output_dir": str(out),
-         "checkpoint_every": 0, "export_final": False, "progress": False, "tensorboard": False, "image_every": 0}
-    if method not in ("g2rpo", "g2rpo_no_mgai"):
-        o["sampler"]["eta"] = None  # the baseline's published noise level
-    if granularities is not None:
-        o["sampler"]["granularities"] = list(granularities)
-    for k, v in (overrides or {}).items():
-        if isinstance(v, dict):
-            o.setdefault(k, {}).update(v)
-        else:
-            o[k] = v
-    cfg = load_config(None, o)
+    o = {"model": {"path": str(world)}, "optim": {"lr": lr}, "iterations": iterations, "seed": 42 + seed,
+         "sampler_seed": 1223627 + seed, "output_dir": str(out), "overwrite": True, "checkpoint_every": 0,
+         "export_final": False, "progress": False, "tensorboard": False, "image_every": 0}
+    o = _deep_update(o, overrides or {})
+    cfg = load_config([default_config_path(), preset_path(method, family)], o)
     trainer = Trainer(cfg, log=lambda *a, **k: None)
 
     def evaluate(steps: int, test: bool, per_class: int) -> dict[str, float]:
@@ -75,30 +93,32 @@ def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, 
                                 judge=judge, rewards=rewards)
 
     curve = [(0, _score(evaluate(16, False, curve_per_class)))]
-    times, rows = [], []
+    times, rows, clips, opt_steps = [], [], [], []
 
     def callback(tr, m):
         times.append(m["time_iteration"])
         rows.append(m["forward_rows"])
+        clips.append(m["clip_frac"])
+        opt_steps.append(m["optimizer_steps"])
         it = int(m["iteration"])
         if it % eval_every == 0 or it == iterations:
             curve.append((it, _score(evaluate(16, False, curve_per_class))))
 
     trainer.run(callback=callback)
     final = {str(s): evaluate(s, True, eval_per_class) for s in EVAL_STEPS}
-    result = {"method": method, "seed": seed, "lr": lr, "granularities": granularities,
-              "curve": curve, "sec_per_iter": float(np.mean(times)), "forward_rows_per_iter": float(np.mean(rows)),
-              "train_score": curve[-1][1], "final": final}
-    grid = _grid_images(trainer)
-    result["_grid"] = grid
+    result = {"method": method, "family": family, "seed": seed, "lr": lr, "curve": curve,
+              "sec_per_iter": float(np.mean(times)), "forward_rows_per_iter": float(np.mean(rows)),
+              "clip_frac": float(np.mean(clips)), "optimizer_steps_per_iter": float(np.mean(opt_steps)),
+              "train_score": curve[-1][1], "final": final, "_grid": _grid_images(trainer)}
     return result
 
 
 @torch.no_grad()
-def _grid_images(trainer: Trainer) -> torch.Tensor:
+def _grid_images(trainer: Trainer, per_digit: int = 6) -> torch.Tensor:
+    """ODE samples of the held-out prompts: ``[10 * per_digit, S, S]``, digit-major (fixed noise)."""
     from .world import lab_prompts_for, sample_images
 
-    labels = [c for c in range(10) for _ in range(8)]
+    labels = [c for c in range(10) for _ in range(per_digit)]
     with rollout_mode(trainer.module):
         return sample_images(trainer.policy, lab_prompts_for(labels, test=True), steps=16, seed=777)
 
@@ -114,58 +134,49 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
     world = Path(world) if world else build_world(log=None)
     judge, rewards = load_judge(world), load_rewards(world)
     t_start = time.perf_counter()
-    base_policy_eval = _evaluate_base(world, judge, rewards, settings.eval_per_class, settings.curve_per_class)
-    runs: dict[str, list[dict]] = {}
-    lr_choice, lr_search = {}, {}
-    grids = {}
-    for method in settings.methods:
-        search = {}
-        for lr in settings.lr_grid:
-            r = run_method(world, method, 0, lr, settings.iterations, out / "runs" / f"{method}_lr{lr:g}_s0",
-                           settings.eval_every, overrides=settings.overrides, judge=judge, rewards=rewards,
-                           eval_per_class=settings.eval_per_class, curve_per_class=settings.curve_per_class)
-            search[lr] = r
-            log(f"[{time.perf_counter() - t_start:6.0f}s] {method:14s} seed 0 lr {lr:g}: train score "
-                f"{r['train_score']:.4f} ({r['sec_per_iter']:.2f} s/iter)")
-        best = max(search, key=lambda lr: search[lr]["train_score"])
-        lr_choice[method] = best
-        lr_search[method] = {f"{lr:g}": search[lr]["train_score"] for lr in search}
-        runs[method] = [search[best]]
-        grids[method] = search[best].pop("_grid")
-        for seed in range(1, settings.seeds):
-            r = run_method(world, method, seed, best, settings.iterations, out / "runs" / f"{method}_s{seed}",
-                           settings.eval_every, overrides=settings.overrides, judge=judge, rewards=rewards,
-                           eval_per_class=settings.eval_per_class, curve_per_class=settings.curve_per_class)
-            r.pop("_grid")
-            runs[method].append(r)
-            log(f"[{time.perf_counter() - t_start:6.0f}s] {method:14s} seed {seed} lr {best:g}: train score "
-                f"{r['train_score']:.4f}")
-        for r in search.values():
+    base_eval = _evaluate_base(world, judge, rewards, settings.eval_per_class, settings.curve_per_class)
+    overrides = _deep_update(settings.lab_scale, settings.overrides)
+    kw = dict(eval_every=settings.eval_every, overrides=overrides, judge=judge, rewards=rewards,
+              eval_per_class=settings.eval_per_class, curve_per_class=settings.curve_per_class)
+    # grid[family][method][lr] = [run per seed]
+    grid: dict[str, dict[str, dict[str, list[dict]]]] = {}
+    images: dict[str, dict[str, torch.Tensor]] = {}
+    lr_choice: dict[str, dict[str, float]] = {}
+    for family in settings.families:
+        grid[family], images[family], lr_choice[family] = {}, {}, {}
+        for method in settings.methods:
+            per_lr = {}
+            for lr in settings.lr_grid:
+                per_lr[f"{lr:g}"] = []
+                for seed in range(settings.seeds):
+                    r = run_method(world, method, seed, lr, settings.iterations,
+                                   out / "runs" / f"{family}_{method}_lr{lr:g}_s{seed}", family=family, **kw)
+                    per_lr[f"{lr:g}"].append(r)
+                log(f"[{time.perf_counter() - t_start:6.0f}s] {family:8s} {method:14s} lr {lr:g}: train score "
+                    f"{np.mean([r['train_score'] for r in per_lr[f'{lr:g}']]):.4f} over {settings.seeds} seeds")
+            best = max(settings.lr_grid, key=lambda lr: per_lr[f"{lr:g}"][0]["train_score"])  # chosen on seed 0
+            lr_choice[family][method] = best
+            images[family][method] = per_lr[f"{best:g}"][0]["_grid"]
+            grid[family][method] = per_lr
+    variant: dict[str, list[dict]] = {}
+    if settings.per_sde_step_variant and "paper" in lr_choice:
+        for method in (m for m in ("g2rpo_no_mgai", "g2rpo") if m in settings.methods):
+            lr = lr_choice["paper"][method]
+            over = _deep_update(overrides, {"optim": {"update_schedule": "per_sde_step"}})
+            variant[method] = [run_method(world, method, seed, lr, settings.iterations,
+                                          out / "runs" / f"paper_sde_{method}_s{seed}", family="paper",
+                                          **dict(kw, overrides=over)) for seed in range(settings.seeds)]
+            log(f"[{time.perf_counter() - t_start:6.0f}s] paper+per_sde_step {method}: train score "
+                f"{np.mean([r['train_score'] for r in variant[method]]):.4f}")
+    for runs in [v for f in grid.values() for m in f.values() for v in m.values()] + list(variant.values()):
+        for r in runs:
             r.pop("_grid", None)
-
-    ablation = {}
-    if "g2rpo" in lr_choice and settings.ablation:
-        lr = lr_choice["g2rpo"]
-        for lam in settings.ablation:
-            key = "{" + ",".join(map(str, lam)) + "}"
-            if tuple(lam) == tuple(load_config().sampler.granularities) and "g2rpo" in runs:
-                ablation[key] = runs["g2rpo"]
-                continue
-            ablation[key] = []
-            for seed in range(settings.seeds):
-                r = run_method(world, "g2rpo", seed, lr, settings.iterations,
-                               out / "runs" / f"g2rpo_lambda{'-'.join(map(str, lam))}_s{seed}", settings.eval_every,
-                               granularities=tuple(lam), overrides=settings.overrides, judge=judge, rewards=rewards,
-                               eval_per_class=settings.eval_per_class, curve_per_class=settings.curve_per_class)
-                r.pop("_grid")
-                ablation[key].append(r)
-            log(f"[{time.perf_counter() - t_start:6.0f}s] ablation Lambda={key} done")
-
     results = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
-               "world": str(world), "base": base_policy_eval, "lr_choice": lr_choice, "lr_search": lr_search,
-               "runs": runs, "ablation": ablation, "total_seconds": time.perf_counter() - t_start}
+               "world": str(world), "base": base_eval, "lr_choice": lr_choice, "grid": grid,
+               "per_sde_step_variant": variant, "total_seconds": time.perf_counter() - t_start}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    _write_figures(out, results, grids)
+    base_images = _base_grid(world)
+    _write_figures(out, results, images, base_images)
     (out / "tables.md").write_text(tables_markdown(results))
     log(f"comparison written to {out} in {results['total_seconds']:.0f} s")
     return results
@@ -179,6 +190,20 @@ def _evaluate_base(world: Path, judge, rewards, eval_per_class: int, curve_per_c
                                            rewards=rewards) for s in EVAL_STEPS},
             "train_score": _score(evaluate_lab(policy, world, per_class=curve_per_class, steps=16, test_prompts=False,
                                                judge=judge, rewards=rewards))}
+
+
+@torch.no_grad()
+def _base_grid(world: Path) -> torch.Tensor:
+    from .generator import load_lab_policy
+    from .world import lab_prompts_for, sample_images
+
+    labels = [c for c in range(10) for _ in range(6)]
+    return sample_images(load_lab_policy(world), lab_prompts_for(labels, test=True), steps=16, seed=777)
+
+
+def best_runs(results: dict, family: str) -> dict[str, list[dict]]:
+    """Per method: the runs (all seeds) at the lr chosen on seed 0."""
+    return {m: per_lr[f"{results['lr_choice'][family][m]:g}"] for m, per_lr in results["grid"][family].items()}
 
 
 def _threshold(runs: list[dict], target: float) -> tuple[str, str]:
@@ -195,83 +220,145 @@ def _threshold(runs: list[dict], target: float) -> tuple[str, str]:
     return (f"{np.mean(its):.0f} ({reached}/{len(runs)} seeds)", f"{np.mean(secs):.0f}")
 
 
-def tables_markdown(results: dict) -> str:
-    runs, base = results["runs"], results["base"]
-    cols = ("digit_alignment", "digit_realism", "judge_accuracy", "judge_realism", "diversity")
-    lines = ["### Table 1 analogue: in-domain rewards and out-of-domain judges (16 ODE steps, held-out prompts, "
-             "mean ± std over seeds)", "",
-             "| method | lr | " + " | ".join(cols) + " | s / iter | forward rows / iter |",
-             "|---|---|" + "---|" * (len(cols) + 2)]
-    lines.append("| base model | - | " + " | ".join(f"{base['final']['16'][c]:.3f}" for c in cols) + " | - | - |")
+def ordering(runs: dict[str, list[dict]], key) -> list[str]:
+    """Methods ordered best first by the mean over seeds of ``key(run)``."""
+    return sorted(runs, key=lambda m: -np.mean([key(r) for r in runs[m]]))
+
+
+def _paper_order_holds(order: list[str]) -> bool:
+    """Whether the paper's ordering G2RPO > w/o MGAI > MixGRPO > DanceGRPO appears in ``order``."""
+    ranks = [order.index(m) for m in PAPER_ORDER if m in order]
+    return len(ranks) == len(PAPER_ORDER) and ranks == sorted(ranks)
+
+
+def _table1(lines: list[str], base: dict, runs: dict[str, list[dict]], lr_of) -> None:
+    lines += ["| method | lr | " + " | ".join(COLS) + " | clip frac | opt. steps / iter | s / iter | rows / iter |",
+              "|---|---|" + "---|" * (len(COLS) + 4)]
+    lines.append("| base model | - | " + " | ".join(f"{base['final']['16'][c]:.3f}" for c in COLS) + " | - | - | - | - |")
     for m, rs in runs.items():
-        lines.append(f"| {m} | {results['lr_choice'][m]:g} | "
-                     + " | ".join(_mean_std([r["final"]["16"][c] for r in rs]) for c in cols)
-                     + f" | {np.mean([r['sec_per_iter'] for r in rs]):.2f} | "
+        lines.append(f"| {m} | {lr_of(m)} | " + " | ".join(_mean_std([r["final"]["16"][c] for r in rs]) for c in COLS)
+                     + f" | {np.mean([r['clip_frac'] for r in rs]):.3f} | "
+                       f"{np.mean([r['optimizer_steps_per_iter'] for r in rs]):.0f} | "
+                       f"{np.mean([r['sec_per_iter'] for r in rs]):.2f} | "
                        f"{np.mean([r['forward_rows_per_iter'] for r in rs]):.0f} |")
-    if results["ablation"]:
-        lines += ["", "### Table 2 analogue: granularities Lambda (G2RPO, same lr, 16 steps)", "",
-                  "| Lambda | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        for lam, rs in results["ablation"].items():
-            lines.append(f"| {lam} | " + " | ".join(_mean_std([r["final"]["16"][c] for r in rs]) for c in cols) + " |")
-    lines += ["", "### Table 4 analogue: fewer inference steps (judge accuracy / alignment + realism)", "",
-              "| method | " + " | ".join(f"{s} steps" for s in EVAL_STEPS) + " |", "|---|" + "---|" * len(EVAL_STEPS)]
-    lines.append("| base model | " + " | ".join(
-        f"{base['final'][str(s)]['judge_accuracy']:.3f} / {_score(base['final'][str(s)]):.3f}" for s in EVAL_STEPS) + " |")
-    for m, rs in runs.items():
-        cells = []
-        for s in EVAL_STEPS:
-            acc = np.mean([r["final"][str(s)]["judge_accuracy"] for r in rs])
-            sc = np.mean([_score(r["final"][str(s)]) for r in rs])
-            cells.append(f"{acc:.3f} / {sc:.3f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    if "dance_grpo" in runs:
-        target = float(np.mean([r["train_score"] for r in runs["dance_grpo"]]))
-        lines += ["", f"### Fig. 1a analogue: iterations and seconds to reach DanceGRPO's final train score "
-                      f"({target:.4f}, ODE evaluation every {results['settings']['eval_every']} iterations)", "",
-                  "| method | iterations | seconds |", "|---|---|---|"]
+
+
+def tables_markdown(results: dict) -> str:
+    base = results["base"]
+    s = results["settings"]
+    lines: list[str] = []
+    judge = lambda r: r["final"]["16"]["judge_accuracy"]  # noqa: E731
+    indomain = lambda r: _score(r["final"]["16"])  # noqa: E731
+    for family in results["grid"]:
+        runs = best_runs(results, family)
+        lines += [f"## Family `{family}` (configs/methods/*-{family}.yaml at lab scale)", "",
+                  f"### Table 1 analogue, best lr per method (chosen on seed 0 by the training-prompt score; "
+                  f"16 ODE steps, held-out prompts, mean ± std over {s['seeds']} seeds)", ""]
+        _table1(lines, base, runs, lambda m, f=family: f"{results['lr_choice'][f][m]:g}")
+        lines += ["", "### Equal-lr table: every method at each lr (judge accuracy / alignment + realism, "
+                      "16 steps, held-out prompts, mean over seeds)", "",
+                  "| method | " + " | ".join(f"lr {lr:g}" for lr in s["lr_grid"]) + " |",
+                  "|---|" + "---|" * len(s["lr_grid"])]
+        for m, per_lr in results["grid"][family].items():
+            cells = [f"{np.mean([judge(r) for r in rs]):.3f} / {np.mean([indomain(r) for r in rs]):.3f}"
+                     for rs in per_lr.values()]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += ["", "### Orderings (mean over seeds; the paper's: g2rpo > g2rpo_no_mgai > mix_grpo > dance_grpo)", ""]
+        for label, by in (("best lr", runs), *((f"lr {lr}", {m: p[lr] for m, p in results["grid"][family].items()})
+                                              for lr in next(iter(results["grid"][family].values())))):
+            for name, key in (("judge accuracy", judge), ("alignment + realism", indomain)):
+                order = ordering(by, key)
+                lines.append(f"- {label}, by {name}: {' > '.join(order)} -> paper ordering "
+                             f"{'appears' if _paper_order_holds(order) else 'does not appear'}")
+        lines += ["", "### Table 4 analogue: fewer inference steps, best lr (judge accuracy / alignment + realism)", "",
+                  "| method | " + " | ".join(f"{st} steps" for st in EVAL_STEPS) + " |",
+                  "|---|" + "---|" * len(EVAL_STEPS)]
+        lines.append("| base model | " + " | ".join(
+            f"{base['final'][str(st)]['judge_accuracy']:.3f} / {_score(base['final'][str(st)]):.3f}"
+            for st in EVAL_STEPS) + " |")
         for m, rs in runs.items():
-            it, sec = _threshold(rs, target)
-            lines.append(f"| {m} | {it} | {sec} |")
-    lines += ["", "### Learning-rate search (seed 0, train score = alignment + realism on training prompts)", "",
-              "| method | " + " | ".join(f"lr {k}" for k in next(iter(results["lr_search"].values()))) + " |",
-              "|---|" + "---|" * len(next(iter(results["lr_search"].values())))]
-    for m, d in results["lr_search"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in d.values()) + " |")
-    lines += ["", "### Reward hacking check", ""]
-    for m, rs in runs.items():
-        d_align = np.mean([r["final"]["16"]["digit_alignment"] for r in rs]) - base["final"]["16"]["digit_alignment"]
-        d_judge = np.mean([r["final"]["16"]["judge_accuracy"] for r in rs]) - base["final"]["16"]["judge_accuracy"]
-        d_div = np.mean([r["final"]["16"]["diversity"] for r in rs]) - base["final"]["16"]["diversity"]
-        verdict = ("alignment rose while the out-of-domain judge fell: reward hacking" if d_align > 0 > d_judge
-                   else "alignment and judge moved together")
-        lines.append(f"- {m}: alignment {d_align:+.3f}, judge accuracy {d_judge:+.3f}, diversity {d_div:+.3f} "
-                     f"-> {verdict}")
+            cells = [f"{np.mean([r['final'][str(st)]['judge_accuracy'] for r in rs]):.3f} / "
+                     f"{np.mean([_score(r['final'][str(st)]) for r in rs]):.3f}" for st in EVAL_STEPS]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        if "dance_grpo" in runs:
+            target = float(np.mean([r["train_score"] for r in runs["dance_grpo"]]))
+            lines += ["", f"### Fig. 1a analogue: iterations and seconds to reach DanceGRPO's final train score "
+                          f"({target:.4f}; ODE evaluation every {s['eval_every']} iterations)", "",
+                      "| method | iterations | seconds |", "|---|---|---|"]
+            for m, rs in runs.items():
+                it, sec = _threshold(rs, target)
+                lines.append(f"| {m} | {it} | {sec} |")
+        lines += ["", "### Reward hacking check (best lr)", ""]
+        for m, rs in runs.items():
+            d = {c: np.mean([r["final"]["16"][c] for r in rs]) - base["final"]["16"][c] for c in COLS}
+            verdict = ("alignment rose while the out-of-domain judge fell: reward hacking"
+                       if d["digit_alignment"] > 0 > d["judge_accuracy"] else "alignment and judge moved together")
+            lines.append(f"- {m}: alignment {d['digit_alignment']:+.3f}, judge accuracy {d['judge_accuracy']:+.3f}, "
+                         f"diversity {d['diversity']:+.3f} -> {verdict}")
+        lines.append("")
+    variant = results.get("per_sde_step_variant") or {}
+    if variant:
+        lines += ["## G2RPO vs w/o MGAI: the update schedule alone (paper preset, same lr)", "",
+                  "| method | schedule | " + " | ".join(COLS) + " | clip frac | opt. steps / iter |",
+                  "|---|---|" + "---|" * (len(COLS) + 2)]
+        paper = best_runs(results, "paper")
+        for m, rs in variant.items():
+            for sched, runs_ in (("per_iteration", paper[m]), ("per_sde_step", rs)):
+                lines.append(f"| {m} | {sched} | " + " | ".join(_mean_std([r["final"]["16"][c] for r in runs_])
+                                                                for c in COLS)
+                             + f" | {np.mean([r['clip_frac'] for r in runs_]):.3f} | "
+                               f"{np.mean([r['optimizer_steps_per_iter'] for r in runs_]):.0f} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
-def _write_figures(out: Path, results: dict, grids: dict[str, torch.Tensor]) -> None:
+def _labelled_grid(ax, images: torch.Tensor, title: str, per_digit: int) -> None:
+    """One row per digit (0-9), ``per_digit`` samples each, labelled."""
+    S = images.shape[-1]
+    pad = 1
+    canvas = np.full((10 * (S + pad), per_digit * (S + pad)), 0.5)
+    for i, img in enumerate(images.numpy()):
+        r, c = divmod(i, per_digit)
+        canvas[r * (S + pad):r * (S + pad) + S, c * (S + pad):c * (S + pad) + S] = img
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks([r * (S + pad) + S / 2 for r in range(10)], [str(d) for d in range(10)])
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9)
+
+
+def _write_figures(out: Path, results: dict, images: dict[str, dict[str, torch.Tensor]],
+                   base_images: torch.Tensor) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from torchvision.utils import save_image
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m, rs in results["runs"].items():
-        its = [it for it, _ in rs[0]["curve"]]
-        vals = np.array([[s for _, s in r["curve"]] for r in rs])
-        mean, std = vals.mean(0), vals.std(0)
-        ax.plot(its, mean, label=m)
-        ax.fill_between(its, mean - std, mean + std, alpha=0.2)
-    ax.axhline(results["base"]["train_score"], color="gray", ls="--", lw=1, label="base model")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("alignment + realism (ODE, 16 steps)")
-    ax.set_title("Lab world: in-domain reward vs iteration (band: ± std over seeds)")
-    ax.legend(fontsize=8)
+    families = list(results["grid"])
+    fig, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.5), squeeze=False, sharey=True)
+    for ax, family in zip(axes[0], families):
+        for m, rs in best_runs(results, family).items():
+            its = [it for it, _ in rs[0]["curve"]]
+            vals = np.array([[v for _, v in r["curve"]] for r in rs])
+            mean, std = vals.mean(0), vals.std(0)
+            ax.plot(its, mean, label=f"{m} (lr {results['lr_choice'][family][m]:g})")
+            ax.fill_between(its, mean - std, mean + std, alpha=0.2)
+        ax.axhline(results["base"]["train_score"], color="gray", ls="--", lw=1, label="base model")
+        ax.set_xlabel("iteration")
+        ax.set_title(f"presets: {family} (band: ± std over seeds)", fontsize=10)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("alignment + realism (ODE, 16 steps, training prompts)")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
     (out / "grids").mkdir(exist_ok=True)
-    for m, images in grids.items():
-        big = torch.nn.functional.interpolate(images[:, None], scale_factor=4, mode="nearest")
-        save_image(big, out / "grids" / f"{m}.png", nrow=8, padding=2, pad_value=0.5)
+    per_digit = base_images.shape[0] // 10
+    for family, per_method in images.items():
+        n = len(per_method) + 1
+        fig, axes = plt.subplots(1, n, figsize=(1.1 * per_digit * n * 0.45 + 1, 6.2), squeeze=False)
+        _labelled_grid(axes[0][0], base_images, "base model", per_digit)
+        for ax, (m, imgs) in zip(axes[0][1:], per_method.items()):
+            _labelled_grid(ax, imgs, f"{m}\nlr {results['lr_choice'][family][m]:g}", per_digit)
+        fig.suptitle(f"held-out prompts, one row per digit, fixed noise (presets: {family})", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / "grids" / f"{family}.png", dpi=110)
+        plt.close(fig)
