@@ -9,12 +9,14 @@ before any model loads: unknown keys, wrong types and impossible combinations ra
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 __all__ = ["ConfigError", "ModelConfig", "LoraConfig", "SamplerConfig", "RewardSpec", "LossConfig", "AdvantageConfig",
@@ -174,6 +176,7 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "g2rpo"
     progress: bool = True
+    dist_timeout_s: int = 900  # torch.distributed collectives: a hung rank stops the others after this
 
     def validate(self) -> None:
         """Impossible combinations, named by key (no model is loaded)."""
@@ -230,19 +233,64 @@ class TrainConfig:
             ("ops_backend", self.ops_backend in ("auto", "torch", "triton", "cpp", "cuda"),
              "must be auto, torch, triton, cpp or cuda"),
         ]
+        finite = lambda x: math.isfinite(x)  # noqa: E731
+        checks += [
+            ("seed", self.seed >= 0, f"must be >= 0, got {self.seed}"),
+            ("sampler_seed", self.sampler_seed >= 0, f"must be >= 0, got {self.sampler_seed}"),
+            ("optim.lr", finite(self.optim.lr), f"must be finite, got {self.optim.lr}"),
+            ("loss.clip_range", finite(self.loss.clip_range), f"must be finite, got {self.loss.clip_range}"),
+            ("loss.adv_clip_max", finite(self.loss.adv_clip_max), f"must be finite, got {self.loss.adv_clip_max}"),
+            ("loss.kl_beta", finite(self.loss.kl_beta), f"must be finite, got {self.loss.kl_beta}"),
+            ("sampler.granularities", all(g < s.num_steps for g in s.granularities),
+             f"must be < sampler.num_steps ({s.num_steps}): a granularity is a stride over the remaining steps, "
+             f"got {s.granularities}"),
+            ("dist_timeout_s", self.dist_timeout_s >= 1, "must be >= 1"),
+        ]
         for key, ok, msg in checks:
             if not ok:
                 raise ConfigError(f"{key} {msg}")
         try:
-            make_strategy(s.strategy, **s.strategy_options())
+            strategy = make_strategy(s.strategy, **s.strategy_options())
         except ValueError as err:
             raise ConfigError(f"sampler: {err}") from None
+        _check_sde_steps(strategy)
         from .rewards import REWARD_BUILDERS
         from . import lab as _lab  # noqa: F401  (registers the lab rewards)
 
         for i, r in enumerate(self.rewards):
             if r.name not in REWARD_BUILDERS:
                 raise ConfigError(f"rewards[{i}].name: unknown reward {r.name!r}; known: {sorted(REWARD_BUILDERS)}")
+
+
+def _check_sde_steps(strategy) -> None:
+    """Refuse settings whose rollouts would be nonsense: an eta so large that an SDE step's mean
+    coefficient ``a`` (x_next = a x + b v + ...) is <= 0, and granularities that give one prompt's
+    branch the same ODE continuation twice (the same rewards counted twice)."""
+    from .rollout.strategies import G2RPOStrategy
+    from .schedule import granularity_grid, sigma_schedule
+    from .sde import sde_coefficients
+
+    T = strategy.num_steps
+    steps = list(strategy.sde_indices) if isinstance(strategy, G2RPOStrategy) else list(range(T))
+    sig = sigma_schedule(T)
+    a, _, _ = sde_coefficients(sig, torch.tensor(steps), float(strategy.eta), strategy.sde_kind)
+    if (a <= 0).any():
+        i = int(torch.argmin(a))
+        a1, _, _ = sde_coefficients(sig, torch.tensor(steps), 1.0, strategy.sde_kind)
+        eta_max = float(torch.sqrt(1.0 / (1.0 - a1).clamp_min(1e-12)).min())  # a = 1 - eta^2 (1 - a(eta=1))
+        raise ConfigError(f"sampler.eta={strategy.eta:g} is too large: the SDE step at grid index {steps[i]} "
+                          f"(sigma {float(sig[steps[i]]):.4f}) would scale x by {float(a[i]):.3g} <= 0; "
+                          f"eta must be < {eta_max:.3f} here (the public code uses 0.3-0.7)")
+    if isinstance(strategy, G2RPOStrategy):
+        for e in strategy.sde_indices:
+            grids: dict[tuple[int, ...], int] = {}
+            for lam in strategy.granularities:
+                g = tuple(granularity_grid(T, e, lam))
+                if g in grids:
+                    raise ConfigError(f"sampler.granularities: at SDE index {e} granularities {grids[g]} and {lam} "
+                                      f"give the same ODE continuation {list(g)} (num_steps {T}): the same rewards "
+                                      "would be counted twice; drop one granularity or that SDE index")
+                grids[g] = lam
 
 
 # ---- strict (de)serialisation -----------------------------------------------------------
@@ -324,8 +372,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if arg.startswith("--"):
             arg = arg[2:]
             if "=" not in arg:
-                if i + 1 >= len(args):
-                    raise ConfigError(f"--{arg} needs a value")
+                if i + 1 >= len(args) or args[i + 1].startswith("--") or "=" in args[i + 1]:
+                    raise ConfigError(f"--{arg} needs a value (--{arg} VALUE or {arg}=VALUE)")
                 arg = f"{arg}={args[i + 1]}"
                 i += 1
         if "=" not in arg:

@@ -12,13 +12,18 @@ a separate bf16 replica but with no copy to refresh after each update.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "shard_module", "rollout_mode", "is_fsdp"]
+__all__ = ["DistContext", "exit_with_parent", "shard_module", "rollout_mode", "is_fsdp"]
 
 
 @dataclass
@@ -37,8 +42,12 @@ class DistContext:
         return self.rank == 0
 
     @classmethod
-    def init(cls) -> "DistContext":
-        """Initialise from torchrun's environment (nccl on GPU, gloo on CPU); a plain run is rank 0 of 1."""
+    def init(cls, timeout_s: float = 900) -> "DistContext":
+        """Initialise from torchrun's environment (nccl on GPU, gloo on CPU); a plain run is rank 0 of 1.
+
+        Collectives time out after ``timeout_s`` (a hung rank stops the others instead of hanging
+        them forever), and a worker exits when its launcher dies (no orphans training on).
+        """
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
@@ -46,8 +55,11 @@ class DistContext:
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
+        if world > 1:
+            exit_with_parent()
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
         rank = dist.get_rank() if dist.is_initialized() else 0
         return cls(rank=rank, world=world, local_rank=local, device=device)
 
@@ -86,6 +98,31 @@ class DistContext:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def exit_with_parent() -> None:
+    """Die with the launcher: Linux's PR_SET_PDEATHSIG (SIGTERM when the parent exits, SIGKILL included),
+    and a watchdog thread that notices a changed parent elsewhere (or if the signal is handled)."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        except OSError:
+            pass
+    if os.getppid() != parent or parent == 1:  # the parent died before the call: go now
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(2.0)
+            if os.getppid() != parent:
+                print(f"g2rpo: launcher (pid {parent}) is gone; rank exiting", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="g2rpo-parent-watchdog", daemon=True).start()
 
 
 def is_fsdp(module: torch.nn.Module) -> bool:

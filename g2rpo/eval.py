@@ -139,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             opts = dict((options or {}).get(name, {}))
             if kind == "lab" and name.startswith("digit_"):
                 opts.setdefault("world", args.model)
-            rewards.append((name, make_reward(name, **opts)))
+            try:
+                rewards.append((name, make_reward(name, **opts)))
+            except TypeError as err:  # a required option (a checkpoint path, ...) is missing
+                raise ValueError(f"reward {name!r} is missing options ({err}): pass --reward-options FILE holding "
+                                 f"{{{name}: {{option: value}}}} (README: where the checkpoints go)") from None
     except (FileNotFoundError, ValueError) as err:
         print(f"eval: {err}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ import torch
 __all__ = [
     "SDE_KINDS",
     "SdeKind",
+    "diffusion",
     "sde_coefficients",
     "sde_transition",
     "gaussian_log_prob",
@@ -61,14 +62,12 @@ def _index_tensor(sigmas: torch.Tensor, index: IndexLike, name: str) -> torch.Te
     return idx.long()
 
 
-def sde_coefficients(
-    sigmas: torch.Tensor, index: IndexLike, eta: float, kind: SdeKind = "flow_grpo"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row float64 coefficients ``(a, b, std)`` of the step ``sigmas[index] -> sigmas[index+1]``.
-
-    ``index`` is an int (scalars returned as 0-d tensors) or a 1-D tensor of per-row indices.
-    ``eta = 0`` gives the Euler ODE step (a = 1, b = dt, std = 0).
-    """
+def diffusion(sigmas: torch.Tensor, index: IndexLike, eta: float,
+              kind: SdeKind = "flow_grpo") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 ``(sigma_t, t, dt)`` of the step ``sigmas[index] -> sigmas[index + 1]``: the SDE's
+    diffusion coefficient (Eq. 3: ``eta * sqrt(t / (1 - t))`` for ``flow_grpo``, with the next schedule
+    value replacing t in (1 - t) at t = 1; the constant ``eta`` for ``dance_grpo``), the time and the
+    (negative) step."""
     if kind not in SDE_KINDS:
         raise ValueError(f"kind must be one of {SDE_KINDS}, got {kind!r}")
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
@@ -79,14 +78,24 @@ def sde_coefficients(
     sig = sigmas.to(torch.float64)
     t = sig[idx]
     dt = sig[idx + 1] - t
-    if kind == "flow_grpo":
-        # Flow-GRPO's t = 1 rule: the next schedule value replaces t in (1 - t).
-        denom = 1.0 - torch.where(t == 1.0, sig[1], t)
-        diffusion_sq = eta**2 * t / denom  # sigma_t^2
-        std = torch.sqrt(diffusion_sq) * torch.sqrt(-dt)
+    if kind == "flow_grpo":  # Flow-GRPO's t = 1 rule: the next schedule value replaces t in (1 - t)
+        sigma_t = float(eta) * torch.sqrt(t / (1.0 - torch.where(t == 1.0, sig[1], t)))
     else:
-        diffusion_sq = torch.full_like(t, float(eta) ** 2)
-        std = float(eta) * torch.sqrt(-dt)
+        sigma_t = torch.full_like(t, float(eta))
+    return sigma_t, t, dt
+
+
+def sde_coefficients(
+    sigmas: torch.Tensor, index: IndexLike, eta: float, kind: SdeKind = "flow_grpo"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row float64 coefficients ``(a, b, std)`` of the step ``sigmas[index] -> sigmas[index+1]``.
+
+    ``index`` is an int (scalars returned as 0-d tensors) or a 1-D tensor of per-row indices.
+    ``eta = 0`` gives the Euler ODE step (a = 1, b = dt, std = 0).
+    """
+    sigma_t, t, dt = diffusion(sigmas, index, eta, kind)
+    diffusion_sq = sigma_t**2
+    std = sigma_t * torch.sqrt(-dt)
     a = 1.0 + diffusion_sq / (2.0 * t) * dt
     b = (1.0 + diffusion_sq * (1.0 - t) / (2.0 * t)) * dt
     return a, b, std

@@ -15,8 +15,15 @@ from .world import build_world, default_cache_dir, lab_prompts_for, sample_image
 
 
 def _checkpoint(arg: str | None) -> Path:
+    """A lab model folder: the given one, a training run's ``final/`` export, or the cached base model."""
     if arg is not None:
-        return Path(arg)
+        folder = Path(arg)
+        if (folder / "lab_world.json").is_file():
+            return folder
+        if (folder / "final" / "lab_world.json").is_file():  # a run's output_dir: its exported policy
+            return folder / "final"
+        sys.exit(f"{folder} is not a lab model: no lab_world.json there nor in {folder / 'final'} "
+                 "(pass a lab world, a run's output_dir or its final/ folder)")
     folder = default_cache_dir() / "base"
     if not (folder / "lab_world.json").is_file():
         sys.exit(f"no lab world at {folder}: run `python -m g2rpo.lab build` first or pass --checkpoint")
@@ -81,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         policy = load_lab_policy(_checkpoint(args.checkpoint))
         labels = [i % 10 for i in range(args.n)]
         images = sample_images(policy, lab_prompts_for(labels), steps=args.steps, seed=args.seed)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.out, images=images.numpy().astype(np.float32), labels=np.asarray(labels, dtype=np.int64))
         print(f"wrote {args.n} samples to {args.out}")
         return
@@ -91,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         labels = [c for c in range(10) for _ in range(args.per_class)]
         images = sample_images(policy, lab_prompts_for(labels), steps=args.steps, seed=args.seed)
         big = torch.nn.functional.interpolate(images[:, None], scale_factor=32 // policy.size, mode="nearest")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_image(big, args.out, nrow=args.per_class, padding=2, pad_value=0.5)
         print(f"wrote a {10}x{args.per_class} grid to {args.out}")
 

@@ -17,6 +17,7 @@ the mean pairwise RMS distance within a prompt's samples.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from sklearn.svm import SVC
 
 from ..rewards.base import register_reward
 from .data import DigitSplits, load_splits, to_unit
+from .generator import LabWorldConfig
 from .prompts import prompt_label
 
 __all__ = ["DigitAlignment", "DigitRealism", "OODJudge", "fit_alignment", "diversity", "nearest_distance"]
@@ -140,8 +142,6 @@ class OODJudge:
 def _build_alignment(world: str | Path | None = None, seed: int = 0, image_size: int = 8) -> DigitAlignment:
     """From a built lab world's saved weights, or fitted afresh for (seed, image_size)."""
     if world is not None:
-        from .world import load_rewards
-
         return load_rewards(world)["digit_alignment"]
     return DigitAlignment(*fit_alignment(load_splits(seed, image_size), seed))
 
@@ -149,8 +149,29 @@ def _build_alignment(world: str | Path | None = None, seed: int = 0, image_size:
 @register_reward("digit_realism")
 def _build_realism(world: str | Path | None = None, seed: int = 0, image_size: int = 8) -> DigitRealism:
     if world is not None:
-        from .world import load_rewards
-
         return load_rewards(world)["digit_realism"]
     s = load_splits(seed, image_size)
     return DigitRealism(to_unit(s.train_x).reshape(len(s.train_y), -1))
+
+
+def config_of(folder: Path) -> LabWorldConfig:
+    """The :class:`LabWorldConfig` saved in a lab model folder."""
+    f = Path(folder) / "lab_world.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{folder} is not a lab model folder: missing {f.name}")
+    return LabWorldConfig(**json.loads(f.read_text()))
+
+
+def load_rewards(world: str | Path) -> dict[str, object]:
+    """The in-domain rewards of a built world: ``digit_alignment``, ``digit_realism``."""
+    from safetensors.torch import load_file
+
+    world = Path(world)
+    cfg = config_of(world)
+    f = world / "rewards" / "digit_alignment.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"missing reward weights {f}: rebuild with `python -m g2rpo.lab build`")
+    w = load_file(str(f))
+    s = load_splits(cfg.seed, cfg.image_size)
+    return {"digit_alignment": DigitAlignment(w["coef"], w["intercept"]),
+            "digit_realism": DigitRealism(to_unit(s.train_x).reshape(len(s.train_y), -1))}

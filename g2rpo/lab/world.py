@@ -13,7 +13,7 @@ from ..rewards.base import WeightedRewards
 from .data import load_splits
 from .generator import LabPolicy, LabWorldConfig, build_base_model, load_lab_policy
 from .prompts import class_prompts
-from .rewards import DigitAlignment, DigitRealism, OODJudge, fit_alignment
+from .rewards import OODJudge, config_of as _config_of, fit_alignment, load_rewards
 
 __all__ = ["default_cache_dir", "build_world", "load_rewards", "load_judge", "lab_prompts_for", "sample_images"]
 
@@ -55,30 +55,6 @@ def build_world(folder: str | Path | None = None, config: LabWorldConfig = LabWo
     if log:
         log(f"lab world built in {folder}")
     return folder
-
-
-def _config_of(folder: Path) -> LabWorldConfig:
-    f = Path(folder) / "lab_world.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{folder} is not a lab model folder: missing {f.name}")
-    return LabWorldConfig(**json.loads(f.read_text()))
-
-
-def load_rewards(world: str | Path) -> dict[str, object]:
-    """The in-domain rewards of a built world: ``digit_alignment``, ``digit_realism``."""
-    from safetensors.torch import load_file
-
-    world = Path(world)
-    cfg = _config_of(world)
-    f = world / "rewards" / "digit_alignment.safetensors"
-    if not f.is_file():
-        raise FileNotFoundError(f"missing reward weights {f}: rebuild with `python -m g2rpo.lab build`")
-    w = load_file(str(f))
-    s = load_splits(cfg.seed, cfg.image_size)
-    from .data import to_unit
-
-    return {"digit_alignment": DigitAlignment(w["coef"], w["intercept"]),
-            "digit_realism": DigitRealism(to_unit(s.train_x).reshape(len(s.train_y), -1))}
 
 
 def combined_reward(world: str | Path, weights: dict[str, float] | None = None) -> WeightedRewards:

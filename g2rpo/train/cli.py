@@ -13,10 +13,12 @@ import json
 import sys
 
 import numpy as np
+import torch
 
 from ..config import ConfigError, load_config
 from ..distributed import rollout_mode
-from .trainer import Trainer, TrainingError
+from .loop import Trainer
+from .optimize import TrainingError
 
 __all__ = ["main"]
 
@@ -24,14 +26,17 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from ..config import config_to_dict
+
     parser = argparse.ArgumentParser(
         prog="python -m g2rpo.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Overrides: key=value or --key value (dotted keys, YAML values), e.g. "
-               "sampler.group_size=8 --optim.lr 1e-5 --resume")
+               "sampler.group_size=8 --optim.lr 1e-5 --resume. --print-config lists every key.")
     parser.add_argument("--config", action="append", default=None,
                         help="YAML config (default: the embedded lab config); repeat to merge left to right, "
                              "e.g. --config configs/lab.yaml --config configs/methods/dance_grpo-official.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     args, rest = parser.parse_known_args(argv)
     overrides = list(rest) + (["resume=true"] if args.resume else [])
     try:
@@ -39,23 +44,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    try:
-        from ..policy import check_paths
+    if args.print_config:
+        import yaml
 
-        check_paths(cfg.model, cfg.rewards)
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    try:
         trainer = Trainer(cfg)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    base_eval = _lab_eval(trainer) if cfg.model.kind == "lab" else None
     try:
+        if trainer.complete:
+            print(f"run complete: {trainer.out} already holds all {cfg.iterations} iterations "
+                  f"(raise iterations=N to continue it)")
+            return 0
+        base_eval = _lab_eval(trainer, base=True) if cfg.model.kind == "lab" else None
         history = trainer.run()
+        final_eval = _lab_eval(trainer) if base_eval is not None and history else None
     except TrainingError as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 3
     finally:
-        trainer.ctx.close()
-    final_eval = _lab_eval(trainer) if base_eval is not None and history else None
+        trainer.close()
     if trainer.ctx.is_main and history:
         _print_curve(history, trainer)
         if final_eval is not None:
@@ -66,12 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _lab_eval(trainer: Trainer) -> dict[str, float]:
-    """Held-out lab evaluation; every rank runs it (sharded forwards are collective)."""
+def _lab_eval(trainer: Trainer, base: bool = False) -> dict[str, float]:
+    """Held-out lab evaluation of the trained policy, or (``base``) of the base model loaded afresh
+    (a resumed run's policy is not the base model). Every rank runs it (sharded forwards are collective)."""
+    from ..lab.generator import load_lab_policy
     from ..lab.world import evaluate_lab
 
+    steps = trainer.cfg.sampler.num_steps
+    if base:
+        policy = load_lab_policy(trainer.base_path).to(trainer.ctx.device)
+        with torch.no_grad(), trainer.autocast():
+            return evaluate_lab(policy, trainer.base_path, steps=steps)
     with rollout_mode(trainer.module), trainer.autocast():
-        return evaluate_lab(trainer.policy, trainer.base_path, steps=trainer.cfg.sampler.num_steps)
+        return evaluate_lab(trainer.policy, trainer.base_path, steps=steps)
 
 
 def _print_curve(history: list[dict[str, float]], trainer: Trainer) -> None:

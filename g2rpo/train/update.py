@@ -95,7 +95,6 @@ def slot_logprob(policy, ro: Rollout, k: int, rows: slice, cond: Any, *, mask: t
     shared = bool((src_of == src_of[0]).all())
     if shared and mask is None and not need_mean:  # G2RPO: one x_k and one v_k per prompt, fused op
         x_src = ro.x_k[rows, int(src_of[0])]  # [Pc, ...]
-        shape = x_src.shape[1:]
         v = _velocity(policy, ro, e, x_src, torch.arange(rows.start, rows.stop, device=dev), cond, quantize_timesteps)
         a, b, std = sde_coefficients(ro.sigmas, e, ro.eta, ro.sde_kind)
         x_next = ro.x_next[rows, k]  # [Pc, G, ...]
@@ -109,7 +108,6 @@ def slot_logprob(policy, ro: Rollout, k: int, rows: slice, cond: Any, *, mask: t
     need[tp, src_of[tg]] = True
     pp, ss = need.nonzero(as_tuple=True)
     x_src = ro.x_k[rows.start + pp, ss]  # [n, ...]
-    shape = x_src.shape[1:]
     v = _velocity(policy, ro, e, x_src, rows.start + pp, cond, quantize_timesteps)
     row_of = torch.full((Pc, S), -1, dtype=torch.long, device=dev)
     row_of[pp, ss] = torch.arange(pp.numel(), device=dev)

@@ -1,0 +1,32 @@
+"""The official G2RPO scripts' ``flow_grpo_step`` (``fastvideo/train_g2rpo_hps.py``).
+
+Swap it in by changing one import (or the function's definition)::
+
+    from g2rpo.compat.g2rpo_official import flow_grpo_step
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..sde import sde_step_with_logprob
+
+__all__ = ["flow_grpo_step"]
+
+
+def flow_grpo_step(model_output: torch.Tensor, latents: torch.Tensor, eta: float, sigmas: torch.Tensor, index: int,
+                   prev_sample: torch.Tensor | None, generator: torch.Generator | None = None):
+    """The Flow-GRPO SDE step (Eq. 2-3) as the official G2RPO code calls it: ``eta = 0`` for its ODE
+    steps (``log_prob`` is then NaN, unused there). Noise is drawn as there: ``randn_tensor`` with the
+    model output's dtype (bf16 under autocast). Returns ``(prev_sample, pred_original_sample, log_prob)``.
+    """
+    x = latents.float()
+    pred_original_sample = x - float(sigmas[index]) * model_output.float()
+    noise = None
+    if prev_sample is None:
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype).float()
+    prev, log_prob, _, _ = sde_step_with_logprob(model_output, x, sigmas, index, float(eta), prev_sample=prev_sample,
+                                                 noise=noise, kind="flow_grpo")
+    return prev, pred_original_sample, log_prob

@@ -1,0 +1,129 @@
+"""What a run writes besides checkpoints: ``metrics.jsonl``, TensorBoard, wandb, ``config.json`` and
+image grids of fixed prompts with fixed noise (comparable from one grid to the next)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import TrainConfig, config_to_dict
+
+__all__ = ["RunLog", "read_metrics", "human_config", "save_prompt_grid"]
+
+#: ModelConfig fields that only a real (Flux/SD3) pipeline uses.
+_PIPELINE_ONLY = ("guidance_scale", "height", "width", "max_sequence_length")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``path``; a line that does not parse (a write cut short by a crash) is
+    skipped with a warning instead of making every resume fail."""
+    out = []
+    if not path.is_file():
+        return out
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{n}: skipping a line that is not valid JSON (a write cut short?)", stacklevel=2)
+    return out
+
+
+def human_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as ``config.json`` records it: without the pipeline-only model fields for the lab."""
+    d = config_to_dict(cfg)
+    if cfg.model.kind == "lab":
+        for key in _PIPELINE_ONLY:
+            d["model"].pop(key, None)
+    return d
+
+
+class RunLog:
+    """Main-rank writer of metrics (JSONL, TensorBoard, wandb); a no-op on other ranks."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, is_main: bool, start_iteration: int, log=print) -> None:
+        self.out, self.cfg, self.is_main = out, cfg, is_main
+        self._jsonl = self._tb = self._wandb = None
+        if not is_main:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(human_config(cfg), indent=1))
+        metrics = out / "metrics.jsonl"
+        if metrics.exists():  # keep what the resumed-from checkpoint covers, drop the lost tail
+            kept = [m for m in read_metrics(metrics) if m.get("iteration", 0) <= start_iteration]
+            metrics.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        self._jsonl = metrics.open("a")
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                log("tensorboard requested but not installed: pip install tensorboard")
+        if cfg.wandb:
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=cfg.wandb_project, config=config_to_dict(cfg), dir=str(out),
+                                         resume="allow")
+            except ImportError:
+                log("wandb requested but not installed: pip install wandb")
+
+    def write(self, m: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        self._jsonl.write(json.dumps(m) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in m.items():
+                if k != "iteration" and v is not None:
+                    self._tb.add_scalar(k, v, m["iteration"])
+        if self._wandb is not None:
+            self._wandb.log(m, step=m["iteration"])
+
+    def close(self) -> None:
+        for w in (self._jsonl, self._tb):
+            if w is not None:
+                w.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._jsonl = self._tb = self._wandb = None
+
+
+@torch.no_grad()
+def save_prompt_grid(path: Path, images: torch.Tensor, prompts: list[str], per_prompt: int, min_px: int = 96) -> None:
+    """``images [len(prompts) * per_prompt, C, H, W]`` in [0, 1] as one labelled row per prompt,
+    upscaled (nearest) to at least ``min_px`` pixels a side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if images.ndim == 3:
+        images = images[:, None]
+    scale = max(1, -(-min_px // images.shape[-1]))
+    big = torch.nn.functional.interpolate(images.float().cpu(), scale_factor=scale, mode="nearest")
+    n, c, h, w = big.shape
+    rows = len(prompts)
+    canvas = torch.full((c, rows * (h + 2), per_prompt * (w + 2)), 0.5)
+    for i in range(n):
+        r, col = divmod(i, per_prompt)
+        canvas[:, r * (h + 2):r * (h + 2) + h, col * (w + 2):col * (w + 2) + w] = big[i]
+    arr = canvas.permute(1, 2, 0).numpy()
+    fig_w = max(4.0, per_prompt * w / 60 + 3)
+    fig, ax = plt.subplots(figsize=(fig_w, rows * h / 60 + 0.6))
+    ax.imshow(arr[..., 0] if c == 1 else arr.clip(0, 1), cmap="gray" if c == 1 else None, vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_yticks([r * (h + 2) + h / 2 for r in range(rows)], [p if len(p) <= 40 else p[:37] + "..." for p in prompts],
+                  fontsize=8)
+    ax.set_xticks([])
+    ax.set_title(path.stem, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,328 @@
+"""The trainer: one iteration is prompts -> rollout -> score -> advantages -> update -> log -> checkpoint.
+
+Set-up lives in :mod:`.setup`, the update's math in :mod:`.update`, the optimizer steps of one
+iteration in :mod:`.optimize`, logs in :mod:`.logs`, the run directory's rules in :mod:`.rundir`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..advantage import batch_std, check_finite_rewards, integrate_advantages
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import ConfigError, TrainConfig, config_to_dict
+from ..distributed import DistContext, rollout_mode
+from ..policy import build_rewards, load_policy
+from ..prompts import PromptSchedule, load_prompts
+from ..rollout import G2RPOSampler, Rollout, make_strategy
+from .logs import RunLog, save_prompt_grid
+from .optimize import TrainingError, train_on
+from .rundir import OutputLock, loadable_checkpoints, preflight, resume_changes, stored_config
+from .setup import apply_lr, autocast, build_optimizer, build_policy
+
+__all__ = ["Trainer", "TrainingError", "seed_of"]
+
+REDUCE = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", "ratio_last_step_max_dev": "max",
+          "adv_abs_max": "max", "adv_mean": "max", "adv_std": "max", "forward_rows": "sum", "time_rollout": "max",
+          "time_reward": "max", "time_train": "max", "time_iteration": "max", "recompute_forward_rows": "sum",
+          "old_logprob_max_dev": "max"}
+
+
+def seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _fault_point(iteration: int, phase: str) -> None:
+    """Fault injection for the kill-and-resume test: ``G2RPO_FAULT=kill@ITER:PHASE``."""
+    spec = os.environ.get("G2RPO_FAULT")
+    if spec and spec == f"kill@{iteration}:{phase}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Trainer:
+    """Owns the policy, optimiser, sampler and rewards; ``run()`` trains to ``cfg.iterations``."""
+
+    def __init__(self, cfg: TrainConfig, log=print) -> None:
+        self.cfg = cfg
+        self.ctx = DistContext.init(timeout_s=cfg.dist_timeout_s)
+        self.log = log if self.ctx.is_main else (lambda *a, **k: None)
+        if cfg.data.prompts_per_iteration % self.ctx.world:
+            raise ConfigError(f"data.prompts_per_iteration ({cfg.data.prompts_per_iteration}) must be divisible "
+                              f"by the number of ranks ({self.ctx.world})")
+        preflight(cfg)
+        self.out = Path(cfg.output_dir)
+        self.lock = self._lock()
+        candidates = loadable_checkpoints(self.out)
+        if not cfg.resume and candidates:
+            if not cfg.overwrite:
+                raise ConfigError(f"output_dir {self.out} holds checkpoints of an earlier run: continue it with "
+                                  "--resume, start over with overwrite=true, or pick another output_dir")
+            if self.ctx.is_main:
+                import shutil
+
+                shutil.rmtree(self.out / "checkpoints")
+            self.ctx.barrier()
+            candidates = []
+        self.changes = self._resume_changes(candidates) if cfg.resume else []
+        self.prompts = PromptSchedule(load_prompts(cfg.data.prompts), cfg.seed, cfg.data.shuffle)
+        torch.manual_seed(cfg.seed)
+        s = build_policy(cfg, self.ctx, self.log)
+        self.setup = s
+        self.policy, self.module, self.base_path, self.compute_dtype = s.policy, s.module, s.base_path, s.compute_dtype
+        self.params = s.params
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.params)
+        self.ema = ({n: p.detach().clone().float() for n, p in self.module.named_parameters() if p.requires_grad}
+                    if cfg.ema_decay is not None else None)
+        strategy = make_strategy(cfg.sampler.strategy, **cfg.sampler.strategy_options())
+        self.sampler = G2RPOSampler(self.policy, shift=cfg.sampler.shift, max_batch=cfg.sampler.max_batch,
+                                    strategy=strategy, quantize_timesteps=cfg.sampler.quantize_timesteps,
+                                    ops_backend=cfg.ops_backend, cuda_graphs=cfg.sampler.cuda_graphs)
+        self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path)
+        self.start_iteration = self._restore(candidates) if cfg.resume else 0
+        self.runlog = RunLog(self.out, cfg, self.ctx.is_main, self.start_iteration, self.log)
+
+    # ---- set-up helpers -----------------------------------------------------------------
+    def _lock(self) -> OutputLock | None:
+        lock, err = None, None
+        if self.ctx.is_main:
+            try:
+                lock = OutputLock(self.out)
+            except ConfigError as e:
+                err = e
+        failed = self.ctx.all_reduce_sum(torch.tensor([float(err is not None)]))
+        if float(failed[0]):
+            raise err or ConfigError(f"output_dir {self.out} is in use by another run (rank 0 could not lock it)")
+        return lock
+
+    def _resume_changes(self, candidates: list[Path]) -> list[tuple[str, Any, Any]]:
+        """Checked before any model loads: refused differences stop the run, allowed ones are listed."""
+        for ckpt in candidates:
+            try:
+                stored = stored_config(ckpt)
+            except Exception as err:  # noqa: BLE001  (a damaged trainer state: the fallback below)
+                warnings.warn(f"{ckpt}: unreadable trainer state ({type(err).__name__}: {err})", stacklevel=2)
+                continue
+            return resume_changes(stored, config_to_dict(self.cfg))
+        return []
+
+    def _restore(self, candidates: list[Path]) -> int:
+        """Load the newest loadable checkpoint; a damaged one falls back, with a warning, to the previous."""
+        for ckpt in candidates:
+            try:
+                state = load_checkpoint(self.ctx, ckpt, self.module, self.optimizer, self.scheduler, self.ema)
+            except Exception as err:  # noqa: BLE001  (truncated/missing .distcp, .metadata or trainer state)
+                msg = f"checkpoint {ckpt} is damaged ({type(err).__name__}: {str(err)[:200]}); trying the previous one"
+                warnings.warn(msg, stacklevel=2)
+                self.log(f"warning: {msg}")
+                continue
+            if self.changes:
+                apply_lr(self.cfg, self.scheduler)
+                self.log("resume: applied config changes: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in self.changes))
+            self.log(f"resumed from {ckpt} after iteration {int(state['iteration'])}")
+            return int(state["iteration"])
+        if candidates:
+            raise ConfigError(f"--resume: no checkpoint under {self.out / 'checkpoints'} could be loaded")
+        self.log(f"--resume: no complete checkpoint under {self.out}; starting from scratch")
+        return 0
+
+    @property
+    def complete(self) -> bool:
+        return self.start_iteration >= self.cfg.iterations
+
+    def autocast(self):
+        return autocast(self.ctx.device, self.compute_dtype)
+
+    # ---- one iteration ----------------------------------------------------------------
+    def local_prompts(self, iteration: int) -> tuple[list[int], list[str]]:
+        n = self.cfg.data.prompts_per_iteration
+        positions = self.prompts.indices(iteration, n)
+        per_rank = n // self.ctx.world
+        mine = positions[self.ctx.rank * per_rank:(self.ctx.rank + 1) * per_rank]
+        return mine, [self.prompts.prompt_at(i) for i in mine]
+
+    def _noise(self, iteration: int, positions: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        roots = self.sampler.plan(iteration).num_roots
+        dev = self.ctx.device
+        noise = []
+        for pos in positions:
+            g = torch.Generator(device=dev).manual_seed(seed_of(self.cfg.sampler_seed, iteration, pos, 0))
+            z = self.policy.prepare_latents(roots, g, device=dev)
+            noise.append(z[0] if roots == 1 else z)
+        gens = [torch.Generator(device=dev).manual_seed(seed_of(self.cfg.sampler_seed, iteration, pos, 1))
+                for pos in positions]
+        return torch.stack(noise), gens
+
+    def score(self, ro: Rollout, prompts: list[str], iteration: int) -> torch.Tensor:
+        """Rewards ``[R, P, K', J, G]`` of the rollout's final latents, decoded and scored in chunks."""
+        P, Kf, J, G = ro.reward_shape
+        flat = ro.flat_finals()
+        per_image = [p for p in prompts for _ in range(Kf * J * G)]
+        step = self.cfg.reward_batch
+        parts: list[list[torch.Tensor]] = [[] for _ in self.rewards]
+        for lo in range(0, flat.shape[0], step):
+            images = self.policy.decode(flat[lo:lo + step])
+            for r, (_, model, _) in enumerate(self.rewards):
+                parts[r].append(model.score(images, per_image[lo:lo + step]).float().to(self.ctx.device))
+        rewards = torch.stack([torch.cat(p).reshape(P, Kf, J, G) for p in parts])
+        try:
+            check_finite_rewards(rewards, [n for n, _, _ in self.rewards])
+        except ValueError as err:
+            bad = (~torch.isfinite(rewards)).flatten(2).any(dim=(0, 2)).nonzero().flatten().tolist()
+            raise TrainingError(f"iteration {iteration + 1}: {err}; prompts {[prompts[i] for i in bad]}") from None
+        return rewards
+
+    def advantages(self, rewards: torch.Tensor, ro: Rollout) -> torch.Tensor:
+        """``[P, K, G]``: Eq. 11 per the ``advantage`` config, mapped to the transitions' slots."""
+        a = self.cfg.advantage
+        std = None
+        if a.std == "batch":  # Flow-GRPO's global_std: the std of every rank's rewards
+            std = batch_std(rewards, a.unbiased, all_reduce=self.ctx.all_reduce_sum if self.ctx.enabled else None)
+        adv = integrate_advantages(rewards, [w for _, _, w in self.rewards], eps=a.eps, unbiased=a.unbiased, std=std)
+        return adv[:, ro.adv_slot_of.to(adv.device)]
+
+    def iteration(self, iteration: int) -> dict[str, float]:
+        """Iteration ``iteration`` (0-based; logged 1-based)."""
+        t0 = time.perf_counter()
+        positions, prompts = self.local_prompts(iteration)
+        cond = self.policy.encode_prompts(prompts)
+        noise, gens = self._noise(iteration, positions)
+        _fault_point(iteration, "rollout")
+        try:
+            with rollout_mode(self.module), self.autocast():
+                ro = self.sampler.rollout(noise, cond, generator=gens, iteration=iteration)
+        except ValueError as err:  # a non-finite velocity
+            raise TrainingError(f"iteration {iteration + 1}: rollout failed: {err}; prompts {prompts}") from None
+        t1 = time.perf_counter()
+        rewards = self.score(ro, prompts, iteration)
+        t2 = time.perf_counter()
+        adv = self.advantages(rewards, ro)
+        _fault_point(iteration, "train")
+        m = self.train_on(ro, adv, cond, iteration, prompts)
+        t3 = time.perf_counter()
+        for r, (name, _, _) in enumerate(self.rewards):
+            m[f"reward/{name}"] = float(rewards[r].mean())
+            for j, lam in enumerate(ro.granularities):
+                m[f"reward/{name}/lambda{lam}"] = float(rewards[r, :, :, j].mean())
+        m.update({**self._adv_stats(adv), "forward_rows": float(ro.forward_rows),
+                  "lr": self.scheduler.get_last_lr()[0], "time_rollout": t1 - t0, "time_reward": t2 - t1,
+                  "time_train": t3 - t2, "time_iteration": t3 - t0})
+        m = self.ctx.reduce_metrics(m, REDUCE)
+        m["iteration"] = iteration + 1
+        if self.cfg.image_every and (iteration + 1) % self.cfg.image_every == 0:
+            self.save_grid(iteration + 1)
+        return m
+
+    def train_on(self, ro: Rollout, adv: torch.Tensor, cond: Any, iteration: int, prompts: list[str]) -> dict:
+        """The policy update of one iteration (:func:`.optimize.train_on`)."""
+        return train_on(self, ro, adv, cond, iteration, prompts)
+
+    def _adv_stats(self, adv: torch.Tensor) -> dict[str, float]:
+        """Mean, std and max |.| of the advantages over every rank (not a mean of per-rank stds)."""
+        a = adv.double().flatten().cpu()
+        stats = self.ctx.all_reduce_sum(torch.tensor([a.sum().item(), (a * a).sum().item(), float(a.numel())],
+                                                     dtype=torch.float64))
+        s1, s2, n = stats.tolist()
+        if n == 0:
+            return {"adv_mean": 0.0, "adv_std": 0.0, "adv_abs_max": 0.0}
+        var = max(0.0, s2 - s1 * s1 / n) / max(1.0, n - 1)
+        return {"adv_mean": s1 / n, "adv_std": var ** 0.5, "adv_abs_max": float(a.abs().max()) if a.numel() else 0.0}
+
+    @torch.no_grad()
+    def save_grid(self, iteration: int, per_prompt: int = 4) -> None:
+        """ODE samples of fixed prompts (spread over the prompt list) with fixed noise, labelled."""
+        names = self.prompts.prompts
+        prompts = list(dict.fromkeys(names[:: max(1, len(names) // 8)]))[:8]
+        rows = [p for p in prompts for _ in range(per_prompt)]
+        g = torch.Generator(device=self.ctx.device).manual_seed(seed_of(self.cfg.sampler_seed, 7))
+        noise = self.policy.prepare_latents(len(rows), g, device=self.ctx.device)
+        with rollout_mode(self.module), self.autocast():
+            latents = self.sampler.engine.sample_ode(noise, self.policy.encode_prompts(rows))
+        if self.ctx.is_main:
+            save_prompt_grid(self.out / "images" / f"iter_{iteration:06d}.png", self.policy.decode(latents), prompts,
+                             per_prompt)
+
+    # ---- checkpoints, export, the loop ----------------------------------------------------
+    def checkpoint(self, iteration: int) -> Path:
+        from .optimize import check_finite_params
+
+        check_finite_params(self, iteration, "before writing a checkpoint")  # never save a non-finite state
+        extra = {"prompts_consumed": iteration * self.cfg.data.prompts_per_iteration, "config": config_to_dict(self.cfg)}
+        return save_checkpoint(self.ctx, self.out, iteration, self.module, self.optimizer, self.scheduler, self.ema,
+                               extra)
+
+    def export(self, folder: Path) -> Path:
+        """The trained policy in diffusers' ``save_pretrained`` layout (EMA weights when enabled)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.ema is not None:
+            for n, t in self.ema.items():
+                full[n] = (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
+        if self.ctx.is_main:
+            fresh = load_policy(self.cfg.model, log=lambda *a, **k: None).policy
+            if self.cfg.lora.enabled:
+                from peft import LoraConfig
+
+                fresh.transformer.add_adapter(LoraConfig(r=self.cfg.lora.rank, lora_alpha=self.cfg.lora.alpha,
+                                                         target_modules=list(self.cfg.lora.target_modules)))
+            fresh.transformer.load_state_dict(full, strict=True)
+            if self.cfg.lora.enabled:
+                fresh.transformer.fuse_lora()
+                fresh.transformer.unload_lora()
+            fresh.save_pretrained(folder)
+            rewards = self.base_path / "rewards"
+            if rewards.is_dir() and not (folder / "rewards").exists():
+                import shutil
+
+                shutil.copytree(rewards, folder / "rewards")
+        self.ctx.barrier()
+        return folder
+
+    def run(self, callback=None) -> list[dict[str, float]]:
+        """Train to ``cfg.iterations``; ``callback(trainer, metrics)`` runs after every iteration."""
+        cfg, history, bar = self.cfg, [], None
+        if self.ctx.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.iterations, initial=self.start_iteration, desc="g2rpo", dynamic_ncols=True,
+                       file=sys.stdout)
+        try:
+            for it in range(self.start_iteration, cfg.iterations):
+                m = self.iteration(it)
+                if callback is not None:
+                    callback(self, m)
+                history.append(m)
+                self.runlog.write(m)
+                if bar is not None:
+                    main_reward = next(k for k in m if k.startswith("reward/") and k.count("/") == 1)
+                    bar.set_postfix({main_reward.split("/")[1]: f"{m[main_reward]:.4f}",
+                                     "ratio_dev": f"{m['ratio_first_max_dev']:.1e}"})
+                    bar.update(1)
+                done = it + 1
+                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.iterations:
+                    self.checkpoint(done)
+            if bar is not None:
+                bar.close()
+            if cfg.export_final and history:
+                self.export(self.out / "final")
+        finally:
+            self.runlog.close()
+            if self.lock is not None:  # the run's writes are done
+                self.lock.release()
+        return history
+
+    def close(self) -> None:
+        """Release the output folder's lock and the process group."""
+        self.runlog.close()
+        if self.lock is not None:
+            self.lock.release()
+        self.ctx.close()

@@ -1,0 +1,127 @@
+"""The run directory: checks before any model loads, the lock, and what ``--resume`` may change.
+
+* :func:`preflight` finds every problem a config can have without loading a model (missing files,
+  an output_dir that is a file or not writable, empty / blank / non-UTF-8 prompt files).
+* :class:`OutputLock` holds an exclusive ``flock`` on ``output_dir/.lock`` for the run's lifetime, so
+  two runs (or orphaned workers and a restarted ``--resume``) never write the same files.
+* :func:`resume_changes` compares a config with the one stored in the checkpoint: the keys in
+  :data:`RESUMABLE` may change (and are applied), any other difference stops the run with one
+  message listing them all.
+* :func:`loadable_checkpoints` lists complete checkpoints newest first, for the fallback when the
+  newest one is damaged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import MARKER
+from ..config import ConfigError, TrainConfig
+
+__all__ = ["RESUMABLE", "OutputLock", "preflight", "resume_changes", "loadable_checkpoints", "stored_config"]
+
+#: Keys that may differ on ``--resume`` (applied from the resumed iteration on); all others are refused.
+RESUMABLE = (
+    "optim.lr", "optim.schedule", "optim.warmup_iterations", "iterations", "checkpoint_every", "image_every",
+    "export_final", "tensorboard", "wandb", "wandb_project", "progress", "resume", "overwrite", "output_dir",
+    "reward_batch", "train_batch", "ops_backend", "dist_timeout_s", "sampler.max_batch", "sampler.cuda_graphs",
+    "model.attention_backend", "model.gradient_checkpointing",
+)
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Every check that needs no model: files the config names, the output folder, the prompts."""
+    from ..policy import check_paths
+    from ..prompts import load_prompts
+
+    check_paths(cfg.model, cfg.rewards)
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a folder")
+    try:  # a real write: permission bits say little to root, read-only mounts, full disks
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir {out} is not writable: {err.strerror or err}") from None
+    try:
+        load_prompts(cfg.data.prompts)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"data.prompts {cfg.data.prompts}: not UTF-8 text (byte {err.start}: "
+                          f"{err.object[err.start:err.start + 1]!r})") from None
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"data.prompts: {err}") from None
+
+
+class OutputLock:
+    """Exclusive lock on ``output_dir/.lock`` (holder's pid inside); released by :meth:`release` or at exit."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.path = Path(output_dir) / ".lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            self._fd = None
+            raise ConfigError(f"output_dir {self.path.parent} is in use by another run (pid {holder}, lock "
+                              f"{self.path}): wait for it, stop it, or pick another output_dir") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "options":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``[(key, old, new)]`` of the allowed changes; a ConfigError lists every refused one."""
+    a, b = _flatten(stored), _flatten(new)
+    diffs = [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+             if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    refused = [d for d in diffs if d[0] not in RESUMABLE]
+    if refused:
+        lines = "\n  ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in refused)
+        raise ConfigError("--resume: the config differs from the checkpoint's in keys that cannot change "
+                          f"mid-run:\n  {lines}\nresume with the checkpoint's values (output_dir/config.json), "
+                          f"or start a new run; keys that may change: {', '.join(RESUMABLE)}")
+    return [d for d in diffs if d[0] not in ("resume", "overwrite")]
+
+
+def loadable_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (``COMPLETE`` marker), newest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / MARKER).is_file()]
+    return sorted(done, reverse=True)
+
+
+def stored_config(folder: Path) -> dict[str, Any]:
+    """The config saved in a checkpoint's trainer state (raises on a damaged file)."""
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    return state["config"]

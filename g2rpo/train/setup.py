@@ -1,0 +1,134 @@
+"""What the trainer trains: the policy (dtype, LoRA, gradient checkpointing, attention backend,
+FSDP2), the frozen reference for the KL term, the optimiser, its LR schedule and the EMA.
+
+Mixed precision: ``model.dtype`` is the *compute* dtype. Trained weights are fp32 masters (an lr
+of 2e-6 is below bf16's resolution: bf16 weights would not move); bf16 compute comes from FSDP2's
+MixedPrecisionPolicy across ranks and from autocast in any case. Frozen parts (VAE, text encoders,
+LoRA base weights) stay in ``model.dtype``. The policy's inputs (latents, text, timestep) are cast
+to ``model.dtype`` in rollout and training alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, TrainConfig
+from ..distributed import DistContext, shard_module
+from ..policy import TORCH_DTYPES, load_policy
+
+__all__ = ["PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast", "reference_policy",
+           "update_ema"]
+
+
+@dataclass
+class PolicySetup:
+    policy: torch.nn.Module  # the velocity model + encode_prompts / prepare_latents / decode
+    module: torch.nn.Module  # the trained transformer (FSDP2-sharded across ranks)
+    base_path: Path
+    compute_dtype: torch.dtype
+    ref_module: torch.nn.Module | None  # the frozen initial transformer (KL without LoRA)
+    params: list[torch.nn.Parameter]
+
+
+def build_policy(cfg: TrainConfig, ctx: DistContext, log=print) -> PolicySetup:
+    loaded = load_policy(cfg.model, log=log)
+    policy = loaded.policy.to(ctx.device)
+    policy.requires_grad_(False)
+    module = policy.transformer
+    dtype = TORCH_DTYPES[cfg.model.dtype]
+    velocity = getattr(policy, "velocity", policy)
+    if hasattr(velocity, "compute_dtype"):  # the same input dtypes (timestep too) in rollout and training
+        velocity.compute_dtype = dtype
+    if not cfg.lora.enabled and dtype != torch.float32:
+        module.to(torch.float32)
+    if cfg.lora.enabled:
+        from peft import LoraConfig
+
+        module.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                                      target_modules=list(cfg.lora.target_modules), init_lora_weights="gaussian"))
+    else:
+        module.requires_grad_(True)
+    if cfg.model.gradient_checkpointing:
+        module.enable_gradient_checkpointing()
+    if cfg.model.attention_backend:
+        try:  # diffusers checks that the backend's package (flash-attn, ...) is installed
+            module.set_attention_backend(cfg.model.attention_backend)
+        except (ValueError, RuntimeError, ImportError) as err:
+            raise ConfigError(f"model.attention_backend={cfg.model.attention_backend!r}: {err}") from None
+    ref = copy.deepcopy(module).eval().requires_grad_(False) if cfg.loss.kl_beta > 0 and not cfg.lora.enabled else None
+    if ctx.enabled:
+        shard_module(module, ctx.device, param_dtype=None if dtype == torch.float32 else dtype)
+    params = [p for p in module.parameters() if p.requires_grad]
+    return PolicySetup(policy, module, loaded.path, dtype, ref, params)
+
+
+def lr_lambda(cfg: TrainConfig):
+    """The LR multiplier per iteration: linear warm-up, then constant, linear or cosine decay."""
+    warm, total, kind = cfg.optim.warmup_iterations, cfg.iterations, cfg.optim.schedule
+
+    def fn(it: int) -> float:
+        if warm and it < warm:
+            return (it + 1) / warm
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (it - warm) / max(1, total - warm))
+        return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return fn
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def apply_lr(cfg: TrainConfig, scheduler) -> None:
+    """After a resume: the configured lr and schedule from the restored iteration on."""
+    scheduler.base_lrs = [cfg.optim.lr for _ in scheduler.base_lrs]
+    scheduler.lr_lambdas = [lr_lambda(cfg) for _ in scheduler.lr_lambdas]
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Compute in ``dtype`` (no-op for float32)."""
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def reference_policy(setup: PolicySetup, lora: bool):
+    """Run the policy as the frozen reference: LoRA adapters off, or the saved initial transformer."""
+    with torch.no_grad():
+        if lora:
+            setup.module.disable_adapters()
+            try:
+                yield
+            finally:
+                setup.module.enable_adapters()
+        else:
+            owner = getattr(setup.policy, "velocity", setup.policy)  # the object holding `.transformer`
+            saved, owner.transformer = owner.transformer, setup.ref_module
+            try:
+                yield
+            finally:
+                owner.transformer = saved
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor] | None, module: torch.nn.Module, decay: float | None) -> None:
+    if ema is None:
+        return
+    for n, p in module.named_parameters():
+        if n in ema:
+            ema[n].lerp_(p.detach().float(), 1.0 - decay)
