@@ -112,7 +112,7 @@ def exit_with_parent() -> None:
             libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
         except OSError:
             pass
-    if os.getppid() != parent or parent == 1:  # the parent died before the call: go now
+    if os.getppid() != parent:  # the parent died before the call: go now
         os._exit(1)
 
     def watch() -> None:

@@ -136,6 +136,7 @@ def test_two_ranks_match_one_rank(lab_world, tmp_path):
         assert x["reward/digit_alignment"] == pytest.approx(y["reward/digit_alignment"], rel=1e-5)
         assert x["forward_rows"] == y["forward_rows"]
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        assert x["adv_std"] == pytest.approx(y["adv_std"], rel=1e-6)  # over every rank, not a mean of per-rank stds
     w1, w2 = _weights(one), _weights(two)
     # Adam steps of lr=1e-3: weights agree far below one step's size
     worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)

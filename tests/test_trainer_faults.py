@@ -15,7 +15,7 @@ import g2rpo.train.setup as setup_mod
 from g2rpo.config import ConfigError, load_config
 from g2rpo.train import Trainer, TrainingError, main
 
-from test_train import ROOT, _cli, _flat, _metrics, run, tiny
+from test_train import ROOT, _flat, _metrics, run, tiny
 
 QUIET = lambda *a, **k: None  # noqa: E731
 

@@ -276,8 +276,8 @@ def stage_train_step(ctx: Ctx) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-6)
     adv = torch.randn(1, 8, 12, generator=torch.Generator().manual_seed(0)).to(ctx.device)
     module.train()
-    with autocast():
-        old, _ = recompute_old_logprobs(velocity, ro, list(range(8)), 1, cond)
+    with autocast():  # the training layout: one unit (prompt 0, all 12 branches) per SDE step
+        old, _ = recompute_old_logprobs(velocity, ro, [[(k, slice(0, 1), None)] for k in range(8)], cond)
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats()
     first = {}
@@ -288,9 +288,9 @@ def stage_train_step(ctx: Ctx) -> dict:
             with autocast():
                 logp, _, _ = slot_logprob(velocity, ro, k, slice(0, 1), cond)
             if k == 0:
-                first["rollout"] = float((logp.detach() - ro.log_probs[:, 0]).exp().sub(1).abs().max())
-                first["recomputed"] = float((logp.detach() - old[:, 0]).exp().sub(1).abs().max())
-            sur = clipped_surrogate(logp, old[:, k], adv[:, k], 1e-4, 5.0)
+                first["rollout"] = float((logp.detach() - ro.log_probs[0, 0]).exp().sub(1).abs().max())
+                first["recomputed"] = float((logp.detach() - old[0, 0]).exp().sub(1).abs().max())
+            sur = clipped_surrogate(logp, old[0, k], adv[0, k], 1e-4, 5.0)
             (sur.loss.sum() / (8 * 12)).backward()
         opt.step()
 
@@ -373,7 +373,7 @@ def write_report(out: Path) -> dict:
         report["stages"][name] = (json.loads(f.read_text()) if f.is_file()
                                   else {"status": "not run", "reason": "no result in this folder (--stage ran others)"})
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    lines = [f"# g2rpo GPU acceptance report\n", f"device: {report['device']}\n"]
+    lines = ["# g2rpo GPU acceptance report\n", f"device: {report['device']}\n"]
     for key, value in _flatten(setup):
         lines.append(f"- {key}: {value}")
     for name, stage in report["stages"].items():

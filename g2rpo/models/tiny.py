@@ -122,7 +122,14 @@ def random_flux_velocity(config: dict, height: int, width: int, device=None, dty
     from .flux import FluxVelocity
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**config).to(device=device, dtype=dtype).eval()
+    previous = torch.get_default_dtype()
+    try:  # built on the device in its dtype: Flux.1-dev's 12B parameters never pass through CPU fp32
+        torch.set_default_dtype(dtype)
+        with torch.device(device or "cpu"):
+            transformer = FluxTransformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    transformer = transformer.to(device=device, dtype=dtype).eval()
     lh, lw = 2 * (height // 16), 2 * (width // 16)
     velocity = FluxVelocity(transformer, lh, lw, guidance_scale=3.5).to(device)
     g = torch.Generator().manual_seed(seed + 1)

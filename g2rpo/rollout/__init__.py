@@ -7,13 +7,13 @@ from collections.abc import Iterable
 
 import torch
 
-from .engine import Rollout, RolloutEngine, VelocityModel, cond_prompt_count, gather_cond
+from .engine import Rollout, RolloutEngine, TrainingUnit, VelocityModel, cond_prompt_count, gather_cond
 from .plan import Plan, PlanBuilder
 from .strategies import STRATEGIES, G2RPOStrategy, Strategy, TrajectoryStrategy, make_strategy
 
 __all__ = [
     "G2RPOSampler", "Plan", "PlanBuilder", "Rollout", "RolloutEngine", "STRATEGIES", "G2RPOStrategy",
-    "Strategy", "TrajectoryStrategy", "cond_prompt_count", "gather_cond", "make_strategy",
+    "Strategy", "TrainingUnit", "TrajectoryStrategy", "cond_prompt_count", "gather_cond", "make_strategy",
 ]
 
 

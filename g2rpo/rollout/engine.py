@@ -23,7 +23,7 @@ from ..ops import sde_step_logprob
 from ..sde import ode_step, sde_coefficients
 from .plan import Plan
 
-__all__ = ["Rollout", "RolloutEngine", "default_buckets", "gather_cond", "cond_prompt_count"]
+__all__ = ["Rollout", "RolloutEngine", "TrainingUnit", "default_buckets", "gather_cond", "cond_prompt_count"]
 
 VelocityModel = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
@@ -112,6 +112,38 @@ class Rollout:
     def flat_finals(self) -> torch.Tensor:
         """All final latents as ``[P * K' * J * G, ...]`` (for decoding and scoring)."""
         return self.finals.reshape(-1, *self.finals.shape[4:])
+
+    def training_units(self):
+        """What a trainer needs, for any strategy: one :class:`TrainingUnit` per (prompt, transition slot,
+        source state), holding the source state, the transitions leaving it, their old log-probs and the
+        advantage slot. One forward at ``unit.x`` scores every transition of the unit
+        (:func:`g2rpo.pipelines.unit_log_probs`); for G2RPO a unit is the whole group at one ``x_k``."""
+        P, K = self.log_probs.shape[:2]
+        for p in range(P):
+            for k in range(K):
+                for s in torch.unique(self.source_of[k]).tolist():
+                    g = (self.source_of[k] == s).nonzero().flatten()
+                    yield TrainingUnit(prompt=p, slot=k, step_index=int(self.step_index[k]), source=s,
+                                       branches=g, x=self.x_k[p, s], x_next=self.x_next[p, k, g.to(self.x_next.device)],
+                                       old_log_probs=self.log_probs[p, k, g.to(self.log_probs.device)],
+                                       adv_slot=int(self.adv_slot_of[k]))
+
+
+@dataclass
+class TrainingUnit:
+    """The transitions of one prompt at one slot that leave one source state (see
+    :meth:`Rollout.training_units`); their advantages are ``adv[prompt, adv_slot, branches]`` of the
+    ``[P, K', G]`` advantages (:func:`g2rpo.integrate_advantages`)."""
+
+    prompt: int
+    slot: int  # k: the row of Rollout.x_next / log_probs' K axis
+    step_index: int  # the grid index e of the SDE step
+    source: int  # the row of Rollout.x_k[prompt]
+    branches: torch.Tensor  # [n] group members g
+    x: torch.Tensor  # the source state [...]
+    x_next: torch.Tensor  # [n, ...]
+    old_log_probs: torch.Tensor  # [n]
+    adv_slot: int
 
 
 def _branch_noise(per_prompt: int, P: int, shape: torch.Size, generator, device) -> torch.Tensor:

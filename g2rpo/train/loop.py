@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..advantage import batch_std, check_finite_rewards, integrate_advantages
 from ..checkpoint import load_checkpoint, save_checkpoint
@@ -119,7 +120,8 @@ class Trainer:
         for ckpt in candidates:
             try:
                 state = load_checkpoint(self.ctx, ckpt, self.module, self.optimizer, self.scheduler, self.ema)
-            except Exception as err:  # noqa: BLE001  (truncated/missing .distcp, .metadata or trainer state)
+            except (Exception, CheckpointException) as err:  # noqa: BLE001  (truncated/missing .distcp, .metadata
+                # or trainer state; DCP's CheckpointException is a BaseException)
                 msg = f"checkpoint {ckpt} is damaged ({type(err).__name__}: {str(err)[:200]}); trying the previous one"
                 warnings.warn(msg, stacklevel=2)
                 self.log(f"warning: {msg}")

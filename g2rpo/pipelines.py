@@ -1,0 +1,106 @@
+"""Rollouts straight from diffusers pipeline objects: the drop-in path for other GRPO codebases.
+
+    from g2rpo.pipelines import rollout, unit_log_probs
+    out = rollout(pipe, ["a cat", "a dog"], strategy="g2rpo", group_size=12)   # FluxPipeline or SD3 pipeline
+    rewards = my_reward(out.images, out.prompts_per_image)                     # [P * K' * J * G]
+    adv = integrate_advantages(rewards.view(1, *out.rollout.reward_shape))     # [P, K', G]
+    for unit in out.rollout.training_units():                                  # any strategy
+        logp = unit_log_probs(out.policy, out.rollout, unit, out.cond)         # ONE forward at unit.x
+        ratio = (logp - unit.old_log_probs).exp()
+        a = adv[unit.prompt, unit.adv_slot, unit.branches]
+
+``rollout`` encodes the prompts with the pipeline's own text encoders, draws the initial latents as
+the pipeline does (packed for Flux), runs the batched engine with the chosen strategy and decodes
+the finals with the pipeline's VAE. The policy adapter (:class:`~g2rpo.models.FluxPolicy` /
+:class:`~g2rpo.models.SD3Policy`) wraps the pipeline's own modules: training ``pipe.transformer``
+trains the policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .rollout import G2RPOSampler, Rollout, TrainingUnit
+
+__all__ = ["PipelineRollout", "policy_for", "rollout", "unit_log_probs"]
+
+
+@dataclass
+class PipelineRollout:
+    images: torch.Tensor | None  # [P * K' * J * G, C, H, W] in [0, 1], in the order of rollout.flat_finals()
+    rollout: Rollout
+    cond: Any  # the prompts' embeddings, one entry per prompt (what unit_log_probs needs)
+    policy: torch.nn.Module  # the velocity adapter around pipe.transformer
+    sampler: G2RPOSampler
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def prompts_per_image(self) -> list[str]:
+        """The prompt of every image, aligned with ``images``."""
+        per = len(self.images) // len(self.prompts) if self.images is not None else 0
+        return [p for p in self.prompts for _ in range(per)]
+
+
+def policy_for(pipe, height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
+               max_sequence_length: int | None = None) -> torch.nn.Module:
+    """The engine-protocol adapter of a diffusers pipeline (FluxPipeline, StableDiffusion3Pipeline)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from .models import FluxPolicy, SD3Policy
+
+    if not isinstance(pipe, (FluxPipeline, StableDiffusion3Pipeline)):
+        raise TypeError(f"{type(pipe).__name__} is not supported: pass a diffusers FluxPipeline or "
+                        "StableDiffusion3Pipeline (Qwen-Image, FLUX.2 and Wan are planned)")
+    size = getattr(pipe, "default_sample_size", 64) * pipe.vae_scale_factor
+    kw = {"height": height or size, "width": width or size}
+    if isinstance(pipe, FluxPipeline):
+        return FluxPolicy(pipe, guidance_scale=3.5 if guidance_scale is None else guidance_scale,
+                          max_sequence_length=max_sequence_length or 512, **kw)
+    return SD3Policy(pipe, guidance_scale=4.5 if guidance_scale is None else guidance_scale,
+                     max_sequence_length=max_sequence_length or 256, **kw)
+
+
+def rollout(pipe, prompts: Sequence[str], strategy: str = "g2rpo", *, num_steps: int = 16, group_size: int = 12,
+            eta: float | None = None, sde_indices: Sequence[int] = tuple(range(8)),
+            granularities: Sequence[int] = (1, 2, 3), max_batch: int = 64, seed: int = 0, decode: bool = True,
+            height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
+            max_sequence_length: int | None = None, shift: float = 3.0, **strategy_options) -> PipelineRollout:
+    """One rollout of ``prompts`` on a diffusers pipeline with any strategy (``g2rpo``, ``g2rpo_no_mgai``,
+    ``dance_grpo``, ``flow_grpo``, ``mix_grpo``). Per-prompt generators seeded from ``seed`` make a
+    prompt's samples independent of the other prompts in the call."""
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    policy = policy_for(pipe, height, width, guidance_scale, max_sequence_length)
+    device = next(policy.transformer.parameters()).device
+    sampler = G2RPOSampler(policy, num_steps=num_steps, shift=shift, eta=eta, sde_indices=sde_indices,
+                           granularities=granularities, group_size=group_size, max_batch=max_batch, strategy=strategy,
+                           **strategy_options)
+    roots = sampler.plan().num_roots
+    gens = [torch.Generator(device=device).manual_seed(seed + 2 * p) for p in range(len(prompts))]
+    noise = torch.stack([(lambda z: z[0] if roots == 1 else z)(policy.prepare_latents(roots, g, device=device))
+                         for g in gens])
+    sde_gens = [torch.Generator(device=device).manual_seed(seed + 2 * p + 1) for p in range(len(prompts))]
+    with torch.no_grad():
+        cond = policy.encode_prompts(prompts)
+        ro = sampler.rollout(noise, cond, generator=sde_gens)
+        images = policy.decode(ro.flat_finals()) if decode else None
+    return PipelineRollout(images, ro, cond, policy, sampler, prompts)
+
+
+def unit_log_probs(policy, ro: Rollout, unit: TrainingUnit, cond: Any, *, quantize_timesteps: bool = False,
+                   backend: str = "auto") -> torch.Tensor:
+    """New log-probs ``[n]`` of a unit's transitions: ONE forward of ``policy`` at ``unit.x``
+    (differentiable; compare with ``unit.old_log_probs`` for the ratio)."""
+    from .train.update import slot_logprob
+
+    G = ro.log_probs.shape[2]
+    mask = torch.zeros(1, G, dtype=torch.bool)
+    mask[0, unit.branches.cpu()] = True
+    logp, _, _ = slot_logprob(policy, ro, unit.slot, slice(unit.prompt, unit.prompt + 1), cond, mask=mask,
+                              quantize_timesteps=quantize_timesteps, backend=backend)
+    return logp
