@@ -29,13 +29,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    kind: str = "lab"  # lab | flux | sd3
+    kind: str = "lab"  # lab | flux | sd3 | wan
     path: str | None = None  # lab: None builds/reuses the cached lab world
     dtype: str = "float32"  # float32 | bfloat16 | float16: parameters of the policy
     guidance_scale: float = 3.5
     height: int = 720
     width: int = 720
     max_sequence_length: int = 512
+    num_frames: int = 81  # video models (wan): frames per sample
     gradient_checkpointing: bool = False
     attention_backend: str | None = None  # diffusers attention dispatch: native (SDPA) default; flash, _flash_3, ...
 
@@ -95,6 +96,7 @@ class RewardSpec:
     name: str = "digit_alignment"
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
+    frames: str = "mean"  # videos: the image reward per frame, reduced by mean | min | max
 
 
 @dataclass
@@ -225,7 +227,8 @@ class TrainConfig:
             ("loss.kl_convention", self.loss.kl_convention in ("transition", "flow_grpo"),
              f"must be transition or flow_grpo, got {self.loss.kl_convention!r}"),
             ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "must be in (0, 1) or null"),
-            ("model.kind", self.model.kind in ("lab", "flux", "sd3"), "must be lab, flux or sd3"),
+            ("model.kind", self.model.kind in ("lab", "flux", "sd3", "wan"), "must be lab, flux, sd3 or wan"),
+            ("model.num_frames", self.model.num_frames >= 1, "must be >= 1"),
             ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"),
              "must be float32, bfloat16 or float16"),
             ("lora.rank", self.lora.rank >= 1, "must be >= 1"),
@@ -258,6 +261,8 @@ class TrainConfig:
         from . import lab as _lab  # noqa: F401  (registers the lab rewards)
 
         for i, r in enumerate(self.rewards):
+            if r.frames not in ("mean", "min", "max"):
+                raise ConfigError(f"rewards[{i}].frames must be mean, min or max, got {r.frames!r}")
             if r.name not in REWARD_BUILDERS:
                 raise ConfigError(f"rewards[{i}].name: unknown reward {r.name!r}; known: {sorted(REWARD_BUILDERS)}")
 

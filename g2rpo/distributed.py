@@ -138,7 +138,7 @@ def shard_module(module: torch.nn.Module, device: torch.device, param_dtype: tor
 
     mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None
           else MixedPrecisionPolicy())
-    for name in ("transformer_blocks", "single_transformer_blocks"):
+    for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):  # Flux/SD3/Qwen-Image, Flux, Wan
         for block in getattr(module, name, []):
             fully_shard(block, mp_policy=mp)
     fully_shard(module, mp_policy=mp)

@@ -43,11 +43,13 @@ def _kind(model: Path) -> str:
         return "flux"
     if cls.startswith("StableDiffusion3"):
         return "sd3"
-    raise ValueError(f"{model}: unsupported pipeline {cls!r} (Flux and SD3 are supported)")
+    if cls == "WanPipeline":
+        return "wan"
+    raise ValueError(f"{model}: unsupported pipeline {cls!r} (Flux, SD3 and Wan are supported)")
 
 
 def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: torch.dtype, height: int, width: int,
-                     guidance_scale: float | None):
+                     guidance_scale: float | None, num_frames: int | None = None):
     """The base policy from ``model`` with the transformer of ``checkpoint`` (a run or a folder) swapped in."""
     model = Path(model)
     kind = _kind(model)
@@ -59,6 +61,8 @@ def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: to
         from .models import load_policy
 
         kw = {"height": height, "width": width}
+        if kind == "wan" and num_frames is not None:
+            kw["num_frames"] = num_frames
         if guidance_scale is not None:
             kw["guidance_scale"] = guidance_scale
         policy = load_policy(kind, model, dtype=dtype, **kw)
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--num-frames", type=int, default=None, help="video models (Wan): frames per sample")
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--rewards", required=True, help="comma-separated reward names")
@@ -123,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from .distributed import DistContext
     from .prompts import load_prompts
-    from .rewards import make_reward
+    from .rewards import FrameAggregated, make_reward
 
     ctx = DistContext.init()
     device = ctx.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         kind, policy = load_eval_policy(args.model, args.checkpoint, dtype, args.height, args.width,
-                                        args.guidance_scale)
+                                        args.guidance_scale, args.num_frames)
         prompts = load_prompts(args.prompts)
         options = yaml.safe_load(Path(args.reward_options).read_text()) if args.reward_options else {}
         names = [n.strip() for n in args.rewards.split(",") if n.strip()]
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "lab" and name.startswith("digit_"):
                 opts.setdefault("world", args.model)
             try:
-                rewards.append((name, make_reward(name, **opts)))
+                rewards.append((name, FrameAggregated(make_reward(name, **opts))))
             except TypeError as err:  # a required option (a checkpoint path, ...) is missing
                 raise ValueError(f"reward {name!r} is missing options ({err}): pass --reward-options FILE holding "
                                  f"{{{name}: {{option: value}}}} (README: where the checkpoints go)") from None
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         for j, i in enumerate(pos):
             rows.append({"index": i, "prompt": prompts[i], **{k: float(v[j]) for k, v in scores.items()}})
         if len(grid_images) < 16:
-            grid_images.extend(list(images[: 16 - len(grid_images)]))
+            firsts = images[:, :, 0] if images.ndim == 5 else images  # videos: their first frames
+            grid_images.extend(list(firsts[: 16 - len(grid_images)]))
     if ctx.enabled:
         import torch.distributed as dist
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, RewardSpec
-from .rewards import RewardModel, make_reward
+from .rewards import FrameAggregated, RewardModel, make_reward
 
 __all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths"]
 
@@ -16,7 +16,8 @@ _PATH_OPTIONS = ("checkpoint", "model_dir", "processor_dir", "med_config", "voca
 _MODEL_FILES = {"flux": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
                          "text_encoder_2/config.json"],
                 "sd3": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
-                        "text_encoder_2/config.json", "text_encoder_3/config.json"]}
+                        "text_encoder_2/config.json", "text_encoder_3/config.json"],
+                "wan": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"]}
 
 
 def check_paths(model: ModelConfig, rewards: list[RewardSpec]) -> None:
@@ -59,7 +60,8 @@ def load_policy(cfg: ModelConfig, log=print) -> LoadedPolicy:
     if not cfg.path:
         raise ValueError(f"model.path must point to a local {cfg.kind} diffusers folder")
     policy = load_real(cfg.kind, cfg.path, dtype=dtype, height=cfg.height, width=cfg.width,
-                       guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length)
+                       guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length,
+                       **({"num_frames": cfg.num_frames} if cfg.kind == "wan" else {}))
     return LoadedPolicy(policy, Path(cfg.path))
 
 
@@ -70,5 +72,5 @@ def build_rewards(specs: list[RewardSpec], model_cfg: ModelConfig, model_path: P
         options = dict(spec.options)
         if spec.name.startswith("digit_") and model_cfg.kind == "lab":
             options.setdefault("world", str(model_path))
-        out.append((spec.name, make_reward(spec.name, **options), spec.weight))
+        out.append((spec.name, FrameAggregated(make_reward(spec.name, **options), spec.frames), spec.weight))
     return out

@@ -55,6 +55,18 @@ def test_shipped_configs_validate(name):
     assert cfg.sampler.num_steps == 16 and cfg.loss.adv_clip_max == 5.0
 
 
+@pytest.mark.parametrize("name, kind", [("wan_t2v_hps", "wan")])
+def test_shipped_model_family_configs_validate_and_cite_sources(name, kind):
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    cfg = load_config(path)
+    assert cfg.model.kind == kind and cfg.loss.adv_clip_max == 5.0
+    cited = [line for line in path.read_text().splitlines() if re.match(r"^\s+\w+:\s*\S", line) and "#" in line]
+    assert len(cited) >= 10
+
+
 def test_flux_config_names_every_missing_file(capsys):
     from pathlib import Path
 

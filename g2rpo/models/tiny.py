@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FLUX_DEV_TRANSFORMER", "random_flux_velocity", "tiny_clip_tokenizer", "tiny_flux_pipeline",
+__all__ = ["FLUX_DEV_TRANSFORMER", "random_flux_velocity", "tiny_clip_tokenizer", "tiny_flux_pipeline", "tiny_wan_pipeline",
            "tiny_qwen_vl_judge", "tiny_sd3_pipeline", "tiny_t5_tokenizer"]
 
 
@@ -105,6 +105,26 @@ def tiny_sd3_pipeline(seed: int = 0):
         text_encoder=_clip_text(tok, projection=True, seed=seed), tokenizer=tok,
         text_encoder_2=_clip_text(tok2, projection=True, seed=seed + 1), tokenizer_2=tok2,
         text_encoder_3=_t5(tok3, seed=seed), tokenizer_3=tok3, transformer=transformer)
+
+
+def tiny_wan_pipeline(seed: int = 0):
+    """A WanPipeline (text-to-video) with one block of width 16, a 2x spatial / 1x temporal VAE with
+    4 latent channels, and a tiny UMT5 (16x16 videos, any number of frames)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tok = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                               num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0],
+                           scale_factor_temporal=1, scale_factor_spatial=2)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32,
+                                        num_layers=1, rope_max_seq_len=32)
+    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
 
 
 #: Flux.1-dev's transformer architecture (diffusers config), for benchmarks with random weights.

@@ -7,7 +7,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["RewardModel", "register_reward", "make_reward", "REWARD_BUILDERS", "WeightedRewards"]
+__all__ = ["FRAME_REDUCTIONS", "FrameAggregated", "RewardModel", "register_reward", "make_reward", "REWARD_BUILDERS",
+           "WeightedRewards"]
+
+FRAME_REDUCTIONS = ("mean", "min", "max")
 
 
 @runtime_checkable
@@ -55,3 +58,23 @@ class WeightedRewards:
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return sum(w * m.score(images, prompts).float() for m, w in zip(self.models, self.weights))
+
+
+class FrameAggregated:
+    """Any image reward applied to videos ``[N, C, F, H, W]`` frame by frame and reduced over the frames
+    (``mean`` by default, ``min`` or ``max``); images ``[N, C, H, W]`` pass through unchanged."""
+
+    def __init__(self, model: RewardModel, frames: str = "mean") -> None:
+        if frames not in FRAME_REDUCTIONS:
+            raise ValueError(f"frames must be one of {FRAME_REDUCTIONS}, got {frames!r}")
+        self.model, self.frames = model, frames
+        self.name = getattr(model, "name", type(model).__name__)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if images.ndim != 5:
+            return self.model.score(images, prompts)
+        n, c, f = images.shape[:3]
+        frames = images.transpose(1, 2).reshape(n * f, c, *images.shape[3:])
+        s = self.model.score(frames, [p for p in prompts for _ in range(f)]).float().view(n, f)
+        return {"mean": s.mean(1), "min": s.amin(1), "max": s.amax(1)}[self.frames]

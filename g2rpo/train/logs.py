@@ -12,10 +12,10 @@ import torch
 
 from ..config import TrainConfig, config_to_dict
 
-__all__ = ["RunLog", "read_metrics", "human_config", "save_prompt_grid"]
+__all__ = ["RunLog", "read_metrics", "human_config", "save_prompt_grid", "save_video_gif"]
 
 #: ModelConfig fields that only a real (Flux/SD3) pipeline uses.
-_PIPELINE_ONLY = ("guidance_scale", "height", "width", "max_sequence_length")
+_PIPELINE_ONLY = ("guidance_scale", "height", "width", "max_sequence_length", "num_frames")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -127,3 +127,21 @@ def save_prompt_grid(path: Path, images: torch.Tensor, prompts: list[str], per_p
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+@torch.no_grad()
+def save_video_gif(path: Path, videos: torch.Tensor, per_row: int, min_px: int = 96, fps: int = 8) -> None:
+    """``videos [N, C, F, H, W]`` in [0, 1] as one animated GIF of the grid (``per_row`` videos a row)."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    n, c, f, h, w = videos.shape
+    scale = max(1, -(-min_px // w))
+    frames = []
+    for t in range(f):
+        grid = make_grid(videos[:, :, t].float().cpu(), nrow=per_row, padding=2, pad_value=0.5)
+        grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+        arr = (grid.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        frames.append(Image.fromarray(arr[..., 0] if c == 1 else arr))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)

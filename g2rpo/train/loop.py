@@ -25,7 +25,7 @@ from ..distributed import DistContext, rollout_mode
 from ..policy import build_rewards, load_policy
 from ..prompts import PromptSchedule, load_prompts
 from ..rollout import G2RPOSampler, Rollout, make_strategy
-from .logs import RunLog, save_prompt_grid
+from .logs import RunLog, save_prompt_grid, save_video_gif
 from .optimize import TrainingError, train_on
 from .rundir import OutputLock, loadable_checkpoints, preflight, resume_changes, stored_config
 from .setup import apply_lr, autocast, build_optimizer, build_policy
@@ -249,8 +249,12 @@ class Trainer:
         with rollout_mode(self.module), self.autocast():
             latents = self.sampler.engine.sample_ode(noise, self.policy.encode_prompts(rows))
         if self.ctx.is_main:
-            save_prompt_grid(self.out / "images" / f"iter_{iteration:06d}.png", self.policy.decode(latents), prompts,
-                             per_prompt)
+            images = self.policy.decode(latents)
+            path = self.out / "images" / f"iter_{iteration:06d}.png"
+            if images.ndim == 5:  # videos: an animated GIF, and the first frames as the labelled grid
+                save_video_gif(path.with_suffix(".gif"), images, per_prompt)
+                images = images[:, :, 0]
+            save_prompt_grid(path, images, prompts, per_prompt)
 
     # ---- checkpoints, export, the loop ----------------------------------------------------
     def checkpoint(self, iteration: int) -> Path:

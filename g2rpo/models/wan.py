@@ -1,0 +1,108 @@
+"""Wan 2.1 / 2.2 text-to-video adapter (diffusers' ``WanTransformer3DModel``) behind the engine protocol.
+
+Latents are the pipeline's ``[B, C, F', h, w]`` video latents (``F' = (frames - 1) / t + 1`` for the VAE's
+temporal factor t, ``h, w`` = height, width / spatial factor). The transformer takes ``timestep = 1000 *
+sigma`` (the scheduler's timesteps, as ``WanPipeline`` feeds them). Guidance is classifier-free as in
+the pipeline (``guidance_scale > 1``: the prompt and the negative prompt, combined as
+``v_neg + g (v_pos - v_neg)``), here in one doubled batch. ``decode`` returns videos
+``[B, 3, F, H, W]`` in [0, 1] (the VAE's ``latents_mean`` / ``latents_std`` undone first). Wan 2.2's
+second (low-noise) transformer is not supported: a pipeline with ``transformer_2`` is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ._cache import PromptEmbeddingCache
+from ._files import require_files
+
+__all__ = ["WanPolicy", "load_wan_policy"]
+
+
+class WanPolicy(torch.nn.Module):
+    """``model(x [B, C, F', h, w], sigma [B], cond) -> velocity`` (fp32 out), with ``encode_prompts``,
+    ``prepare_latents`` (as ``WanPipeline.prepare_latents`` draws them) and ``decode`` (videos)."""
+
+    def __init__(self, pipe, height: int = 480, width: int = 832, num_frames: int = 81, guidance_scale: float = 5.0,
+                 max_sequence_length: int = 512, negative_prompt: str = "") -> None:
+        super().__init__()
+        if getattr(pipe, "transformer_2", None) is not None:
+            raise ValueError("Wan 2.2 pipelines with two transformers (transformer_2) are not supported yet")
+        s, t = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        if height % s or width % s:
+            raise ValueError(f"height and width must be multiples of {s} for this VAE, got {height}x{width}")
+        if (num_frames - 1) % t:
+            raise ValueError(f"num_frames - 1 must be a multiple of {t} for this VAE, got {num_frames}")
+        self.height, self.width, self.num_frames = height, width, num_frames
+        self.latent_shape = (pipe.transformer.config.in_channels, (num_frames - 1) // t + 1, height // s, width // s)
+        self.guidance_scale, self.max_sequence_length, self.negative_prompt = (guidance_scale, max_sequence_length,
+                                                                               negative_prompt)
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.text_encoder = pipe.text_encoder
+        self._pipe = pipe
+        self._cache = PromptEmbeddingCache()
+        self.compute_dtype: torch.dtype | None = None  # the inputs' dtype (None: the parameters')
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        dtype = self.compute_dtype or next(self.transformer.parameters()).dtype
+        t = (sigma.float() * 1000.0).to(device=x.device)
+        text = cond["prompt_embeds"]
+        if self.cfg:
+            x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+            text = torch.cat([cond["negative_prompt_embeds"], text])
+            v = self.transformer(hidden_states=x2.to(dtype), timestep=t2, encoder_hidden_states=text.to(dtype),
+                                 return_dict=False)[0].float()
+            neg, pos = v.chunk(2)
+            return neg + self.guidance_scale * (pos - neg)
+        return self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=text.to(dtype),
+                                return_dict=False)[0].float()
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        def encode(new: list[str]) -> dict[str, torch.Tensor]:
+            device = next(self.text_encoder.parameters()).device
+            pe, npe = self._pipe.encode_prompt(prompt=new, negative_prompt=[self.negative_prompt] * len(new),
+                                               do_classifier_free_guidance=self.cfg, num_videos_per_prompt=1,
+                                               max_sequence_length=self.max_sequence_length, device=device)
+            return {"prompt_embeds": pe, **({"negative_prompt_embeds": npe} if self.cfg else {})}
+
+        return self._cache(prompts, encode)
+
+    def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        return torch.randn((n, *self.latent_shape), generator=generator, device=device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch: int = 2) -> torch.Tensor:
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+        out = []
+        for lo in range(0, latents.shape[0], batch):
+            z = latents[lo:lo + batch].float()
+            z = z * std.to(z.device) + mean.to(z.device)
+            video = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+            out.append((video.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
+
+    def save_pretrained(self, folder) -> None:
+        self._pipe.save_pretrained(folder)
+
+
+def load_wan_policy(path, dtype: torch.dtype = torch.bfloat16, height: int = 480, width: int = 832,
+                    num_frames: int = 81, guidance_scale: float = 5.0, max_sequence_length: int = 512) -> WanPolicy:
+    """Load Wan text-to-video from a local diffusers ``WanPipeline`` folder."""
+    from diffusers import WanPipeline
+
+    root = Path(path)
+    require_files(root, ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"],
+                  "Wan")
+    pipe = WanPipeline.from_pretrained(root, torch_dtype=dtype)
+    pipe.vae.to(torch.float32)  # the pipeline decodes in the VAE's dtype; Wan's VAE is kept in fp32
+    return WanPolicy(pipe, height, width, num_frames, guidance_scale, max_sequence_length)
