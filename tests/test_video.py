@@ -77,7 +77,7 @@ def test_train_and_eval_end_to_end_on_tiny_wan(wan_dir, tmp_path, tiny_open_clip
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat walking\na dog running\n")
     out = tmp_path / "run"
-    args = [f"model.kind=wan", f"model.path={wan_dir}", "model.dtype=float32", "model.height=16", "model.width=16",
+    args = ["model.kind=wan", f"model.path={wan_dir}", "model.dtype=float32", "model.height=16", "model.width=16",
             "model.num_frames=3", "model.guidance_scale=4.0", "model.max_sequence_length=16",
             f"rewards=[{{name: hps, options: {{checkpoint: {ckpt}, model_name: {name}}}, frames: min}}]",
             f"data.prompts={prompts}", "data.prompts_per_iteration=2", "sampler.num_steps=4",
