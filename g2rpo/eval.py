@@ -45,7 +45,9 @@ def _kind(model: Path) -> str:
         return "sd3"
     if cls == "WanPipeline":
         return "wan"
-    raise ValueError(f"{model}: unsupported pipeline {cls!r} (Flux, SD3 and Wan are supported)")
+    if cls == "QwenImagePipeline":
+        return "qwen_image"
+    raise ValueError(f"{model}: unsupported pipeline {cls!r} (Flux, SD3, Qwen-Image and Wan are supported)")
 
 
 def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: torch.dtype, height: int, width: int,

@@ -11,8 +11,8 @@
 
 ``rollout`` encodes the prompts with the pipeline's own text encoders, draws the initial latents as
 the pipeline does (packed for Flux), runs the batched engine with the chosen strategy and decodes
-the finals with the pipeline's VAE. The policy adapter (:class:`~g2rpo.models.FluxPolicy` /
-:class:`~g2rpo.models.SD3Policy`) wraps the pipeline's own modules: training ``pipe.transformer``
+the finals with the pipeline's VAE. The policy adapter (:class:`~g2rpo.models.FluxPolicy`,
+:class:`~g2rpo.models.SD3Policy`, :class:`~g2rpo.models.QwenImagePolicy`) wraps the pipeline's own modules: training ``pipe.transformer``
 trains the policy.
 """
 
@@ -48,15 +48,18 @@ class PipelineRollout:
 def policy_for(pipe, height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
                max_sequence_length: int | None = None) -> torch.nn.Module:
     """The engine-protocol adapter of a diffusers pipeline (FluxPipeline, StableDiffusion3Pipeline)."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
 
-    from .models import FluxPolicy, SD3Policy
+    from .models import FluxPolicy, QwenImagePolicy, SD3Policy
 
-    if not isinstance(pipe, (FluxPipeline, StableDiffusion3Pipeline)):
-        raise TypeError(f"{type(pipe).__name__} is not supported: pass a diffusers FluxPipeline or "
-                        "StableDiffusion3Pipeline (Qwen-Image, FLUX.2 and Wan are planned)")
+    if not isinstance(pipe, (FluxPipeline, StableDiffusion3Pipeline, QwenImagePipeline)):
+        raise TypeError(f"{type(pipe).__name__} is not supported: pass a diffusers FluxPipeline, "
+                        "StableDiffusion3Pipeline or QwenImagePipeline")
     size = getattr(pipe, "default_sample_size", 64) * pipe.vae_scale_factor
     kw = {"height": height or size, "width": width or size}
+    if isinstance(pipe, QwenImagePipeline):  # guidance_scale = the pipeline's true_cfg_scale
+        return QwenImagePolicy(pipe, true_cfg_scale=4.0 if guidance_scale is None else guidance_scale,
+                               max_sequence_length=max_sequence_length or 512, **kw)
     if isinstance(pipe, FluxPipeline):
         return FluxPolicy(pipe, guidance_scale=3.5 if guidance_scale is None else guidance_scale,
                           max_sequence_length=max_sequence_length or 512, **kw)

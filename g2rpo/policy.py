@@ -17,6 +17,8 @@ _MODEL_FILES = {"flux": ["model_index.json", "transformer/config.json", "vae/con
                          "text_encoder_2/config.json"],
                 "sd3": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
                         "text_encoder_2/config.json", "text_encoder_3/config.json"],
+                "qwen_image": ["model_index.json", "transformer/config.json", "vae/config.json",
+                               "text_encoder/config.json"],
                 "wan": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"]}
 
 

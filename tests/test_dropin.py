@@ -56,9 +56,16 @@ def test_training_units_cover_every_transition_once_and_are_on_policy(strategy):
     assert out.images.shape[0] == len(out.prompts_per_image) == P * ro.finals.shape[1] * ro.finals.shape[2] * G
 
 
-def test_sd3_pipeline_rollout_and_unsupported_pipelines():
+def test_sd3_and_qwen_image_pipeline_rollouts_and_unsupported_pipelines():
     out = rollout(tiny_sd3_pipeline(), ["a cat"], strategy="g2rpo", guidance_scale=1.0, **SMALL)
     assert out.images.shape[1:] == (3, 32, 32) and out.rollout.forward_rows > 0
+    from g2rpo.models.tiny import tiny_qwen_image_pipeline
+
+    out = rollout(tiny_qwen_image_pipeline(), ["a cat", "a dog on a sled"], strategy="dance_grpo",
+                  guidance_scale=1.0, **dict(SMALL, max_sequence_length=256))
+    assert out.images.shape == (2 * 3, 3, 32, 32)
+    for unit in list(out.rollout.training_units())[:3]:
+        assert torch.allclose(unit_log_probs(out.policy, out.rollout, unit, out.cond), unit.old_log_probs, atol=1e-5)
     with pytest.raises(TypeError, match="not supported"):
         policy_for(object())
     with pytest.raises(ValueError, match="non-empty list"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FLUX_DEV_TRANSFORMER", "random_flux_velocity", "tiny_clip_tokenizer", "tiny_flux_pipeline", "tiny_wan_pipeline",
+__all__ = ["FLUX_DEV_TRANSFORMER", "random_flux_velocity", "tiny_clip_tokenizer", "tiny_flux_pipeline", "tiny_qwen_image_pipeline", "tiny_wan_pipeline",
            "tiny_qwen_vl_judge", "tiny_sd3_pipeline", "tiny_t5_tokenizer"]
 
 
@@ -125,6 +125,47 @@ def tiny_wan_pipeline(seed: int = 0):
                                         num_layers=1, rope_max_seq_len=32)
     return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
+
+
+def _tiny_qwen_vl(seed: int = 0):
+    """A tiny Qwen2.5-VL (byte-level tokenizer, one text layer of width 32) and its tokenizer."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_byte_chars())}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=specials[1:])
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
+                         rope_parameters={"rope_theta": 10000.0, "rope_type": "default", "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32,
+                           fullatt_block_indexes=[0], window_size=56, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(cfg), tok
+
+
+def tiny_qwen_image_pipeline(seed: int = 0):
+    """A QwenImagePipeline with one block of width 16, a 2x VAE with 4 latent channels and a tiny
+    Qwen2.5-VL text encoder (32x32 images)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+
+    text_encoder, tok = _tiny_qwen_vl(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                              axes_dims_rope=(2, 2, 4))
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+                             tokenizer=tok, transformer=transformer)
 
 
 #: Flux.1-dev's transformer architecture (diffusers config), for benchmarks with random weights.

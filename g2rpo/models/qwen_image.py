@@ -1,0 +1,134 @@
+"""Qwen-Image adapter (diffusers' ``QwenImageTransformer2DModel``) behind the engine protocol.
+
+Latents are packed as ``QwenImagePipeline`` packs them (``[B, (h/2)(w/2), 4c]`` from ``[B, 1, c, h, w]``,
+the pipeline's own static ``_pack_latents`` / ``_unpack_latents``). The transformer takes ``timestep =
+sigma`` (the pipeline divides its timesteps by 1000), ``img_shapes`` and the prompt embeddings with their
+mask. Prompts have their own token lengths: each prompt is encoded alone (batch-independent) and padded,
+with a mask, to the longest of the rows a call gathers. True CFG as the pipeline does it when
+``true_cfg_scale > 1``: ``neg + s (pos - neg)`` rescaled per token to the conditional prediction's norm,
+here in one doubled batch. ``decode`` returns images ``[B, 3, H, W]`` in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ._files import require_files
+
+__all__ = ["QwenImagePolicy", "load_qwen_image_policy"]
+
+
+def _pad(rows: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(r.shape[0] for r in rows)
+    emb = torch.stack([torch.cat([r, r.new_zeros(L - r.shape[0], r.shape[1])]) for r in rows])
+    mask = torch.stack([torch.cat([m, m.new_zeros(L - m.shape[0])]) for m in masks])
+    return emb, mask
+
+
+class QwenImagePolicy(torch.nn.Module):
+    """``model(x packed [B, N, 4c], sigma [B], cond) -> velocity`` (fp32 out), with ``encode_prompts``,
+    ``prepare_latents`` (as the pipeline draws and packs them) and ``decode``."""
+
+    def __init__(self, pipe, height: int = 1024, width: int = 1024, true_cfg_scale: float = 4.0,
+                 max_sequence_length: int = 512, negative_prompt: str = " ") -> None:
+        super().__init__()
+        f = pipe.vae_scale_factor
+        if height % (2 * f) or width % (2 * f):
+            raise ValueError(f"height and width must be multiples of {2 * f} for this VAE, got {height}x{width}")
+        self.height, self.width = height, width
+        self.latent_height, self.latent_width = 2 * (height // (f * 2)), 2 * (width // (f * 2))
+        self.true_cfg_scale, self.max_sequence_length = true_cfg_scale, max_sequence_length
+        self.negative_prompt = negative_prompt
+        if pipe.transformer.config.guidance_embeds:
+            raise ValueError("guidance-distilled Qwen-Image transformers (guidance_embeds) are not supported")
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.text_encoder = pipe.text_encoder
+        self._pipe = pipe
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.compute_dtype: torch.dtype | None = None  # the inputs' dtype (None: the parameters')
+
+    @property
+    def cfg(self) -> bool:
+        return self.true_cfg_scale > 1.0
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.z_dim
+
+    def _embed(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if prompt not in self._rows:  # one prompt per call: the embedding never depends on the batch
+            device = next(self.text_encoder.parameters()).device
+            with torch.no_grad():
+                emb, mask = self._pipe.encode_prompt(prompt=[prompt], device=device,
+                                                     max_sequence_length=self.max_sequence_length)
+            mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device) if mask is None else mask
+            self._rows[prompt] = (emb[0].detach(), mask[0])
+        return self._rows[prompt]
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        pos = [self._embed(p) for p in prompts]
+        emb, mask = _pad([e for e, _ in pos], [m for _, m in pos])
+        out = {"prompt_embeds": emb, "prompt_embeds_mask": mask}
+        if self.cfg:
+            neg = self._embed(self.negative_prompt)
+            out["negative_prompt_embeds"], out["negative_prompt_embeds_mask"] = _pad([neg[0]] * len(prompts),
+                                                                                     [neg[1]] * len(prompts))
+        return out
+
+    def _call(self, x, sigma, emb, mask, dtype):
+        b = x.shape[0]
+        keep = int(mask.sum(dim=1).max())  # drop the columns every gathered row pads
+        emb, mask = emb[:, :keep], mask[:, :keep]
+        return self.transformer(hidden_states=x.to(dtype), timestep=sigma.to(device=x.device, dtype=dtype),
+                                guidance=None, encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+                                encoder_hidden_states=emb.to(dtype),
+                                img_shapes=[[(1, self.latent_height // 2, self.latent_width // 2)]] * b,
+                                return_dict=False)[0].float()
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        dtype = self.compute_dtype or next(self.transformer.parameters()).dtype
+        pos = self._call(x, sigma, cond["prompt_embeds"], cond["prompt_embeds_mask"], dtype)
+        if not self.cfg:
+            return pos
+        neg = self._call(x, sigma, cond["negative_prompt_embeds"], cond["negative_prompt_embeds_mask"], dtype)
+        comb = neg + self.true_cfg_scale * (pos - neg)
+        return comb * (pos.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+
+    def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        c, h, w = self.latent_channels, self.latent_height, self.latent_width
+        z = torch.randn((n, 1, c, h, w), generator=generator, device=device)
+        return self._pipe._pack_latents(z, n, c, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch: int = 4) -> torch.Tensor:
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+        f = self._pipe.vae_scale_factor
+        out = []
+        for lo in range(0, latents.shape[0], batch):
+            z = self._pipe._unpack_latents(latents[lo:lo + batch].float(), self.height, self.width, f)
+            z = z * std.to(z.device) + mean.to(z.device)
+            img = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0][:, :, 0]
+            out.append((img.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
+
+    def save_pretrained(self, folder) -> None:
+        self._pipe.save_pretrained(folder)
+
+
+def load_qwen_image_policy(path, dtype: torch.dtype = torch.bfloat16, height: int = 1024, width: int = 1024,
+                           guidance_scale: float = 4.0, max_sequence_length: int = 512) -> QwenImagePolicy:
+    """Load Qwen-Image from a local diffusers ``QwenImagePipeline`` folder (``guidance_scale`` is the
+    pipeline's ``true_cfg_scale``)."""
+    from diffusers import QwenImagePipeline
+
+    root = Path(path)
+    require_files(root, ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"],
+                  "Qwen-Image")
+    pipe = QwenImagePipeline.from_pretrained(root, torch_dtype=dtype)
+    return QwenImagePolicy(pipe, height, width, guidance_scale, max_sequence_length)
