@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    kind: str = "lab"  # lab | flux | sd3 | qwen_image | wan
+    kind: str = "lab"  # lab | flux | flux2 | sd3 | qwen_image | wan
     path: str | None = None  # lab: None builds/reuses the cached lab world
     dtype: str = "float32"  # float32 | bfloat16 | float16: parameters of the policy
     guidance_scale: float = 3.5
@@ -37,6 +37,7 @@ class ModelConfig:
     width: int = 720
     max_sequence_length: int = 512
     num_frames: int = 81  # video models (wan): frames per sample
+    text_encoder_out_layers: list[int] = field(default_factory=lambda: [10, 20, 30])  # flux2: Mistral-3 layers
     gradient_checkpointing: bool = False
     attention_backend: str | None = None  # diffusers attention dispatch: native (SDPA) default; flash, _flash_3, ...
 
@@ -227,8 +228,8 @@ class TrainConfig:
             ("loss.kl_convention", self.loss.kl_convention in ("transition", "flow_grpo"),
              f"must be transition or flow_grpo, got {self.loss.kl_convention!r}"),
             ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "must be in (0, 1) or null"),
-            ("model.kind", self.model.kind in ("lab", "flux", "sd3", "qwen_image", "wan"),
-             "must be lab, flux, sd3, qwen_image or wan"),
+            ("model.kind", self.model.kind in ("lab", "flux", "flux2", "sd3", "qwen_image", "wan"),
+             "must be lab, flux, flux2, sd3, qwen_image or wan"),
             ("model.num_frames", self.model.num_frames >= 1, "must be >= 1"),
             ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"),
              "must be float32, bfloat16 or float16"),

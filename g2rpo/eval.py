@@ -39,6 +39,8 @@ def _kind(model: Path) -> str:
         raise FileNotFoundError(f"{model}: neither a diffusers folder (model_index.json) nor a lab world "
                                 "(lab_world.json)")
     cls = json.loads(index.read_text()).get("_class_name", "")
+    if cls.startswith("Flux2"):
+        return "flux2"
     if cls.startswith("Flux"):
         return "flux"
     if cls.startswith("StableDiffusion3"):
@@ -47,11 +49,12 @@ def _kind(model: Path) -> str:
         return "wan"
     if cls == "QwenImagePipeline":
         return "qwen_image"
-    raise ValueError(f"{model}: unsupported pipeline {cls!r} (Flux, SD3, Qwen-Image and Wan are supported)")
+    raise ValueError(f"{model}: unsupported pipeline {cls!r} (Flux, FLUX.2, SD3, Qwen-Image and Wan are supported)")
 
 
 def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: torch.dtype, height: int, width: int,
-                     guidance_scale: float | None, num_frames: int | None = None):
+                     guidance_scale: float | None, num_frames: int | None = None,
+                     text_encoder_out_layers: list[int] | None = None):
     """The base policy from ``model`` with the transformer of ``checkpoint`` (a run or a folder) swapped in."""
     model = Path(model)
     kind = _kind(model)
@@ -65,6 +68,8 @@ def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: to
         kw = {"height": height, "width": width}
         if kind == "wan" and num_frames is not None:
             kw["num_frames"] = num_frames
+        if kind == "flux2" and text_encoder_out_layers:
+            kw["text_encoder_out_layers"] = tuple(text_encoder_out_layers)
         if guidance_scale is not None:
             kw["guidance_scale"] = guidance_scale
         policy = load_policy(kind, model, dtype=dtype, **kw)
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--num-frames", type=int, default=None, help="video models (Wan): frames per sample")
+    p.add_argument("--text-encoder-layers", default=None, help="FLUX.2: Mistral-3 hidden layers, e.g. 10,20,30")
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--rewards", required=True, help="comma-separated reward names")
@@ -137,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         kind, policy = load_eval_policy(args.model, args.checkpoint, dtype, args.height, args.width,
-                                        args.guidance_scale, args.num_frames)
+                                        args.guidance_scale, args.num_frames,
+                                        [int(x) for x in args.text_encoder_layers.split(",")]
+                                        if args.text_encoder_layers else None)
         prompts = load_prompts(args.prompts)
         options = yaml.safe_load(Path(args.reward_options).read_text()) if args.reward_options else {}
         names = [n.strip() for n in args.rewards.split(",") if n.strip()]

@@ -48,15 +48,18 @@ class PipelineRollout:
 def policy_for(pipe, height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
                max_sequence_length: int | None = None) -> torch.nn.Module:
     """The engine-protocol adapter of a diffusers pipeline (FluxPipeline, StableDiffusion3Pipeline)."""
-    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+    from diffusers import Flux2Pipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
 
-    from .models import FluxPolicy, QwenImagePolicy, SD3Policy
+    from .models import Flux2Policy, FluxPolicy, QwenImagePolicy, SD3Policy
 
-    if not isinstance(pipe, (FluxPipeline, StableDiffusion3Pipeline, QwenImagePipeline)):
-        raise TypeError(f"{type(pipe).__name__} is not supported: pass a diffusers FluxPipeline, "
+    if not isinstance(pipe, (FluxPipeline, Flux2Pipeline, StableDiffusion3Pipeline, QwenImagePipeline)):
+        raise TypeError(f"{type(pipe).__name__} is not supported: pass a diffusers FluxPipeline, Flux2Pipeline, "
                         "StableDiffusion3Pipeline or QwenImagePipeline")
     size = getattr(pipe, "default_sample_size", 64) * pipe.vae_scale_factor
     kw = {"height": height or size, "width": width or size}
+    if isinstance(pipe, Flux2Pipeline):
+        return Flux2Policy(pipe, guidance_scale=4.0 if guidance_scale is None else guidance_scale,
+                           max_sequence_length=max_sequence_length or 512, **kw)
     if isinstance(pipe, QwenImagePipeline):  # guidance_scale = the pipeline's true_cfg_scale
         return QwenImagePolicy(pipe, true_cfg_scale=4.0 if guidance_scale is None else guidance_scale,
                                max_sequence_length=max_sequence_length or 512, **kw)

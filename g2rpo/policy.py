@@ -17,6 +17,7 @@ _MODEL_FILES = {"flux": ["model_index.json", "transformer/config.json", "vae/con
                          "text_encoder_2/config.json"],
                 "sd3": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
                         "text_encoder_2/config.json", "text_encoder_3/config.json"],
+                "flux2": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"],
                 "qwen_image": ["model_index.json", "transformer/config.json", "vae/config.json",
                                "text_encoder/config.json"],
                 "wan": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"]}
@@ -63,7 +64,8 @@ def load_policy(cfg: ModelConfig, log=print) -> LoadedPolicy:
         raise ValueError(f"model.path must point to a local {cfg.kind} diffusers folder")
     policy = load_real(cfg.kind, cfg.path, dtype=dtype, height=cfg.height, width=cfg.width,
                        guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length,
-                       **({"num_frames": cfg.num_frames} if cfg.kind == "wan" else {}))
+                       **({"num_frames": cfg.num_frames} if cfg.kind == "wan" else {}),
+                       **({"text_encoder_out_layers": tuple(cfg.text_encoder_out_layers)} if cfg.kind == "flux2" else {}))
     return LoadedPolicy(policy, Path(cfg.path))
 
 

@@ -55,7 +55,8 @@ def test_shipped_configs_validate(name):
     assert cfg.sampler.num_steps == 16 and cfg.loss.adv_clip_max == 5.0
 
 
-@pytest.mark.parametrize("name, kind", [("wan_t2v_hps", "wan"), ("qwen_image_hps", "qwen_image")])
+@pytest.mark.parametrize("name, kind", [("wan_t2v_hps", "wan"), ("qwen_image_hps", "qwen_image"),
+                                        ("flux2_hps", "flux2")])
 def test_shipped_model_family_configs_validate_and_cite_sources(name, kind):
     import re
     from pathlib import Path

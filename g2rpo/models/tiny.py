@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FLUX_DEV_TRANSFORMER", "random_flux_velocity", "tiny_clip_tokenizer", "tiny_flux_pipeline", "tiny_qwen_image_pipeline", "tiny_wan_pipeline",
+__all__ = ["FLUX_DEV_TRANSFORMER", "random_flux_velocity", "tiny_clip_tokenizer", "tiny_flux_pipeline", "tiny_flux2_pipeline", "tiny_qwen_image_pipeline", "tiny_wan_pipeline",
            "tiny_qwen_vl_judge", "tiny_sd3_pipeline", "tiny_t5_tokenizer"]
 
 
@@ -166,6 +166,36 @@ def tiny_qwen_image_pipeline(seed: int = 0):
                                               axes_dims_rope=(2, 2, 4))
     return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
                              tokenizer=tok, transformer=transformer)
+
+
+def tiny_flux2_pipeline(seed: int = 0):
+    """A Flux2Pipeline with 1+1 blocks of width 32, a 2x VAE with 4 latent channels (16 patchified) and a
+    3-layer tiny Mistral-3 text encoder (use ``text_encoder_out_layers=(1, 2, 3)``; 32x32 images)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    _, tok = _tiny_qwen_vl(seed)  # a byte-level tokenizer with a chat template stands in for Mistral's processor
+    tok.chat_template = _QWEN_CHAT_TEMPLATE
+    tok.pad_token = "<|endoftext|>"
+    torch.manual_seed(seed)
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=16, intermediate_size=24,
+                         num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         max_position_embeddings=4096),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, image_size=32, patch_size=8),
+        image_token_index=len(tok) - 1))
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                             norm_num_groups=4, sample_size=32)
+    with torch.no_grad():  # non-trivial batch-norm statistics, so that decode's un-normalisation is tested
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, vae.bn.running_mean.numel()))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.running_var.numel()))
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4))
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+                         tokenizer=tok, transformer=transformer)
 
 
 #: Flux.1-dev's transformer architecture (diffusers config), for benchmarks with random weights.

@@ -15,7 +15,7 @@ from ..config import TrainConfig, config_to_dict
 __all__ = ["RunLog", "read_metrics", "human_config", "save_prompt_grid", "save_video_gif"]
 
 #: ModelConfig fields that only a real (Flux/SD3) pipeline uses.
-_PIPELINE_ONLY = ("guidance_scale", "height", "width", "max_sequence_length", "num_frames")
+_PIPELINE_ONLY = ("guidance_scale", "height", "width", "max_sequence_length", "num_frames", "text_encoder_out_layers")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
