@@ -6,7 +6,7 @@ sigma`` (the pipeline divides its timesteps by 1000), ``img_shapes`` and the pro
 mask. Prompts have their own token lengths: each prompt is encoded alone (batch-independent) and padded,
 with a mask, to the longest of the rows a call gathers. True CFG as the pipeline does it when
 ``true_cfg_scale > 1``: ``neg + s (pos - neg)`` rescaled per token to the conditional prediction's norm,
-here in one doubled batch. ``decode`` returns images ``[B, 3, H, W]`` in [0, 1].
+here in one doubled batch (prompt and negative rows padded with masks to one length). ``decode`` returns images ``[B, 3, H, W]`` in [0, 1].
 """
 
 from __future__ import annotations
@@ -91,10 +91,18 @@ class QwenImagePolicy(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.compute_dtype or next(self.transformer.parameters()).dtype
-        pos = self._call(x, sigma, cond["prompt_embeds"], cond["prompt_embeds_mask"], dtype)
         if not self.cfg:
-            return pos
-        neg = self._call(x, sigma, cond["negative_prompt_embeds"], cond["negative_prompt_embeds_mask"], dtype)
+            return self._call(x, sigma, cond["prompt_embeds"], cond["prompt_embeds_mask"], dtype)
+        # one doubled batch (as SD3): prompt and negative rows padded, with their masks, to one length
+        L = max(cond["prompt_embeds"].shape[1], cond["negative_prompt_embeds"].shape[1])
+
+        def widen(e, m):
+            return torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[1])), torch.nn.functional.pad(m, (0, L - m.shape[1]))
+
+        pe, pm = widen(cond["prompt_embeds"], cond["prompt_embeds_mask"])
+        ne, nm = widen(cond["negative_prompt_embeds"], cond["negative_prompt_embeds_mask"])
+        v = self._call(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([ne, pe]), torch.cat([nm, pm]), dtype)
+        neg, pos = v.chunk(2)
         comb = neg + self.true_cfg_scale * (pos - neg)
         return comb * (pos.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
 
