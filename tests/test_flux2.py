@@ -1,12 +1,11 @@
 """FLUX.2 (issue 15): parity with diffusers' Flux2Pipeline and `python -m g2rpo.train` / `python -m g2rpo.eval`
 end to end on a tiny pipeline built here."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
+from family_e2e import train_and_eval
 from g2rpo import G2RPOSampler
 from g2rpo.models import Flux2Policy, load_policy
 from g2rpo.models.tiny import tiny_flux2_pipeline
@@ -46,28 +45,7 @@ def test_flux2_ode_equals_the_pipeline(flux2_dir):
 
 
 def test_train_and_eval_end_to_end_on_tiny_flux2(flux2_dir, tmp_path, tiny_open_clip):
-    from g2rpo.eval import main as eval_main
-    from g2rpo.train import main as train_main
-
-    name, state = tiny_open_clip
-    ckpt = tmp_path / "hps.pt"
-    torch.save({"state_dict": state}, ckpt)
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red cube\na blue sphere on grass\n")
-    out = tmp_path / "run"
-    args = ["model.kind=flux2", f"model.path={flux2_dir}", "model.dtype=float32", "model.height=32", "model.width=32",
-            "model.guidance_scale=4.0", "model.max_sequence_length=64", "model.text_encoder_out_layers=[1, 2, 3]",
-            f"rewards=[{{name: hps, options: {{checkpoint: {ckpt}, model_name: {name}}}}}]",
-            f"data.prompts={prompts}", "data.prompts_per_iteration=2", "sampler.num_steps=4",
-            "sampler.sde_indices=[0, 1]", "sampler.granularities=[1, 2]", "sampler.group_size=2",
-            "iterations=2", "checkpoint_every=1", "progress=false", "tensorboard=false", f"output_dir={out}",
-            "optim.lr=1e-4"]
-    assert train_main(args) == 0
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["iteration"] for m in metrics] == [1, 2]
-    assert all(np.isfinite(m["reward/hps"]) and m["ratio_first_max_dev"] < 1e-5 for m in metrics)
-    (tmp_path / "rewards.yaml").write_text(f"hps: {{checkpoint: {ckpt}, model_name: {name}}}\n")
-    assert eval_main(["--model", str(flux2_dir), "--checkpoint", str(out), "--prompts", str(prompts), "--steps", "4",
-                      "--height", "32", "--width", "32", "--text-encoder-layers", "1,2,3", "--rewards", "hps",
-                      "--reward-options", str(tmp_path / "rewards.yaml"), "--out", str(tmp_path / "ev")]) == 0
-    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["n"] == 2
+    train_and_eval("flux2", flux2_dir, tmp_path, tiny_open_clip,
+                   ["model.height=32", "model.width=32", "model.guidance_scale=4.0", "model.max_sequence_length=64",
+                    "model.text_encoder_out_layers=[1, 2, 3]"],
+                   ["--height", "32", "--width", "32", "--text-encoder-layers", "1,2,3"])

@@ -1,12 +1,11 @@
 """Wan text-to-video (issue 15): parity with diffusers' WanPipeline, frame-wise video rewards, and
 `python -m g2rpo.train` / `python -m g2rpo.eval` end to end on a tiny Wan pipeline built here."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
+from family_e2e import train_and_eval
 from g2rpo import G2RPOSampler
 from g2rpo.models import WanPolicy, load_policy
 from g2rpo.models.tiny import tiny_wan_pipeline
@@ -68,30 +67,9 @@ def test_image_rewards_score_videos_frame_wise():
 
 
 def test_train_and_eval_end_to_end_on_tiny_wan(wan_dir, tmp_path, tiny_open_clip):
-    from g2rpo.eval import main as eval_main
-    from g2rpo.train import main as train_main
-
-    name, state = tiny_open_clip
-    ckpt = tmp_path / "hps.pt"
-    torch.save({"state_dict": state}, ckpt)
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a cat walking\na dog running\n")
-    out = tmp_path / "run"
-    args = ["model.kind=wan", f"model.path={wan_dir}", "model.dtype=float32", "model.height=16", "model.width=16",
-            "model.num_frames=3", "model.guidance_scale=4.0", "model.max_sequence_length=16",
-            f"rewards=[{{name: hps, options: {{checkpoint: {ckpt}, model_name: {name}}}, frames: min}}]",
-            f"data.prompts={prompts}", "data.prompts_per_iteration=2", "sampler.num_steps=4",
-            "sampler.sde_indices=[0, 1]", "sampler.granularities=[1, 2]", "sampler.group_size=2",
-            "iterations=2", "checkpoint_every=1", "image_every=2", "progress=false", "tensorboard=false",
-            f"output_dir={out}", "optim.lr=1e-4"]
-    assert train_main(args) == 0
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["iteration"] for m in metrics] == [1, 2]
-    assert all(np.isfinite(m["reward/hps"]) and m["ratio_first_max_dev"] < 1e-6 for m in metrics)
+    out, _ = train_and_eval("wan", wan_dir, tmp_path, tiny_open_clip,
+                            ["model.height=16", "model.width=16", "model.num_frames=3", "model.guidance_scale=4.0",
+                             "model.max_sequence_length=16"],
+                            ["--height", "16", "--width", "16", "--num-frames", "3"], frames="min",
+                            train_args=["image_every=2"])
     assert (out / "images" / "iter_000002.gif").is_file() and (out / "images" / "iter_000002.png").is_file()
-    assert (out / "final" / "transformer" / "config.json").is_file()
-    (tmp_path / "rewards.yaml").write_text(f"hps: {{checkpoint: {ckpt}, model_name: {name}}}\n")
-    assert eval_main(["--model", str(wan_dir), "--checkpoint", str(out), "--prompts", str(prompts), "--steps", "4",
-                      "--height", "16", "--width", "16", "--num-frames", "3", "--rewards", "hps",
-                      "--reward-options", str(tmp_path / "rewards.yaml"), "--out", str(tmp_path / "ev")]) == 0
-    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["n"] == 2

@@ -15,6 +15,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from ._cache import PromptEmbeddingCache
+from ._vae import decode_in_chunks
 
 __all__ = ["FluxVelocity", "pack_latents", "unpack_latents", "latent_image_ids"]
 
@@ -138,13 +139,8 @@ class FluxPolicy(torch.nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
         cfg = self.vae.config
-        out = []
-        for lo in range(0, latents.shape[0], batch):
-            z = unpack_latents(latents[lo:lo + batch].float(), self.latent_height, self.latent_width)
-            z = z / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-            img = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-            out.append((img.float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(out)
+        return decode_in_chunks(self.vae, latents, batch, lambda z: unpack_latents(
+            z, self.latent_height, self.latent_width) / cfg.scaling_factor + (cfg.shift_factor or 0.0))
 
     def save_pretrained(self, folder) -> None:
         self._pipe.transformer = self.transformer

@@ -18,6 +18,7 @@ import torch
 
 from ._cache import PromptEmbeddingCache
 from ._files import require_files
+from ._vae import decode_in_chunks
 
 __all__ = ["Flux2Policy", "load_flux2_policy"]
 
@@ -80,16 +81,14 @@ class Flux2Policy(torch.nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 4) -> torch.Tensor:
         bn, eps = self.vae.bn, self.vae.config.batch_norm_eps
-        out = []
-        for lo in range(0, latents.shape[0], batch):
-            z = latents[lo:lo + batch].float()
+
+        def to_vae(z):
             z = z.permute(0, 2, 1).reshape(z.shape[0], self.channels, *self.grid)  # tokens are in raster order
             z = z * torch.sqrt(bn.running_var.view(1, -1, 1, 1).float() + eps).to(z.device) + \
                 bn.running_mean.view(1, -1, 1, 1).float().to(z.device)
-            z = self._pipe._unpatchify_latents(z)
-            img = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-            out.append((img.float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(out)
+            return self._pipe._unpatchify_latents(z)
+
+        return decode_in_chunks(self.vae, latents, batch, to_vae)
 
     def save_pretrained(self, folder) -> None:
         self._pipe.save_pretrained(folder)

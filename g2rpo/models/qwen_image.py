@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ._files import require_files
+from ._vae import decode_in_chunks, latent_stats
 
 __all__ = ["QwenImagePolicy", "load_qwen_image_policy"]
 
@@ -113,17 +114,14 @@ class QwenImagePolicy(torch.nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 4) -> torch.Tensor:
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+        mean, std = latent_stats(self.vae)
         f = self._pipe.vae_scale_factor
-        out = []
-        for lo in range(0, latents.shape[0], batch):
-            z = self._pipe._unpack_latents(latents[lo:lo + batch].float(), self.height, self.width, f)
-            z = z * std.to(z.device) + mean.to(z.device)
-            img = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0][:, :, 0]
-            out.append((img.float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(out)
+
+        def to_vae(z):
+            z = self._pipe._unpack_latents(z, self.height, self.width, f)  # [B, c, 1, h, w]
+            return z * std.to(z.device) + mean.to(z.device)
+
+        return decode_in_chunks(self.vae, latents, batch, to_vae, pick=lambda img: img[:, :, 0])
 
     def save_pretrained(self, folder) -> None:
         self._pipe.save_pretrained(folder)

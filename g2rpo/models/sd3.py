@@ -17,6 +17,7 @@ from diffusers import StableDiffusion3Pipeline
 
 from ._cache import PromptEmbeddingCache
 from ._files import require_files
+from ._vae import decode_in_chunks
 
 __all__ = ["SD3Policy", "load_sd3_policy"]
 
@@ -79,12 +80,7 @@ class SD3Policy(torch.nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
         cfg = self.vae.config
-        out = []
-        for lo in range(0, latents.shape[0], batch):
-            z = latents[lo:lo + batch].float() / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-            img = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-            out.append((img.float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(out)
+        return decode_in_chunks(self.vae, latents, batch, lambda z: z / cfg.scaling_factor + (cfg.shift_factor or 0.0))
 
     def save_pretrained(self, folder) -> None:
         self._pipe.save_pretrained(folder)

@@ -240,28 +240,11 @@ _QWEN_CHAT_TEMPLATE = (
 
 def tiny_qwen_vl_judge(folder, seed: int = 0) -> None:
     """Save a tiny Qwen2.5-VL (byte-level tokenizer, 1+1 layers of width 32) with its processor to ``folder``."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    vocab = {c: i for i, c in enumerate(_byte_chars())}
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-    for s in specials:
-        vocab[s] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=specials[1:])
+    model, tok = _tiny_qwen_vl(seed)
     pix = dict(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pix), tokenizer=tok,
                                     video_processor=Qwen2VLVideoProcessor(**pix), chat_template=_QWEN_CHAT_TEMPLATE)
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
-                         rope_parameters={"rope_theta": 10000.0, "rope_type": "default", "mrope_section": [2, 1, 1]}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32,
-                           fullatt_block_indexes=[0], window_size=56, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
-    torch.manual_seed(seed)
-    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)
+    model.save_pretrained(folder)
     processor.save_pretrained(folder)

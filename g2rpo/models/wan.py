@@ -18,6 +18,7 @@ import torch
 
 from ._cache import PromptEmbeddingCache
 from ._files import require_files
+from ._vae import decode_in_chunks, latent_stats
 
 __all__ = ["WanPolicy", "load_wan_policy"]
 
@@ -80,16 +81,8 @@ class WanPolicy(torch.nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 2) -> torch.Tensor:
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
-        out = []
-        for lo in range(0, latents.shape[0], batch):
-            z = latents[lo:lo + batch].float()
-            z = z * std.to(z.device) + mean.to(z.device)
-            video = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-            out.append((video.float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(out)
+        mean, std = latent_stats(self.vae)
+        return decode_in_chunks(self.vae, latents, batch, lambda z: z * std.to(z.device) + mean.to(z.device))
 
     def save_pretrained(self, folder) -> None:
         self._pipe.save_pretrained(folder)
