@@ -126,9 +126,10 @@ def stage_rollout(ctx: Ctx) -> dict:
     peak = _matmul_peak(ctx)
     max_batch = 64 if ctx.tiny else 24
     engine = G2RPOSampler(velocity, max_batch=max_batch, **PAPER)
-    if ctx.cuda:  # warm-up: kernels, allocator
+    if ctx.cuda:  # warm-up: kernels, allocator (one full chunk; the cond rows follow the latent rows)
+        rows = {k: v.expand(max_batch, *v.shape[1:]) for k, v in cond.items()}
         with torch.no_grad():
-            velocity(noise.expand(max_batch, *noise.shape[1:]), torch.ones(max_batch, device=ctx.device), cond)
+            velocity(noise.expand(max_batch, *noise.shape[1:]), torch.ones(max_batch, device=ctx.device), rows)
     sec, ro = _timed(ctx, lambda: engine.rollout(noise, cond, generator=_gen(ctx)))
     res = {"model": "tiny Flux 64x64 fp32" if ctx.tiny else "Flux.1-dev architecture 720x720 bf16 (random)",
            "setting": {k: list(v) if isinstance(v, tuple) else v for k, v in PAPER.items()}, "max_batch": max_batch,
