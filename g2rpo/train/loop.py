@@ -22,13 +22,13 @@ from ..advantage import batch_std, check_finite_rewards, integrate_advantages
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..distributed import DistContext, rollout_mode
-from ..policy import build_rewards, load_policy
+from ..policy import build_rewards
 from ..prompts import PromptSchedule, load_prompts
 from ..rollout import G2RPOSampler, Rollout, make_strategy
 from .logs import RunLog, save_prompt_grid, save_video_gif
 from .optimize import TrainingError, train_on
 from .rundir import OutputLock, loadable_checkpoints, preflight, resume_changes, stored_config
-from .setup import apply_lr, autocast, build_optimizer, build_policy
+from .setup import apply_lr, autocast, build_optimizer, build_policy, export_policy
 
 __all__ = ["Trainer", "TrainingError", "seed_of"]
 
@@ -267,31 +267,7 @@ class Trainer:
 
     def export(self, folder: Path) -> Path:
         """The trained policy in diffusers' ``save_pretrained`` layout (EMA weights when enabled)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.ema is not None:
-            for n, t in self.ema.items():
-                full[n] = (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
-        if self.ctx.is_main:
-            fresh = load_policy(self.cfg.model, log=lambda *a, **k: None).policy
-            if self.cfg.lora.enabled:
-                from peft import LoraConfig
-
-                fresh.transformer.add_adapter(LoraConfig(r=self.cfg.lora.rank, lora_alpha=self.cfg.lora.alpha,
-                                                         target_modules=list(self.cfg.lora.target_modules)))
-            fresh.transformer.load_state_dict(full, strict=True)
-            if self.cfg.lora.enabled:
-                fresh.transformer.fuse_lora()
-                fresh.transformer.unload_lora()
-            fresh.save_pretrained(folder)
-            rewards = self.base_path / "rewards"
-            if rewards.is_dir() and not (folder / "rewards").exists():
-                import shutil
-
-                shutil.copytree(rewards, folder / "rewards")
-        self.ctx.barrier()
-        return folder
+        return export_policy(self.cfg, self.ctx, self.module, self.ema, self.base_path, folder)
 
     def run(self, callback=None) -> list[dict[str, float]]:
         """Train to ``cfg.iterations``; ``callback(trainer, metrics)`` runs after every iteration."""

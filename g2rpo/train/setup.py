@@ -23,7 +23,7 @@ from ..distributed import DistContext, shard_module
 from ..policy import TORCH_DTYPES, load_policy
 
 __all__ = ["PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast", "reference_policy",
-           "update_ema"]
+           "update_ema", "export_policy"]
 
 
 @dataclass
@@ -132,3 +132,34 @@ def update_ema(ema: dict[str, torch.Tensor] | None, module: torch.nn.Module, dec
     for n, p in module.named_parameters():
         if n in ema:
             ema[n].lerp_(p.detach().float(), 1.0 - decay)
+
+
+def export_policy(cfg: TrainConfig, ctx: DistContext, module: torch.nn.Module, ema: dict[str, torch.Tensor] | None,
+                  base_path: Path, folder: Path) -> Path:
+    """The trained policy in diffusers' ``save_pretrained`` layout: the full (unsharded) state, EMA weights
+    when enabled, LoRA fused; the lab world's reward weights are copied along."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ema is not None:
+        for n, t in ema.items():
+            full[n] = (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
+    if ctx.is_main:
+        fresh = load_policy(cfg.model, log=lambda *a, **k: None).policy
+        if cfg.lora.enabled:
+            from peft import LoraConfig
+
+            fresh.transformer.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                                                     target_modules=list(cfg.lora.target_modules)))
+        fresh.transformer.load_state_dict(full, strict=True)
+        if cfg.lora.enabled:
+            fresh.transformer.fuse_lora()
+            fresh.transformer.unload_lora()
+        fresh.save_pretrained(folder)
+        rewards = base_path / "rewards"
+        if rewards.is_dir() and not (folder / "rewards").exists():
+            import shutil
+
+            shutil.copytree(rewards, folder / "rewards")
+    ctx.barrier()
+    return folder
