@@ -167,3 +167,22 @@ def test_flow_grpo_kl_convention_divides_by_sigma_t_squared(lab_world, tmp_path)
     s = sigma_schedule(8)
     assert kls["transition"] > 0
     assert kls["flow_grpo"] == pytest.approx(kls["transition"] * float(s[2] - s[3]), rel=1e-4)
+
+
+def test_two_ranks_match_one_rank_with_per_sample_subsets_and_sample_minibatches(lab_world, tmp_path):
+    """The mask and the optimizer steps are drawn for the global batch: 2 FSDP ranks make the same
+    forwards (a rank with nothing to train in a step still runs them) and train as 1 rank does."""
+    from test_train import _cli, _flat, _metrics
+
+    extra = {"sampler.strategy": "dance_grpo", "sampler.eta": None, "sampler.train_selection": "per_sample",
+             "sampler.train_last_step": False, "sampler.train_fraction": 0.5, "optim.sample_minibatches": 3}
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = _cli(_flat(tiny(lab_world, one, iterations=2, checkpoint_every=0, **extra)))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _cli(_flat(tiny(lab_world, two, iterations=2, checkpoint_every=0, **extra)), torchrun=2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    for x, y in zip(_metrics(one), _metrics(two)):
+        assert x["optimizer_steps"] == y["optimizer_steps"] == 3
+        assert x["forward_rows"] == y["forward_rows"]
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        assert x["reward/digit_alignment"] == pytest.approx(y["reward/digit_alignment"], rel=1e-5)

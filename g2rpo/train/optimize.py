@@ -14,7 +14,8 @@ from ..distributed import is_fsdp
 from ..loss import clipped_surrogate, gaussian_kl
 from ..rollout import Rollout
 from .setup import reference_policy, update_ema
-from .update import optimizer_steps, recompute_old_logprobs, selection, slot_logprob, source_rows, work_units
+from .update import (is_empty, optimizer_steps, recompute_old_logprobs, selection, slot_logprob, source_rows,
+                     work_units)
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -53,12 +54,19 @@ def train_on(tr: Trainer, ro: Rollout, adv: torch.Tensor, cond: Any, iteration: 
     cfg = tr.cfg
     gen = torch.Generator().manual_seed(seed_of(cfg.seed, iteration, 2))
     P, K, G = ro.log_probs.shape
-    mask = tr.sampler.strategy.train_mask(tr.sampler.plan(iteration), P, gen)  # [P, K, G]
-    steps = optimizer_steps(mask, cfg.optim.update_schedule, cfg.minibatches, cfg.optim.sample_minibatches,
-                            cfg.inner_epochs, gen)
-    trained = [k for k in range(K) if bool(mask[:, k].any())]
+    # The mask and the optimizer steps are drawn for the GLOBAL batch (the same on every rank, the same as
+    # on one rank) and sliced: every rank then makes the same forwards (FSDP) and N ranks train as 1.
+    world, lo = tr.ctx.world, tr.ctx.rank * P
+    global_mask = tr.sampler.strategy.train_mask(tr.sampler.plan(iteration), P * world, gen)  # [P * world, K, G]
+    global_steps = optimizer_steps(global_mask, cfg.optim.update_schedule, cfg.minibatches,
+                                   cfg.optim.sample_minibatches, cfg.inner_epochs, gen)
+    mask = global_mask[lo:lo + P]
+    steps = [s[lo:lo + P] for s in global_steps]
+    trained = [k for k in range(K) if bool(global_mask[:, k].any())]
     S_max = max([source_rows(ro, k) for k in trained] or [1])
-    steps_units = [work_units(m, max(1, cfg.train_batch // S_max)) for m in steps]
+    chunk = max(1, cfg.train_batch // S_max)
+    steps_units = [work_units(m, chunk, [k for k in range(K) if bool(g[:, k].any())] if world > 1 else None)
+                   for m, g in zip(steps, global_steps)]
     ratios, clips, kls, grad_norms, step_devs = [], [], [], [], []
     loss_sum, loss_count, first_dev = 0.0, 0, None
     tr.module.train()
@@ -71,10 +79,10 @@ def train_on(tr: Trainer, ro: Rollout, adv: torch.Tensor, cond: Any, iteration: 
             old_logp, spent = recompute_old_logprobs(tr.policy, ro, steps_units, cond,
                                                      quantize_timesteps=cfg.sampler.quantize_timesteps,
                                                      backend=cfg.ops_backend)
-        extra = {"recompute_forward_rows": float(spent),
-                 "old_logprob_max_dev": float((old_logp - ro.log_probs)[mask.to(old_logp.device)].abs().max())}
-    for step, units in zip(steps, steps_units):
-        n_total = int(step.sum())
+        dev = (old_logp - ro.log_probs)[mask.to(old_logp.device)].abs()
+        extra = {"recompute_forward_rows": float(spent), "old_logprob_max_dev": float(dev.max()) if dev.numel() else 0.0}
+    for step, global_step, units in zip(steps, global_steps, steps_units):
+        n_total = int(global_step.sum()) / world  # FSDP averages the ranks' gradients: sum / n over all ranks
         tr.optimizer.zero_grad(set_to_none=True)
         step_ratios = []
         for w, unit in enumerate(units):
@@ -82,20 +90,27 @@ def train_on(tr: Trainer, ro: Rollout, adv: torch.Tensor, cond: Any, iteration: 
             sel = selection(unit, G).to(old_logp.device)
             if is_fsdp(tr.module):
                 tr.module.set_requires_gradient_sync(w == len(units) - 1)
+            run_unit = (k, rows, None) if is_empty(unit) else unit
             with tr.autocast():
-                logp, mean, std = _logprob(tr, ro, unit, cond, need_mean=cfg.loss.kl_beta > 0)
+                logp, mean, std = _logprob(tr, ro, run_unit, cond, need_mean=cfg.loss.kl_beta > 0)
+            if is_empty(unit):
+                sel = torch.ones_like(sel)
             sur = clipped_surrogate(logp, old_logp[rows, k][sel], adv[rows, k][sel.to(adv.device)],
                                     cfg.loss.clip_range, cfg.loss.adv_clip_max)
             loss = sur.loss.sum() / n_total
             if cfg.loss.kl_beta > 0:
                 with reference_policy(tr.setup, cfg.lora.enabled), tr.autocast():
-                    _, ref_mean, _ = _logprob(tr, ro, unit, cond, need_mean=True)
+                    _, ref_mean, _ = _logprob(tr, ro, run_unit, cond, need_mean=True)
                 kl = gaussian_kl(mean, ref_mean, std)
                 if cfg.loss.kl_convention == "flow_grpo":  # Flow-GRPO divides by 2 sigma_t^2, not 2 sigma_t^2 |dt|
                     e = int(ro.step_index[k])
                     kl = kl * float(ro.sigmas[e] - ro.sigmas[e + 1])
                 loss = loss + cfg.loss.kl_beta * kl.sum() / n_total
-                kls.append(kl.detach())
+                if not is_empty(unit):
+                    kls.append(kl.detach())
+            if is_empty(unit):  # nothing to train on this rank: the forward ran for FSDP's collectives
+                (loss * 0.0).backward()
+                continue
             if not torch.isfinite(loss):
                 bad_rows = sel.nonzero()[:, 0][~torch.isfinite(sur.loss)].unique().tolist()
                 bad = sorted({prompts[rows.start + i] for i in bad_rows})
@@ -117,18 +132,19 @@ def train_on(tr: Trainer, ro: Rollout, adv: torch.Tensor, cond: Any, iteration: 
         check_finite_params(tr, iteration + 1, "after the optimizer step", prompts)
         update_ema(tr.ema, tr.module, cfg.ema_decay)
         ratios += step_ratios
-        step_devs.append(float((torch.cat(step_ratios) - 1).abs().max()))
+        if step_ratios:
+            step_devs.append(float((torch.cat(step_ratios) - 1).abs().max()))
     tr.scheduler.step()
-    if not steps:  # nothing trained this iteration (e.g. an empty MixGRPO window)
+    kl = {"kl": float(torch.cat(kls).mean()) if kls else 0.0} if cfg.loss.kl_beta > 0 else {}
+    if not ratios:  # nothing trained here (e.g. an empty MixGRPO window); the same keys on every rank
         return {"ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0, "ratio_first_max_dev": 0.0,
-                "ratio_last_step_max_dev": 0.0, "clip_frac": 0.0, "loss": 0.0, "grad_norm": 0.0,
-                "trained_steps": 0.0, "optimizer_steps": 0.0, **extra}
+                "ratio_last_step_max_dev": 0.0, "clip_frac": 0.0, "loss": 0.0,
+                "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0, "trained_steps": float(len(trained)),
+                "optimizer_steps": float(len(steps)), **extra, **kl}
     r = torch.cat(ratios)
     m = {"ratio_mean": float(r.mean()), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
          "ratio_first_max_dev": first_dev, "ratio_last_step_max_dev": step_devs[-1],
          "clip_frac": float(torch.cat(clips).mean()), "loss": loss_sum / loss_count,
          "grad_norm": float(np.mean(grad_norms)), "trained_steps": float(len(trained)),
-         "optimizer_steps": float(len(steps)), **extra}
-    if kls:
-        m["kl"] = float(torch.cat(kls).mean())
+         "optimizer_steps": float(len(steps)), **extra, **kl}
     return m

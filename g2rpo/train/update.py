@@ -16,7 +16,7 @@ from ..rollout import Rollout, gather_cond
 from ..schedule import model_timesteps
 from ..sde import sde_coefficients, sde_step_with_logprob
 
-__all__ = ["Unit", "optimizer_steps", "recompute_old_logprobs", "selection", "slot_logprob", "source_rows", "work_units"]
+__all__ = ["Unit", "is_empty", "optimizer_steps", "recompute_old_logprobs", "selection", "slot_logprob", "source_rows", "work_units"]
 
 
 def source_rows(ro: Rollout, k: int) -> int:
@@ -59,17 +59,26 @@ def optimizer_steps(mask: torch.Tensor, schedule: str, minibatches: int, sample_
     return steps
 
 
-def work_units(step: torch.Tensor, prompts_per_forward: int) -> list[Unit]:
-    """The training forwards of one optimizer step: per trained slot, chunks of prompts."""
+def work_units(step: torch.Tensor, prompts_per_forward: int, slots: list[int] | None = None) -> list[Unit]:
+    """The training forwards of one optimizer step: per trained slot, chunks of prompts.
+
+    With ``slots`` (the slots the step trains on *any* rank) every rank gets the same units in the same
+    order, an all-False mask marking a unit with nothing to train here: its forward still runs (FSDP's
+    collectives need every rank to make the same forwards) and contributes zero."""
     P, K, _ = step.shape
     units = []
-    for k in range(K):
+    for k in range(K) if slots is None else slots:
         for lo in range(0, P, prompts_per_forward):
             rows = slice(lo, min(P, lo + prompts_per_forward))
             sub = step[rows, k]
-            if sub.any():
+            if sub.any() or slots is not None:
                 units.append((k, rows, None if bool(sub.all()) else sub))
     return units
+
+
+def is_empty(unit: Unit) -> bool:
+    """A unit that trains nothing on this rank (run for its collectives only)."""
+    return unit[2] is not None and not bool(unit[2].any())
 
 
 def selection(unit: Unit, num_branches: int) -> torch.Tensor:
@@ -143,7 +152,8 @@ def recompute_old_logprobs(policy, ro: Rollout, steps_units: list[list[Unit]], c
             k, rows, sub = unit
             sel = selection(unit, G)
             fresh = sel & ~done[rows, k]
-            if not fresh.any():
+            if is_empty(unit):  # the same forwards on every rank (FSDP), nothing to store
+                slot_logprob(policy, ro, k, rows, cond, quantize_timesteps=quantize_timesteps, backend=backend)
                 continue
             logp, _, _ = slot_logprob(policy, ro, k, rows, cond, mask=sub, quantize_timesteps=quantize_timesteps,
                                       backend=backend)
