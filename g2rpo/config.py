@@ -138,8 +138,8 @@ class OptimConfig:
     # Algorithm 1); per_sde_step: one step per trained slot, in order, on that slot's loss, ratios
     # against the rollout's log-probs (the public G2RPO/Flow-GRPO/DanceGRPO loops)
     update_schedule: str = "per_iteration"
-    # split each minibatch's samples (prompt, branch; prompt-major on this rank) into this many
-    # optimizer steps: gradient accumulation over samples (DanceGRPO: 12 samples / 4 = 3 steps)
+    # split each minibatch's samples (prompt, branch; prompt-major on each rank) into this many optimizer
+    # steps, step s taking every rank's s-th chunk: gradient accumulation over samples (DanceGRPO: 12 / 4 = 3)
     sample_minibatches: int = 1
 
 

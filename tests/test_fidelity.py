@@ -169,20 +169,28 @@ def test_flow_grpo_kl_convention_divides_by_sigma_t_squared(lab_world, tmp_path)
     assert kls["flow_grpo"] == pytest.approx(kls["transition"] * float(s[2] - s[3]), rel=1e-4)
 
 
-def test_two_ranks_match_one_rank_with_per_sample_subsets_and_sample_minibatches(lab_world, tmp_path):
-    """The mask and the optimizer steps are drawn for the global batch: 2 FSDP ranks make the same
-    forwards (a rank with nothing to train in a step still runs them) and train as 1 rank does."""
+def test_two_ranks_with_per_sample_subsets_and_sample_minibatches(lab_world, tmp_path):
+    """The mask and the optimizer steps are drawn for the global batch and sliced: 2 FSDP ranks make the
+    same forwards (a rank with nothing to train in a unit still runs it) and, with one sample minibatch,
+    train exactly as 1 rank does; with 3, every step takes each rank's next chunk of its own samples."""
     from test_train import _cli, _flat, _metrics
 
     extra = {"sampler.strategy": "dance_grpo", "sampler.eta": None, "sampler.train_selection": "per_sample",
-             "sampler.train_last_step": False, "sampler.train_fraction": 0.5, "optim.sample_minibatches": 3}
-    one, two = tmp_path / "one", tmp_path / "two"
+             "sampler.train_last_step": False, "sampler.train_fraction": 0.5}
+    one, two, three = tmp_path / "one", tmp_path / "two", tmp_path / "three"
     r1 = _cli(_flat(tiny(lab_world, one, iterations=2, checkpoint_every=0, **extra)))
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = _cli(_flat(tiny(lab_world, two, iterations=2, checkpoint_every=0, **extra)), torchrun=2)
     assert r2.returncode == 0, r2.stderr[-3000:]
     for x, y in zip(_metrics(one), _metrics(two)):
-        assert x["optimizer_steps"] == y["optimizer_steps"] == 3
         assert x["forward_rows"] == y["forward_rows"]
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
         assert x["reward/digit_alignment"] == pytest.approx(y["reward/digit_alignment"], rel=1e-5)
+    r3 = _cli(_flat(tiny(lab_world, three, iterations=2, checkpoint_every=0, **extra,
+                         **{"optim.sample_minibatches": 3})), torchrun=2)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert all(m["optimizer_steps"] == 3 and m["grad_norm"] > 0 for m in _metrics(three))
+    # per rank: 2 prompts x 3 samples in chunks of 2; step s = chunk s of rank 0 and of rank 1
+    steps = optimizer_steps(torch.ones(4, 2, 3, dtype=torch.bool), "per_iteration", 1, 3, 1, ranks=2)
+    assert [s[:, 0].flatten().nonzero().flatten().tolist() for s in steps] == [[0, 1, 6, 7], [2, 3, 8, 9],
+                                                                               [4, 5, 10, 11]]

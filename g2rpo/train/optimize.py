@@ -59,7 +59,7 @@ def train_on(tr: Trainer, ro: Rollout, adv: torch.Tensor, cond: Any, iteration: 
     world, lo = tr.ctx.world, tr.ctx.rank * P
     global_mask = tr.sampler.strategy.train_mask(tr.sampler.plan(iteration), P * world, gen)  # [P * world, K, G]
     global_steps = optimizer_steps(global_mask, cfg.optim.update_schedule, cfg.minibatches,
-                                   cfg.optim.sample_minibatches, cfg.inner_epochs, gen)
+                                   cfg.optim.sample_minibatches, cfg.inner_epochs, gen, ranks=world)
     mask = global_mask[lo:lo + P]
     steps = [s[lo:lo + P] for s in global_steps]
     trained = [k for k in range(K) if bool(global_mask[:, k].any())]

@@ -28,16 +28,20 @@ Unit = tuple[int, slice, "torch.Tensor | None"]  # (slot k, prompt rows, branch 
 
 
 def optimizer_steps(mask: torch.Tensor, schedule: str, minibatches: int, sample_minibatches: int,
-                    inner_epochs: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                    inner_epochs: int, generator: torch.Generator | None = None, ranks: int = 1) -> list[torch.Tensor]:
     """The optimizer steps of one iteration, each the mask ``[P, K, G]`` of the transitions it trains.
 
     ``per_iteration``: the trained slots (shuffled when there are several epochs or minibatches) in
     ``minibatches`` groups; ``per_sde_step``: one group per trained slot, in order. Each group is
-    split further into ``sample_minibatches`` contiguous chunks of the ``P * G`` samples.
+    split further into ``sample_minibatches`` steps: every rank's ``P / ranks * G`` samples (prompt-major)
+    in contiguous chunks, step s taking the s-th chunk of every rank (gradient accumulation over
+    samples on each rank, as DanceGRPO and MixGRPO accumulate).
     """
     P, K, G = mask.shape
     slots = [k for k in range(K) if bool(mask[:, k].any())]
-    chunks = torch.arange(P * G).tensor_split(sample_minibatches)
+    per_rank = (P // ranks) * G
+    local = torch.arange(per_rank).tensor_split(sample_minibatches)
+    chunks = [torch.cat([c + r * per_rank for r in range(ranks)]) for c in local]
     steps = []
     for _ in range(inner_epochs):
         if schedule == "per_sde_step":
