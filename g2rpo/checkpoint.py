@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from .distributed import DistContext
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir"]
+__all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint", "checkpoint_dir"]
 
 MARKER = "COMPLETE"
 
@@ -31,14 +31,19 @@ def checkpoint_dir(output_dir: str | Path, iteration: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"iter_{iteration:06d}"
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``output_dir``, or None."""
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints under ``output_dir`` (``COMPLETE`` marker), newest first."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / MARKER).is_file())
-    return done[-1] if done else None
+        return []
+    return sorted((p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
+                   and (p / MARKER).is_file()), reverse=True)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir``, or None."""
+    done = complete_checkpoints(output_dir)
+    return done[0] if done else None
 
 
 def _rng_state() -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..advantage import batch_std, check_finite_rewards, integrate_advantages
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..distributed import DistContext, rollout_mode
 from ..policy import build_rewards
@@ -27,7 +27,7 @@ from ..prompts import PromptSchedule, load_prompts
 from ..rollout import G2RPOSampler, Rollout, make_strategy
 from .logs import RunLog, save_prompt_grid, save_video_gif
 from .optimize import TrainingError, train_on
-from .rundir import OutputLock, loadable_checkpoints, preflight, resume_changes, stored_config
+from .rundir import OutputLock, preflight, resume_changes, stored_config
 from .setup import apply_lr, autocast, build_optimizer, build_policy, export_policy
 
 __all__ = ["Trainer", "TrainingError", "seed_of"]
@@ -62,7 +62,7 @@ class Trainer:
         preflight(cfg)
         self.out = Path(cfg.output_dir)
         self.lock = self._lock()
-        candidates = loadable_checkpoints(self.out)
+        candidates = complete_checkpoints(self.out)
         if not cfg.resume and candidates:
             if not cfg.overwrite:
                 raise ConfigError(f"output_dir {self.out} holds checkpoints of an earlier run: continue it with "

@@ -7,8 +7,6 @@
 * :func:`resume_changes` compares a config with the one stored in the checkpoint: the keys in
   :data:`RESUMABLE` may change (and are applied), any other difference stops the run with one
   message listing them all.
-* :func:`loadable_checkpoints` lists complete checkpoints newest first, for the fallback when the
-  newest one is damaged.
 """
 
 from __future__ import annotations
@@ -20,10 +18,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import MARKER
 from ..config import ConfigError, TrainConfig
 
-__all__ = ["RESUMABLE", "OutputLock", "preflight", "resume_changes", "loadable_checkpoints", "stored_config"]
+__all__ = ["RESUMABLE", "OutputLock", "preflight", "resume_changes", "stored_config"]
 
 #: Keys that may differ on ``--resume`` (applied from the resumed iteration on); all others are refused.
 RESUMABLE = (
@@ -110,15 +107,6 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
                           f"mid-run:\n  {lines}\nresume with the checkpoint's values (output_dir/config.json), "
                           f"or start a new run; keys that may change: {', '.join(RESUMABLE)}")
     return [d for d in diffs if d[0] not in ("resume", "overwrite")]
-
-
-def loadable_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (``COMPLETE`` marker), newest first."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / MARKER).is_file()]
-    return sorted(done, reverse=True)
 
 
 def stored_config(folder: Path) -> dict[str, Any]:
