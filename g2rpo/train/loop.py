@@ -23,7 +23,7 @@ from ..checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..distributed import DistContext, rollout_mode
 from ..policy import build_rewards
-from ..prompts import PromptSchedule, load_prompts
+from ..prompts import PromptSchedule
 from ..rollout import G2RPOSampler, Rollout, make_strategy
 from .logs import RunLog, save_prompt_grid, save_video_gif
 from .optimize import TrainingError, train_on
@@ -59,7 +59,7 @@ class Trainer:
         if cfg.data.prompts_per_iteration % self.ctx.world:
             raise ConfigError(f"data.prompts_per_iteration ({cfg.data.prompts_per_iteration}) must be divisible "
                               f"by the number of ranks ({self.ctx.world})")
-        preflight(cfg)
+        prompts = preflight(cfg)
         self.out = Path(cfg.output_dir)
         self.lock = self._lock()
         candidates = complete_checkpoints(self.out)
@@ -74,7 +74,7 @@ class Trainer:
             self.ctx.barrier()
             candidates = []
         self.changes = self._resume_changes(candidates) if cfg.resume else []
-        self.prompts = PromptSchedule(load_prompts(cfg.data.prompts), cfg.seed, cfg.data.shuffle)
+        self.prompts = PromptSchedule(prompts, cfg.seed, cfg.data.shuffle)
         torch.manual_seed(cfg.seed)
         s = build_policy(cfg, self.ctx, self.log)
         self.setup = s

@@ -31,8 +31,8 @@ RESUMABLE = (
 )
 
 
-def preflight(cfg: TrainConfig) -> None:
-    """Every check that needs no model: files the config names, the output folder, the prompts."""
+def preflight(cfg: TrainConfig) -> list[str]:
+    """Every check that needs no model: files the config names, the output folder, the prompts (returned)."""
     from ..policy import check_paths
     from ..prompts import load_prompts
 
@@ -48,7 +48,7 @@ def preflight(cfg: TrainConfig) -> None:
     except OSError as err:
         raise ConfigError(f"output_dir {out} is not writable: {err.strerror or err}") from None
     try:
-        load_prompts(cfg.data.prompts)
+        return load_prompts(cfg.data.prompts)
     except UnicodeDecodeError as err:
         raise ConfigError(f"data.prompts {cfg.data.prompts}: not UTF-8 text (byte {err.start}: "
                           f"{err.object[err.start:err.start + 1]!r})") from None
