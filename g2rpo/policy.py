@@ -8,20 +8,12 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, RewardSpec
+from .model_files import MODEL_FILES
 from .rewards import FrameAggregated, RewardModel, make_reward
 
 __all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths"]
 
 _PATH_OPTIONS = ("checkpoint", "model_dir", "processor_dir", "med_config", "vocab", "path")
-_MODEL_FILES = {"flux": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
-                         "text_encoder_2/config.json"],
-                "sd3": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
-                        "text_encoder_2/config.json", "text_encoder_3/config.json"],
-                "flux2": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"],
-                "qwen_image": ["model_index.json", "transformer/config.json", "vae/config.json",
-                               "text_encoder/config.json"],
-                "wan": ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"]}
-
 
 def check_paths(model: ModelConfig, rewards: list[RewardSpec]) -> None:
     """Before anything loads: every local file the config names must exist (one error lists them all)."""
@@ -31,7 +23,7 @@ def check_paths(model: ModelConfig, rewards: list[RewardSpec]) -> None:
             missing.append(f"model.path is not set (model.kind={model.kind})")
         else:
             root = Path(model.path)
-            files = _MODEL_FILES.get(model.kind, ["lab_world.json", "transformer/config.json"])
+            files = MODEL_FILES.get(model.kind, ["lab_world.json", "transformer/config.json"])
             missing += [f"model.path: {root / f}" for f in files if not (root / f).exists()]
     for i, spec in enumerate(rewards):
         for key in _PATH_OPTIONS:

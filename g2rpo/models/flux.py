@@ -152,10 +152,9 @@ def load_flux_policy(path, dtype: torch.dtype = torch.bfloat16, height: int = 72
     """Load Flux from a local diffusers folder (``model_index.json`` + component folders)."""
     from pathlib import Path
 
-    from ._files import require_files
+    from ..model_files import MODEL_FILES, require_files
 
     root = Path(path)
-    require_files(root, ["model_index.json", "transformer/config.json", "vae/config.json",
-                         "text_encoder/config.json", "text_encoder_2/config.json"], "Flux")
+    require_files(root, MODEL_FILES["flux"], "Flux")
     pipe = FluxPipeline.from_pretrained(root, torch_dtype=dtype)
     return FluxPolicy(pipe, height, width, guidance_scale, max_sequence_length)

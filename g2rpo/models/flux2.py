@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ._cache import PromptEmbeddingCache
-from ._files import require_files
+from ..model_files import MODEL_FILES, require_files
 from ._vae import decode_in_chunks
 
 __all__ = ["Flux2Policy", "load_flux2_policy"]
@@ -101,7 +101,6 @@ def load_flux2_policy(path, dtype: torch.dtype = torch.bfloat16, height: int = 1
     from diffusers import Flux2Pipeline
 
     root = Path(path)
-    require_files(root, ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"],
-                  "FLUX.2")
+    require_files(root, MODEL_FILES["flux2"], "FLUX.2")
     pipe = Flux2Pipeline.from_pretrained(root, torch_dtype=dtype)
     return Flux2Policy(pipe, height, width, guidance_scale, max_sequence_length, text_encoder_out_layers)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ._files import require_files
+from ..model_files import MODEL_FILES, require_files
 from ._vae import decode_in_chunks, latent_stats
 
 __all__ = ["QwenImagePolicy", "load_qwen_image_policy"]
@@ -134,7 +134,6 @@ def load_qwen_image_policy(path, dtype: torch.dtype = torch.bfloat16, height: in
     from diffusers import QwenImagePipeline
 
     root = Path(path)
-    require_files(root, ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"],
-                  "Qwen-Image")
+    require_files(root, MODEL_FILES["qwen_image"], "Qwen-Image")
     pipe = QwenImagePipeline.from_pretrained(root, torch_dtype=dtype)
     return QwenImagePolicy(pipe, height, width, guidance_scale, max_sequence_length)

@@ -16,7 +16,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from ._cache import PromptEmbeddingCache
-from ._files import require_files
+from ..model_files import MODEL_FILES, require_files
 from ._vae import decode_in_chunks
 
 __all__ = ["SD3Policy", "load_sd3_policy"]
@@ -89,8 +89,6 @@ class SD3Policy(torch.nn.Module):
 def load_sd3_policy(path, dtype: torch.dtype = torch.bfloat16, height: int = 512, width: int = 512,
                     guidance_scale: float = 4.5, max_sequence_length: int = 256) -> SD3Policy:
     root = Path(path)
-    require_files(root, ["model_index.json", "transformer/config.json", "vae/config.json",
-                         "text_encoder/config.json", "text_encoder_2/config.json", "text_encoder_3/config.json"],
-                  "SD3")
+    require_files(root, MODEL_FILES["sd3"], "SD3")
     pipe = StableDiffusion3Pipeline.from_pretrained(root, torch_dtype=dtype)
     return SD3Policy(pipe, height, width, guidance_scale, max_sequence_length)

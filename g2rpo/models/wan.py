@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ._cache import PromptEmbeddingCache
-from ._files import require_files
+from ..model_files import MODEL_FILES, require_files
 from ._vae import decode_in_chunks, latent_stats
 
 __all__ = ["WanPolicy", "load_wan_policy"]
@@ -94,8 +94,7 @@ def load_wan_policy(path, dtype: torch.dtype = torch.bfloat16, height: int = 480
     from diffusers import WanPipeline
 
     root = Path(path)
-    require_files(root, ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"],
-                  "Wan")
+    require_files(root, MODEL_FILES["wan"], "Wan")
     pipe = WanPipeline.from_pretrained(root, torch_dtype=dtype)
     pipe.vae.to(torch.float32)  # the pipeline decodes in the VAE's dtype; Wan's VAE is kept in fp32
     return WanPolicy(pipe, height, width, num_frames, guidance_scale, max_sequence_length)
