@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["decode_in_chunks", "latent_stats"]
+__all__ = ["decode_in_chunks", "latent_stats", "packed_grid"]
 
 
 @torch.no_grad()
@@ -27,3 +27,11 @@ def latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = vae.config
     return (torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1),
             torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1))
+
+
+def packed_grid(vae_factor: int, height: int, width: int) -> tuple[int, int]:
+    """The ``(h/2, w/2)`` token grid of an image packed in 2x2 latent patches (Flux, FLUX.2, Qwen-Image);
+    the image size must be a multiple of ``2 * vae_factor``."""
+    if height % (2 * vae_factor) or width % (2 * vae_factor):
+        raise ValueError(f"height and width must be multiples of {2 * vae_factor} for this VAE, got {height}x{width}")
+    return height // (2 * vae_factor), width // (2 * vae_factor)

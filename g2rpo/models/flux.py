@@ -15,7 +15,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from ._cache import PromptEmbeddingCache
-from ._vae import decode_in_chunks
+from ._vae import decode_in_chunks, packed_grid
 
 __all__ = ["FluxVelocity", "pack_latents", "unpack_latents", "latent_image_ids"]
 
@@ -99,11 +99,9 @@ class FluxPolicy(torch.nn.Module):
     def __init__(self, pipe: FluxPipeline, height: int = 720, width: int = 720, guidance_scale: float | None = 3.5,
                  max_sequence_length: int = 512) -> None:
         super().__init__()
-        f = pipe.vae_scale_factor
-        if height % (2 * f) or width % (2 * f):
-            raise ValueError(f"height and width must be multiples of {2 * f} for this VAE, got {height}x{width}")
+        gh, gw = packed_grid(pipe.vae_scale_factor, height, width)
         self.height, self.width = height, width
-        self.latent_height, self.latent_width = 2 * (height // (f * 2)), 2 * (width // (f * 2))
+        self.latent_height, self.latent_width = 2 * gh, 2 * gw
         self.max_sequence_length = max_sequence_length
         self.velocity = FluxVelocity(pipe.transformer, self.latent_height, self.latent_width, guidance_scale)
         self.vae = pipe.vae

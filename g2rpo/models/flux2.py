@@ -18,7 +18,7 @@ import torch
 
 from ._cache import PromptEmbeddingCache
 from ..model_files import MODEL_FILES, require_files
-from ._vae import decode_in_chunks
+from ._vae import decode_in_chunks, packed_grid
 
 __all__ = ["Flux2Policy", "load_flux2_policy"]
 
@@ -30,11 +30,8 @@ class Flux2Policy(torch.nn.Module):
     def __init__(self, pipe, height: int = 1024, width: int = 1024, guidance_scale: float | None = 4.0,
                  max_sequence_length: int = 512, text_encoder_out_layers: Sequence[int] = (10, 20, 30)) -> None:
         super().__init__()
-        f = pipe.vae_scale_factor
-        if height % (2 * f) or width % (2 * f):
-            raise ValueError(f"height and width must be multiples of {2 * f} for this VAE, got {height}x{width}")
         self.height, self.width = height, width
-        self.grid = (height // (f * 2), width // (f * 2))  # patchified latent (h/2, w/2)
+        self.grid = packed_grid(pipe.vae_scale_factor, height, width)  # patchified latent (h/2, w/2)
         self.guidance_scale, self.max_sequence_length = guidance_scale, max_sequence_length
         self.text_encoder_out_layers = tuple(text_encoder_out_layers)
         self.transformer = pipe.transformer

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..model_files import MODEL_FILES, require_files
-from ._vae import decode_in_chunks, latent_stats
+from ._vae import decode_in_chunks, latent_stats, packed_grid
 
 __all__ = ["QwenImagePolicy", "load_qwen_image_policy"]
 
@@ -36,11 +36,9 @@ class QwenImagePolicy(torch.nn.Module):
     def __init__(self, pipe, height: int = 1024, width: int = 1024, true_cfg_scale: float = 4.0,
                  max_sequence_length: int = 512, negative_prompt: str = " ") -> None:
         super().__init__()
-        f = pipe.vae_scale_factor
-        if height % (2 * f) or width % (2 * f):
-            raise ValueError(f"height and width must be multiples of {2 * f} for this VAE, got {height}x{width}")
+        gh, gw = packed_grid(pipe.vae_scale_factor, height, width)
         self.height, self.width = height, width
-        self.latent_height, self.latent_width = 2 * (height // (f * 2)), 2 * (width // (f * 2))
+        self.latent_height, self.latent_width = 2 * gh, 2 * gw
         self.true_cfg_scale, self.max_sequence_length = true_cfg_scale, max_sequence_length
         self.negative_prompt = negative_prompt
         if pipe.transformer.config.guidance_embeds:
