@@ -27,6 +27,7 @@ import torch
 from ..config import default_config_path, load_config
 from ..distributed import rollout_mode
 from ..train import Trainer
+from ..train.logs import draw_labelled_rows
 from .world import build_world, evaluate_lab, load_judge, load_rewards
 
 __all__ = ["CompareSettings", "run_method", "compare", "preset_path"]
@@ -36,6 +37,7 @@ FAMILIES = ("paper", "official")
 IN_DOMAIN = ("digit_alignment", "digit_realism")
 EVAL_STEPS = (16, 8, 4)
 COLS = ("digit_alignment", "digit_realism", "judge_accuracy", "judge_realism", "diversity")
+DIGITS = [str(d) for d in range(10)]  # the grids' row labels
 PAPER_ORDER = ("g2rpo", "g2rpo_no_mgai", "mix_grpo", "dance_grpo")  # Table 1, best first
 
 
@@ -312,20 +314,6 @@ def tables_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _labelled_grid(ax, images: torch.Tensor, title: str, per_digit: int) -> None:
-    """One row per digit (0-9), ``per_digit`` samples each, labelled."""
-    S = images.shape[-1]
-    pad = 1
-    canvas = np.full((10 * (S + pad), per_digit * (S + pad)), 0.5)
-    for i, img in enumerate(images.numpy()):
-        r, c = divmod(i, per_digit)
-        canvas[r * (S + pad):r * (S + pad) + S, c * (S + pad):c * (S + pad) + S] = img
-    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks([r * (S + pad) + S / 2 for r in range(10)], [str(d) for d in range(10)])
-    ax.set_xticks([])
-    ax.set_title(title, fontsize=9)
-
-
 def _write_figures(out: Path, results: dict, images: dict[str, dict[str, torch.Tensor]],
                    base_images: torch.Tensor) -> None:
     import matplotlib
@@ -355,9 +343,9 @@ def _write_figures(out: Path, results: dict, images: dict[str, dict[str, torch.T
     for family, per_method in images.items():
         n = len(per_method) + 1
         fig, axes = plt.subplots(1, n, figsize=(1.1 * per_digit * n * 0.45 + 1, 6.2), squeeze=False)
-        _labelled_grid(axes[0][0], base_images, "base model", per_digit)
+        draw_labelled_rows(axes[0][0], base_images, DIGITS, per_digit, "base model")
         for ax, (m, imgs) in zip(axes[0][1:], per_method.items()):
-            _labelled_grid(ax, imgs, f"{m}\nlr {results['lr_choice'][family][m]:g}", per_digit)
+            draw_labelled_rows(ax, imgs, DIGITS, per_digit, f"{m}\nlr {results['lr_choice'][family][m]:g}")
         fig.suptitle(f"held-out prompts, one row per digit, fixed noise (presets: {family})", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / "grids" / f"{family}.png", dpi=110)

@@ -12,7 +12,7 @@ import torch
 
 from ..config import TrainConfig, config_to_dict
 
-__all__ = ["RunLog", "read_metrics", "human_config", "save_prompt_grid", "save_video_gif"]
+__all__ = ["RunLog", "draw_labelled_rows", "read_metrics", "human_config", "save_prompt_grid", "save_video_gif"]
 
 #: ModelConfig fields that only a real (Flux/SD3) pipeline uses.
 _PIPELINE_ONLY = ("guidance_scale", "height", "width", "max_sequence_length", "num_frames", "text_encoder_out_layers")
@@ -95,6 +95,27 @@ class RunLog:
         self._jsonl = self._tb = self._wandb = None
 
 
+def draw_labelled_rows(ax, images: torch.Tensor, labels: list[str], per_row: int, title: str, pad: int = 1,
+                       label_size: float | None = None) -> None:
+    """Draw ``images [N, C, H, W]`` (or ``[N, H, W]``) in [0, 1] on ``ax``: one row per label, ``per_row``
+    images each, on a grey canvas, each row labelled on the left."""
+    if images.ndim == 3:
+        images = images[:, None]
+    images = images.float().cpu()
+    n, c, h, w = images.shape
+    rows = len(labels)
+    canvas = torch.full((c, rows * (h + pad), per_row * (w + pad)), 0.5)
+    for i in range(n):
+        r, col = divmod(i, per_row)
+        canvas[:, r * (h + pad):r * (h + pad) + h, col * (w + pad):col * (w + pad) + w] = images[i]
+    arr = canvas.permute(1, 2, 0).numpy()
+    ax.imshow(arr[..., 0] if c == 1 else arr.clip(0, 1), cmap="gray" if c == 1 else None, vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_yticks([r * (h + pad) + h / 2 for r in range(rows)], labels, fontsize=label_size)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9)
+
+
 @torch.no_grad()
 def save_prompt_grid(path: Path, images: torch.Tensor, prompts: list[str], per_prompt: int, min_px: int = 96) -> None:
     """``images [len(prompts) * per_prompt, C, H, W]`` in [0, 1] as one labelled row per prompt,
@@ -108,21 +129,10 @@ def save_prompt_grid(path: Path, images: torch.Tensor, prompts: list[str], per_p
         images = images[:, None]
     scale = max(1, -(-min_px // images.shape[-1]))
     big = torch.nn.functional.interpolate(images.float().cpu(), scale_factor=scale, mode="nearest")
-    n, c, h, w = big.shape
-    rows = len(prompts)
-    canvas = torch.full((c, rows * (h + 2), per_prompt * (w + 2)), 0.5)
-    for i in range(n):
-        r, col = divmod(i, per_prompt)
-        canvas[:, r * (h + 2):r * (h + 2) + h, col * (w + 2):col * (w + 2) + w] = big[i]
-    arr = canvas.permute(1, 2, 0).numpy()
-    fig_w = max(4.0, per_prompt * w / 60 + 3)
-    fig, ax = plt.subplots(figsize=(fig_w, rows * h / 60 + 0.6))
-    ax.imshow(arr[..., 0] if c == 1 else arr.clip(0, 1), cmap="gray" if c == 1 else None, vmin=0, vmax=1,
-              interpolation="nearest")
-    ax.set_yticks([r * (h + 2) + h / 2 for r in range(rows)], [p if len(p) <= 40 else p[:37] + "..." for p in prompts],
-                  fontsize=8)
-    ax.set_xticks([])
-    ax.set_title(path.stem, fontsize=9)
+    h, w = big.shape[-2:]
+    fig, ax = plt.subplots(figsize=(max(4.0, per_prompt * w / 60 + 3), len(prompts) * h / 60 + 0.6))
+    draw_labelled_rows(ax, big, [p if len(p) <= 40 else p[:37] + "..." for p in prompts], per_prompt, path.stem,
+                       pad=2, label_size=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
