@@ -135,7 +135,7 @@ def save_prompt_grid(path: Path, images: torch.Tensor, prompts: list[str], per_p
                        pad=2, label_size=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # long prompt labels stay inside the image
     plt.close(fig)
 
 
