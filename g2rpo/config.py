@@ -238,7 +238,7 @@ class TrainConfig:
             ("ops_backend", self.ops_backend in ("auto", "torch", "triton", "cpp", "cuda"),
              "must be auto, torch, triton, cpp or cuda"),
         ]
-        finite = lambda x: math.isfinite(x)  # noqa: E731
+        finite = math.isfinite
         checks += [
             ("seed", self.seed >= 0, f"must be >= 0, got {self.seed}"),
             ("sampler_seed", self.sampler_seed >= 0, f"must be >= 0, got {self.sampler_seed}"),
@@ -259,12 +259,12 @@ class TrainConfig:
         except ValueError as err:
             raise ConfigError(f"sampler: {err}") from None
         _check_sde_steps(strategy)
-        from .rewards import REWARD_BUILDERS
+        from .rewards import FRAME_REDUCTIONS, REWARD_BUILDERS
         from . import lab as _lab  # noqa: F401  (registers the lab rewards)
 
         for i, r in enumerate(self.rewards):
-            if r.frames not in ("mean", "min", "max"):
-                raise ConfigError(f"rewards[{i}].frames must be mean, min or max, got {r.frames!r}")
+            if r.frames not in FRAME_REDUCTIONS:
+                raise ConfigError(f"rewards[{i}].frames must be one of {FRAME_REDUCTIONS}, got {r.frames!r}")
             if r.name not in REWARD_BUILDERS:
                 raise ConfigError(f"rewards[{i}].name: unknown reward {r.name!r}; known: {sorted(REWARD_BUILDERS)}")
 

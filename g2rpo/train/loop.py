@@ -187,7 +187,7 @@ class Trainer:
         a = self.cfg.advantage
         std = None
         if a.std == "batch":  # Flow-GRPO's global_std: the std of every rank's rewards
-            std = batch_std(rewards, a.unbiased, all_reduce=self.ctx.all_reduce_sum if self.ctx.enabled else None)
+            std = batch_std(rewards, a.unbiased, all_reduce=self.ctx.all_reduce_sum)  # a no-op on one rank
         adv = integrate_advantages(rewards, [w for _, _, w in self.rewards], eps=a.eps, unbiased=a.unbiased, std=std)
         return adv[:, ro.adv_slot_of.to(adv.device)]
 
