@@ -6,12 +6,9 @@ import pytest
 import torch
 
 from g2rpo import G2RPOSampler
-from g2rpo.models.tiny import random_flux_velocity
+from g2rpo.models.tiny import TINY_FLUX_TRANSFORMER, random_flux_velocity
 from g2rpo.rollout.engine import default_buckets
 
-TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-                 axes_dims_rope=(4, 6, 6))
 PAPER = dict(num_steps=16, sde_indices=tuple(range(8)), granularities=(1, 2, 3), group_size=12, eta=0.7)
 
 
@@ -27,7 +24,7 @@ def test_default_buckets():
 
 def test_bucketed_eager_rollout_equals_unbucketed():
     """Padding rows never changes the real rows (checked without compile: the same model both ways)."""
-    velocity, cond, noise = random_flux_velocity(TINY_FLUX, 64, 64, text_len=8)
+    velocity, cond, noise = random_flux_velocity(TINY_FLUX_TRANSFORMER, 64, 64, text_len=8)
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     plain = G2RPOSampler(velocity, max_batch=64, **PAPER).rollout(noise, cond, generator=gen())
     padded = G2RPOSampler(velocity, max_batch=64, compile_options={"backend": "eager"}, **PAPER)
@@ -44,7 +41,7 @@ def test_inductor_rollout_compiles_at_most_four_graphs_and_equals_eager():
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
-    velocity, cond, noise = random_flux_velocity(TINY_FLUX, 64, 64, text_len=8)
+    velocity, cond, noise = random_flux_velocity(TINY_FLUX_TRANSFORMER, 64, 64, text_len=8)
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     eager = G2RPOSampler(velocity, max_batch=64, **PAPER).rollout(noise, cond, generator=gen())
     dynamo.reset()

@@ -7,7 +7,7 @@ import torch
 from g2rpo import G2RPOSampler
 from g2rpo.ops import available_backends, sde_step_logprob
 
-from test_compile import PAPER, TINY_FLUX
+from test_compile import PAPER
 from test_ops import _inputs, _ref_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
@@ -30,9 +30,9 @@ def test_cuda_graph_paper_rollout_uses_at_most_four_graphs():
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
-    from g2rpo.models.tiny import random_flux_velocity
+    from g2rpo.models.tiny import TINY_FLUX_TRANSFORMER, random_flux_velocity
 
-    velocity, cond, noise = random_flux_velocity(TINY_FLUX, 64, 64, device="cuda", text_len=8)
+    velocity, cond, noise = random_flux_velocity(TINY_FLUX_TRANSFORMER, 64, 64, device="cuda", text_len=8)
     gen = lambda: torch.Generator("cuda").manual_seed(1)  # noqa: E731
     eager = G2RPOSampler(velocity, max_batch=64, **PAPER).rollout(noise, cond, generator=gen())
     dynamo.reset()

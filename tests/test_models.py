@@ -93,13 +93,10 @@ def test_missing_files_are_named(tmp_path, flux_dir):
 @torch.no_grad()
 def test_tiny_flux_engine_equals_public_loop():
     """Correctness of the Flux rollout benchmark (bench/test_flux_rollout.py) at tiny size on CPU."""
-    from g2rpo.models.tiny import random_flux_velocity
+    from g2rpo.models.tiny import TINY_FLUX_TRANSFORMER, random_flux_velocity
     from g2rpo.testing import public_loop_rollout
 
-    cfg = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-               axes_dims_rope=(4, 6, 6))
-    velocity, cond, noise = random_flux_velocity(cfg, 64, 64, text_len=8)
+    velocity, cond, noise = random_flux_velocity(TINY_FLUX_TRANSFORMER, 64, 64, text_len=8)
     setting = dict(num_steps=8, sde_indices=(0, 3), granularities=(1, 2, 3), group_size=3, eta=0.7)
     ro = G2RPOSampler(velocity, max_batch=16, **setting).rollout(noise, cond, generator=torch.Generator().manual_seed(1))
     finals, rows = public_loop_rollout(velocity, noise, cond, generator=torch.Generator().manual_seed(1), **setting)

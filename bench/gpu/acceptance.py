@@ -29,9 +29,6 @@ import torch
 
 STAGES = ("rollout", "graphs", "ops", "train_step", "ratio", "memory")
 PAPER = dict(num_steps=16, sde_indices=tuple(range(8)), granularities=(1, 2, 3), group_size=12, eta=0.7)
-TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-                 axes_dims_rope=(4, 6, 6))
 
 
 @dataclass
@@ -65,9 +62,9 @@ def _timed(ctx: Ctx, fn):
 
 def _flux(ctx: Ctx, depth: tuple[int, int] | None = None, fp32_master: bool = False):
     """(velocity, cond, noise): tiny Flux at 64x64 (CPU) or the Flux.1-dev architecture at 720x720, bf16."""
-    from g2rpo.models.tiny import FLUX_DEV_TRANSFORMER, random_flux_velocity
+    from g2rpo.models.tiny import FLUX_DEV_TRANSFORMER, TINY_FLUX_TRANSFORMER, random_flux_velocity
 
-    cfg = dict(TINY_FLUX if ctx.tiny else FLUX_DEV_TRANSFORMER)
+    cfg = dict(TINY_FLUX_TRANSFORMER if ctx.tiny else FLUX_DEV_TRANSFORMER)
     if depth is not None and not ctx.tiny:
         cfg["num_layers"], cfg["num_single_layers"] = depth
     size, text_len = (64, 8) if ctx.tiny else (720, 512)

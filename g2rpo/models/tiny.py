@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FLUX_DEV_TRANSFORMER", "random_flux_velocity", "tiny_clip_tokenizer", "tiny_flux_pipeline", "tiny_flux2_pipeline", "tiny_qwen_image_pipeline", "tiny_wan_pipeline",
+__all__ = ["FLUX_DEV_TRANSFORMER", "TINY_FLUX_TRANSFORMER", "random_flux_velocity", "tiny_clip_tokenizer", "tiny_flux_pipeline", "tiny_flux2_pipeline", "tiny_qwen_image_pipeline", "tiny_wan_pipeline",
            "tiny_qwen_vl_judge", "tiny_sd3_pipeline", "tiny_t5_tokenizer"]
 
 
@@ -197,6 +197,11 @@ def tiny_flux2_pipeline(seed: int = 0):
     return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
                          tokenizer=tok, transformer=transformer)
 
+
+#: A tiny Flux transformer config (1+1 blocks of width 32, 16 packed channels), for random-weight tests.
+TINY_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                             guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 
 #: Flux.1-dev's transformer architecture (diffusers config), for benchmarks with random weights.
 FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
