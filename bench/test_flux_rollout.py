@@ -13,10 +13,9 @@ import torch
 
 from g2rpo import G2RPOSampler
 from g2rpo.models.tiny import FLUX_DEV_TRANSFORMER, random_flux_velocity
-from g2rpo.testing import public_loop_rollout
+from g2rpo.testing import PAPER_SETTING as SETTING, public_loop_rollout
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
-SETTING = dict(num_steps=16, sde_indices=tuple(range(8)), granularities=(1, 2, 3), group_size=12, eta=0.7)
 TFLOP_PER_ROW = 37.3
 
 

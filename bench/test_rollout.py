@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from g2rpo import G2RPOSampler
-from g2rpo.testing import MLPVelocity, public_loop_rollout
+from g2rpo.testing import PAPER_SETTING as SETTING, MLPVelocity, public_loop_rollout
 
-SETTING = dict(num_steps=16, sde_indices=tuple(range(8)), granularities=(1, 2, 3), group_size=12, eta=0.7)
 SHAPE = (16, 8, 8)
 
 

@@ -21,7 +21,10 @@ import torch
 from .schedule import granularity_grid, sigma_schedule
 from .sde import ode_step, sde_step_with_logprob
 
-__all__ = ["GaussianWorld", "MLPVelocity", "public_loop_rollout", "sample_ode", "sample_sde"]
+__all__ = ["PAPER_SETTING", "GaussianWorld", "MLPVelocity", "public_loop_rollout", "sample_ode", "sample_sde"]
+
+#: The paper's rollout setting (PAPER.md Sec. 5.1): T=16, M = e 0..7, Lambda {1,2,3}, G=12, eta 0.7 (sampler kwargs).
+PAPER_SETTING = dict(num_steps=16, sde_indices=tuple(range(8)), granularities=(1, 2, 3), group_size=12, eta=0.7)
 
 
 @dataclass(frozen=True)

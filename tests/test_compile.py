@@ -7,9 +7,9 @@ import torch
 
 from g2rpo import G2RPOSampler
 from g2rpo.models.tiny import TINY_FLUX_TRANSFORMER, random_flux_velocity
+from g2rpo.testing import PAPER_SETTING as PAPER
 from g2rpo.rollout.engine import default_buckets
 
-PAPER = dict(num_steps=16, sde_indices=tuple(range(8)), granularities=(1, 2, 3), group_size=12, eta=0.7)
 
 
 def test_default_buckets():

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from g2rpo.testing import PAPER_SETTING as PAPER
+
 STAGES = ("rollout", "graphs", "ops", "train_step", "ratio", "memory")
-PAPER = dict(num_steps=16, sde_indices=tuple(range(8)), granularities=(1, 2, 3), group_size=12, eta=0.7)
 
 
 @dataclass
