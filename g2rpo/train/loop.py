@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -28,18 +27,14 @@ from ..rollout import G2RPOSampler, Rollout, make_strategy
 from .logs import RunLog, save_prompt_grid, save_video_gif
 from .optimize import TrainingError, train_on
 from .rundir import OutputLock, preflight, resume_changes, stored_config
-from .setup import apply_lr, autocast, build_optimizer, build_policy, export_policy
+from .setup import apply_lr, autocast, build_optimizer, build_policy, export_policy, seed_of
 
-__all__ = ["Trainer", "TrainingError", "seed_of"]
+__all__ = ["Trainer", "TrainingError"]
 
 REDUCE = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", "ratio_last_step_max_dev": "max",
           "adv_abs_max": "max", "adv_mean": "max", "adv_std": "max", "forward_rows": "sum", "time_rollout": "max",
           "time_reward": "max", "time_train": "max", "time_iteration": "max", "recompute_forward_rows": "sum",
           "old_logprob_max_dev": "max"}
-
-
-def seed_of(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _fault_point(iteration: int, phase: str) -> None:

@@ -13,7 +13,7 @@ import torch
 from ..distributed import is_fsdp
 from ..loss import clipped_surrogate, gaussian_kl
 from ..rollout import Rollout
-from .setup import reference_policy, update_ema
+from .setup import reference_policy, seed_of, update_ema
 from .update import (is_empty, optimizer_steps, recompute_old_logprobs, selection, slot_logprob, source_rows,
                      work_units)
 
@@ -49,8 +49,6 @@ def _logprob(tr: Trainer, ro: Rollout, unit, cond: Any, need_mean: bool = False)
 def train_on(tr: Trainer, ro: Rollout, adv: torch.Tensor, cond: Any, iteration: int,
              prompts: list[str]) -> dict[str, float]:
     """The policy update of one iteration (``iteration`` 0-based); returns local metrics."""
-    from .loop import seed_of
-
     cfg = tr.cfg
     gen = torch.Generator().manual_seed(seed_of(cfg.seed, iteration, 2))
     P, K, G = ro.log_probs.shape

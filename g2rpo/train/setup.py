@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import ConfigError, TrainConfig
@@ -23,7 +24,7 @@ from ..distributed import DistContext, shard_module
 from ..policy import TORCH_DTYPES, load_policy
 
 __all__ = ["PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast", "reference_policy",
-           "update_ema", "export_policy"]
+           "update_ema", "export_policy", "seed_of"]
 
 
 @dataclass
@@ -66,6 +67,11 @@ def build_policy(cfg: TrainConfig, ctx: DistContext, log=print) -> PolicySetup:
         shard_module(module, ctx.device, param_dtype=None if dtype == torch.float32 else dtype)
     params = [p for p in module.parameters() if p.requires_grad]
     return PolicySetup(policy, module, loaded.path, dtype, ref, params)
+
+
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed derived from integers (run seed, iteration, prompt position, purpose)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def lr_lambda(cfg: TrainConfig):
