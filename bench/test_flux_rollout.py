@@ -3,7 +3,7 @@
 code's loop structure. Needs a GPU (skipped otherwise); its correctness at tiny size runs in CI
 (tests/test_models.py::test_tiny_flux_engine_equals_public_loop).
 
-    python -m pytest bench/test_flux_rollout.py --benchmark-enable --benchmark-only -s
+    python -m pytest bench/test_flux_rollout.py --benchmark-only -s
 
 Achieved TFLOP/s = forward rows x 37.3 TFLOP (one 720x720 image-step) / seconds.
 """

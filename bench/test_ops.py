@@ -1,7 +1,7 @@
 """Fused ops vs torch eager at a realistic shape: 12 rows x 720x720 Flux latents = 12 x 2025 x 64 fp32,
 with the group's x_k and v_k shared (G2RPO) and per row (trajectory baselines).
 
-    python -m pytest bench/test_ops.py --benchmark-enable --benchmark-only
+    python -m pytest bench/test_ops.py --benchmark-only
 
 On a GPU the same file measures Triton's achieved bandwidth against a device-to-device copy.
 """

@@ -1,7 +1,7 @@
 """Rollout engine vs the public G2RPO loop structure at the paper setting (T=16, e=0..7,
 G=12, Lambda={1,2,3}, one prompt), same outputs, in one run.
 
-    python -m pytest bench/test_rollout.py --benchmark-only --benchmark-enable
+    python -m pytest bench/test_rollout.py --benchmark-only
 """
 
 import pytest

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import yaml
 
+from .yaml_numbers import load_yaml
+
 __all__ = ["ConfigError", "ModelConfig", "LoraConfig", "SamplerConfig", "RewardSpec", "LossConfig", "AdvantageConfig",
            "OptimConfig", "DataConfig", "TrainConfig", "load_config", "parse_overrides", "config_to_dict"]
 
@@ -328,7 +330,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            hint = (f" (write a YAML list: {key}=[{value}] on the command line, or [{value}] in a file)"
+                    if isinstance(value, str) and "," in value else "")
+            raise ConfigError(f"{key}: expected a list, got {value!r}{hint}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -360,10 +364,41 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]!s}; valid keys here: {sorted(names)}")
+        raise ConfigError(_unknown_key_message(f"{prefix}." if prefix else "", unknown[0], names))
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _unknown_key_message(where: str, key: str, names: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+    hint = f"; did you mean {where}{close[0]}?" if close else ""
+    return f"unknown config key {where}{key!s}{hint} (valid keys here: {sorted(names)})"
+
+
+def _unknown_keys(cls: type, data: Any, prefix: str = "") -> list[str]:
+    """Messages for the keys of ``data`` that ``cls`` (a config dataclass) does not have, at any depth."""
+    if not isinstance(data, dict):
+        return []
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = []
+    for key, value in data.items():
+        if key not in names:
+            out.append(_unknown_key_message(prefix, key, names))
+            continue
+        hint = hints[key]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        if dataclasses.is_dataclass(hint):
+            out += _unknown_keys(hint, value, f"{prefix}{key}.")
+        elif typing.get_origin(hint) is list and isinstance(value, list):
+            (item,) = typing.get_args(hint)
+            if dataclasses.is_dataclass(item):
+                for i, v in enumerate(value):
+                    out += _unknown_keys(item, v, f"{prefix}{key}[{i}].")
+    return out
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -388,14 +423,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         key, raw = arg.split("=", 1)
         key = key.replace("-", "_")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-4 as a string
-                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "+inf") else value
-            except ValueError:
-                pass
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -432,7 +462,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: YAML syntax error: {str(err).replace('<unicode string>', str(path))}") from None
     if not isinstance(data, dict):
@@ -441,21 +471,39 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | list[str | Path] | tuple | None = None,
-                overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+                overrides: list[str] | dict[str, Any] | None = None, log=None,
+                base: dict[str, Any] | None = None) -> TrainConfig:
     """Load and validate a config (the embedded lab default when ``path`` is None).
 
     ``path`` may be several YAML files, merged left to right (a model config, then a method
-    preset from ``configs/methods/``); ``overrides`` are applied last.
+    preset from ``configs/methods/``); ``overrides`` are applied last. Files that hold no ``model``
+    section are method presets: given alone, they combine with the embedded lab default, and
+    ``log`` (when given) is told so. ``base`` (a stored run's config, for ``--resume``) replaces the
+    embedded default as the starting point. An unknown key is named with the file that holds it.
     """
-    paths = [default_config_path()] if path is None else (
-        [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)])
-    if not paths:
-        paths = [default_config_path()]
-    data: dict[str, Any] = {}
-    for p in paths:
-        data = _merge(data, _read_yaml(p))
+    paths = [] if path is None else ([Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)])
+    files = [(p, _read_yaml(p)) for p in paths]
+    for p, d in files:
+        problems = _unknown_keys(TrainConfig, d)
+        if problems:
+            raise ConfigError(f"{p}: {problems[0]}")
+    if base is not None:
+        data = dict(base)
+    elif not files or all("model" not in d for _, d in files):
+        data = _read_yaml(default_config_path())
+        if files and log is not None:
+            log(f"note: {', '.join(str(p) for p, _ in files)} holds no model section (a method preset): "
+                f"combined with the embedded lab default ({default_config_path().name}); add a model config "
+                "first to train a real model, e.g. --config configs/flux_hps.yaml --config " + str(files[-1][0]))
+    else:
+        data = {}
+    for _, d in files:
+        data = _merge(data, d)
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        problems = _unknown_keys(TrainConfig, extra)
+        if problems:
+            raise ConfigError(f"command line: {problems[0]}")
         data = _merge(data, extra)
     cfg = _from_dict(TrainConfig, data)
     cfg.validate()

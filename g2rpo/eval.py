@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    import yaml
-
+    from .yaml_numbers import load_yaml
     from .distributed import DistContext
     from .prompts import load_prompts
     from .rewards import FrameAggregated, make_reward
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                                         [int(x) for x in args.text_encoder_layers.split(",")]
                                         if args.text_encoder_layers else None)
         prompts = load_prompts(args.prompts)
-        options = yaml.safe_load(Path(args.reward_options).read_text()) if args.reward_options else {}
+        options = load_yaml(Path(args.reward_options).read_text()) if args.reward_options else {}
         names = [n.strip() for n in args.rewards.split(",") if n.strip()]
         rewards = []
         for name in names:

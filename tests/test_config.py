@@ -83,3 +83,54 @@ def test_flux_config_names_every_missing_file(capsys):
     assert (paper.sampler.sde_indices, paper.sampler.granularities, paper.sampler.group_size) == (
         list(range(8)), [1, 2, 3], 12)
     assert (paper.optim.lr, paper.loss.clip_range, paper.seed, paper.sampler_seed) == (2e-6, 1e-4, 42, 1223627)
+
+
+@pytest.mark.parametrize("spelling, value", [("1e-5", 1e-5), ("1E-5", 1e-5), (".5", 0.5), ("1.0e-5", 1e-5),
+                                             ("2", 2.0), ("+.5e-1", 0.05), ("1e-08", 1e-8)])
+def test_numbers_in_every_spelling_in_files_and_overrides(tmp_path, spelling, value):
+    """YAML 1.1 reads 1e-5 as a string; numeric fields take every spelling a user writes."""
+    f = tmp_path / "c.yaml"
+    f.write_text(f"model: {{kind: lab}}\noptim: {{lr: {spelling}}}\nadvantage: {{eps: {spelling}}}\n")
+    cfg = load_config(f)
+    assert cfg.optim.lr == value and isinstance(cfg.optim.lr, float) and cfg.advantage.eps == value
+    assert load_config(None, [f"optim.lr={spelling}"]).optim.lr == value
+
+
+def test_a_runs_config_json_loads_back_with_config(tmp_path):
+    import json
+
+    from g2rpo.config import config_to_dict
+
+    cfg = load_config(None, ["optim.lr=3e-5", "advantage.eps=1e-8"])
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps(config_to_dict(cfg), indent=1))  # as a run writes it: 1e-08, 3e-05
+    assert config_to_dict(load_config(f)) == config_to_dict(cfg)
+
+
+def test_unknown_key_says_did_you_mean_and_which_file(tmp_path):
+    a, b = tmp_path / "model.yaml", tmp_path / "preset.yaml"
+    a.write_text("model: {kind: lab}\n")
+    b.write_text("sampler:\n  gruop_size: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([a, b])
+    assert str(err.value).startswith(str(b)) and "did you mean sampler.group_size?" in str(err.value)
+    with pytest.raises(ConfigError, match="command line: unknown config key optim.learning_rat"):
+        load_config(None, ["optim.learning_rat=1"])
+    with pytest.raises(ConfigError, match=r"did you mean iterations\?"):
+        load_config(None, ["iteratons=3"])
+
+
+def test_list_keys_hint_the_list_syntax():
+    with pytest.raises(ConfigError, match=r"write a YAML list: sampler.sde_indices=\[0,1\]"):
+        load_config(None, ["sampler.sde_indices=0,1"])
+
+
+def test_a_method_preset_alone_says_what_it_combined_with():
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "methods" / "dance_grpo-official.yaml"
+    notes = []
+    cfg = load_config(preset, log=notes.append)
+    assert cfg.model.kind == "lab" and cfg.sampler.strategy == "dance_grpo"
+    assert cfg.rewards[0].name == "digit_alignment" and cfg.output_dir == "runs/lab"  # the embedded default's
+    assert len(notes) == 1 and "method preset" in notes[0] and "lab.yaml" in notes[0]

@@ -1,25 +1,14 @@
 """bench/gpu: the one-command GPU acceptance run, exercised on tiny models on CPU so it cannot rot."""
 
 import json
-import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "gpu" / "run.sh"
 STAGES = ["rollout", "graphs", "ops", "train_step", "ratio", "memory"]
-# Python packages of the GPU image (the device tool's KINDS.md, read 2026-11-17) that our wheels may need
-GPU_IMAGE = {"torch", "torchvision", "triton", "transformers", "peft", "huggingface-hub", "safetensors", "regex",
-             "requests", "filelock", "numpy", "pillow", "tqdm", "timm", "zipp", "pyyaml", "httpx"}
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def test_run_sh_tiny_on_cpu_writes_every_stage(tmp_path):
     out = tmp_path / "acc"
     r = subprocess.run(["bash", str(RUN), "--device", "cpu", "--tiny", "--out", str(out)], capture_output=True,
@@ -51,17 +40,43 @@ def test_run_sh_rejects_bad_arguments(tmp_path):
         assert r.returncode == 2 and msg in r.stderr, r.stderr
 
 
-def test_wheelhouse_pins_the_tested_versions_and_closes_the_dependencies():
-    """wheels.sh pins the versions installed here (the ones the suite passes with), and every
-    dependency of a wheel is either in the GPU image or in the wheelhouse itself."""
+def _wheelhouse():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wheelhouse", ROOT / "bench" / "gpu" / "wheelhouse.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_wheelhouse_closes_over_the_gpu_image_whatever_is_installed_here(monkeypatch):
+    """The check reads wheels.json and the GPU image's list, never this environment: with every installed
+    version made to differ from its pin it still passes, and it fails on a real gap."""
+    wh = _wheelhouse()
+    wheels = wh.load()
+    monkeypatch.setattr(metadata, "version", lambda name: "999.0")  # a resolver picked other versions today
+    monkeypatch.setattr(metadata, "requires", lambda name: ["not-in-the-image"])
+    assert wh.closure_problems(wheels) == []
     text = (ROOT / "bench" / "gpu" / "wheels.sh").read_text()
-    pins = dict(p.split("==") for p in re.search(r"WHEELS=\(([^)]*)\)", text).group(1).split())
-    for name, version in pins.items():
-        assert metadata.version(name) == version, name
-    have = GPU_IMAGE | {_norm(n) for n in pins}
-    for name in pins:
-        for spec in metadata.requires(name) or []:
-            req = Requirement(spec)
-            if req.marker is not None and not req.marker.evaluate({"extra": "", "python_version": "3.12"}):
-                continue
-            assert _norm(req.name) in have, f"{name} needs {req.name}: add it to wheels.sh"
+    assert "wheelhouse.py\" pins" in text and "wheelhouse.py\" verify" in text  # one list of pins
+    gap = {**wheels, "ftfy": {**wheels["ftfy"], "requires": ["wcwidth>=9"]}}
+    assert wh.closure_problems(gap) == ["ftfy needs wcwidth>=9, the wheelhouse pins wcwidth==0.7.0"]
+    gap = {n: w for n, w in wheels.items() if n != "lazy-importer"}
+    assert wh.closure_problems(gap) == ["importlib_metadata needs lazy-importer: add it to wheels.json"]
+    assert wh.closure_problems(gap, python="3.15") == []  # the marker is evaluated for the image's Python
+
+
+def test_wheelhouse_verify_reads_the_downloaded_wheels(tmp_path):
+    """``wheelhouse.py verify`` compares the wheels' own METADATA with wheels.json (wheels built here)."""
+    import zipfile
+
+    wh = _wheelhouse()
+    wheels = {"demo-pkg": {"version": "1.0", "requires": ["numpy", 'zipp>=3; python_version < "3.15"']}}
+    meta = ("Metadata-Version: 2.1\nName: demo-pkg\nVersion: {v}\nRequires-Dist: numpy\n"
+            'Requires-Dist: zipp>=3; python_version < "3.15"\nRequires-Dist: pytest; extra == "test"\n')
+    with zipfile.ZipFile(tmp_path / "demo_pkg-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("demo_pkg-1.0.dist-info/METADATA", meta.format(v="1.0"))
+    assert wh.verify(tmp_path, wheels) == []
+    wheels["demo-pkg"]["requires"] = ["numpy"]
+    assert "the wheel requires" in wh.verify(tmp_path, wheels)[0]
+    assert wh.verify(tmp_path, {"other": {"version": "2", "requires": []}}) == [f"other==2: no wheel in {tmp_path}"]

@@ -5,15 +5,17 @@
 # zipp, pytest, pytest-benchmark, but not:
 #   diffusers          (needs importlib_metadata, missing there; importlib_metadata needs lazy-importer)
 #   open_clip_torch    (needs ftfy, missing there; ftfy needs wcwidth, missing there)
-# Versions are the ones the test suite passes with. Usage: bash bench/gpu/wheels.sh [DIR]
+# The pins and each wheel's own dependencies are data: bench/gpu/wheels.json (checked by
+# bench/gpu/wheelhouse.py, here after the download and in the test suite). Usage: bash bench/gpu/wheels.sh [DIR]
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 DEST="${1:-$ROOT/.whl}"
-WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0 importlib_metadata==10.2.0 lazy-importer==0.1.0)
+mapfile -t WHEELS < <(python3 "$ROOT/bench/gpu/wheelhouse.py" pins)
 mkdir -p "$DEST"
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$DEST" "${WHEELS[@]}"
+python3 "$ROOT/bench/gpu/wheelhouse.py" verify "$DEST"
 total=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
 echo "wheelhouse $DEST: $(ls "$DEST"/*.whl | wc -l) wheels, $((total / 1048576)) MiB"
 if [ "$total" -gt $((60 * 1048576)) ]; then

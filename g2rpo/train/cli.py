@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     overrides = list(rest) + (["resume=true"] if args.resume else [])
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, log=lambda msg: print(msg, file=sys.stderr))
     except (ConfigError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
