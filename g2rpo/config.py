@@ -261,14 +261,16 @@ class TrainConfig:
         except ValueError as err:
             raise ConfigError(f"sampler: {err}") from None
         _check_sde_steps(strategy)
-        from .rewards import FRAME_REDUCTIONS, REWARD_BUILDERS
-        from . import lab as _lab  # noqa: F401  (registers the lab rewards)
+        from .rewards import BUILTIN_REWARDS, FRAME_REDUCTIONS, resolve_reward
 
         for i, r in enumerate(self.rewards):
             if r.frames not in FRAME_REDUCTIONS:
                 raise ConfigError(f"rewards[{i}].frames must be one of {FRAME_REDUCTIONS}, got {r.frames!r}")
-            if r.name not in REWARD_BUILDERS:
-                raise ConfigError(f"rewards[{i}].name: unknown reward {r.name!r}; known: {sorted(REWARD_BUILDERS)}")
+            if r.name not in BUILTIN_REWARDS:  # plug-ins and module:callable paths are imported (no model loads)
+                try:
+                    resolve_reward(r.name)
+                except ValueError as err:
+                    raise ConfigError(f"rewards[{i}].name: {err}") from None
 
 
 def _check_sde_steps(strategy) -> None:

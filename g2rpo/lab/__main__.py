@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--eval-every", type=int, default=8)
     c.add_argument("--no-variant", action="store_true", help="skip the paper preset + per_sde_step runs")
     c.add_argument("--checkpoint", default=None, help="the lab world (default: the cached one)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training-config override for every run, e.g. --set 'rewards=[{name: my_pkg.rewards:fn}]' "
+                        "(a reward by name, module:callable path or entry point)")
     c.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -76,9 +79,17 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [m for m in methods if m not in METHODS] + [f for f in families if f not in FAMILIES]
         if unknown:
             sys.exit(f"unknown methods/families {unknown}; choose from {list(METHODS)} and {list(FAMILIES)}")
+        from ..config import ConfigError, load_config, parse_overrides
+
+        try:
+            overrides = parse_overrides(args.set)
+            load_config(None, overrides)  # refused before any run starts
+        except ConfigError as err:
+            sys.exit(f"--set: {err}")
         settings = CompareSettings(methods=methods, families=families, seeds=args.seeds, iterations=args.iterations,
                                    lr_grid=tuple(float(x) for x in args.lr_grid.split(",")),
-                                   eval_every=args.eval_every, per_sde_step_variant=not args.no_variant)
+                                   eval_every=args.eval_every, per_sde_step_variant=not args.no_variant,
+                                   overrides=overrides)
         world = _checkpoint(args.checkpoint) if args.checkpoint else None
         compare(args.out, settings, world)
         return

@@ -25,7 +25,6 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import SVC
 
-from ..rewards.base import register_reward
 from .data import DigitSplits, load_splits, to_unit
 from .generator import LabWorldConfig
 from .prompts import prompt_label
@@ -138,16 +137,14 @@ class OODJudge:
         return out
 
 
-@register_reward("digit_alignment")
-def _build_alignment(world: str | Path | None = None, seed: int = 0, image_size: int = 8) -> DigitAlignment:
+def build_alignment(world: str | Path | None = None, seed: int = 0, image_size: int = 8) -> DigitAlignment:
     """From a built lab world's saved weights, or fitted afresh for (seed, image_size)."""
     if world is not None:
         return load_rewards(world)["digit_alignment"]
     return DigitAlignment(*fit_alignment(load_splits(seed, image_size), seed))
 
 
-@register_reward("digit_realism")
-def _build_realism(world: str | Path | None = None, seed: int = 0, image_size: int = 8) -> DigitRealism:
+def build_realism(world: str | Path | None = None, seed: int = 0, image_size: int = 8) -> DigitRealism:
     if world is not None:
         return load_rewards(world)["digit_realism"]
     s = load_splits(seed, image_size)

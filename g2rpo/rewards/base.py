@@ -1,14 +1,13 @@
-"""The reward-model protocol and the registry that builds reward models from config."""
+"""The reward-model protocol, and rewards built from other rewards (weighted sums, frame-wise video scores)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["FRAME_REDUCTIONS", "FrameAggregated", "RewardModel", "register_reward", "make_reward", "REWARD_BUILDERS",
-           "WeightedRewards"]
+__all__ = ["FRAME_REDUCTIONS", "FrameAggregated", "RewardModel", "WeightedRewards"]
 
 FRAME_REDUCTIONS = ("mean", "min", "max")
 
@@ -23,28 +22,6 @@ class RewardModel(Protocol):
     name: str
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
-
-
-REWARD_BUILDERS: dict[str, Callable[..., RewardModel]] = {}
-
-
-def register_reward(name: str) -> Callable[[Callable[..., RewardModel]], Callable[..., RewardModel]]:
-    """Decorator: register a builder ``(**options) -> RewardModel`` under ``name``."""
-
-    def deco(fn: Callable[..., RewardModel]) -> Callable[..., RewardModel]:
-        if name in REWARD_BUILDERS:
-            raise ValueError(f"reward {name!r} is registered twice")
-        REWARD_BUILDERS[name] = fn
-        return fn
-
-    return deco
-
-
-def make_reward(name: str, **options) -> RewardModel:
-    """Build a registered reward model by name."""
-    if name not in REWARD_BUILDERS:
-        raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARD_BUILDERS)}")
-    return REWARD_BUILDERS[name](**options)
 
 
 class WeightedRewards:

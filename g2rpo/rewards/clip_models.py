@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from ._images import check_batch, to_pil
-from .base import register_reward
 
 __all__ = ["OpenClipScore", "PickScore"]
 
@@ -66,7 +65,6 @@ def _require(path: str | Path, what: str) -> Path:
     return p
 
 
-@register_reward("hps")
 def load_hps(checkpoint: str, model_name: str = "ViT-H-14", device=None, batch_size: int = 32,
              open_clip_model: str | None = None) -> OpenClipScore:
     """HPS-v2.1 from its checkpoint file (``open_clip_model`` is accepted for configs and unused:
@@ -83,7 +81,6 @@ def load_hps(checkpoint: str, model_name: str = "ViT-H-14", device=None, batch_s
     return OpenClipScore(model, preprocess, open_clip.get_tokenizer(model_name), "hps", device, batch_size)
 
 
-@register_reward("clip")
 def load_clip_score(model_dir: str | None = None, model_name: str | None = None, checkpoint: str | None = None,
                     device=None, batch_size: int = 32) -> OpenClipScore:
     """CLIP score from ``model_dir`` (open_clip ``local-dir:`` layout) or ``model_name`` + ``checkpoint``."""
@@ -137,7 +134,6 @@ class PickScore(_BatchedModelReward):
         return torch.cat(out)
 
 
-@register_reward("pickscore")
 def load_pickscore(model_dir: str, processor_dir: str | None = None, device=None, batch_size: int = 32) -> PickScore:
     from transformers import AutoModel, AutoProcessor
 

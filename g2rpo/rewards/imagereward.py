@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from .base import register_reward
 from .clip_models import _BatchedModelReward
 
 __all__ = ["ImageRewardModel", "ImageReward", "convert_official_state_dict", "REWARD_MEAN", "REWARD_STD"]
@@ -119,7 +118,6 @@ def _path(given: str | None, model_dir: str | None, name: str) -> Path:
     return p
 
 
-@register_reward("imagereward")
 def load_imagereward(model_dir: str | None = None, checkpoint: str | None = None, med_config: str | None = None,
                      vocab: str | None = None, vision: dict | None = None, device=None,
                      batch_size: int = 16) -> ImageReward:

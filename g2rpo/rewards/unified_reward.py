@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from .base import register_reward
 from .clip_models import _BatchedModelReward
 
 __all__ = ["UnifiedReward", "parse_final_score", "DEFAULT_TEMPLATE"]
@@ -67,7 +66,6 @@ class UnifiedReward(_BatchedModelReward):
         return torch.tensor([parse_final_score(a) for a in self.judge(images, prompts)], dtype=torch.float32)
 
 
-@register_reward("unified_reward")
 def load_unified_reward(model_dir: str, template: str | None = None, max_new_tokens: int = 256, device=None,
                         batch_size: int = 4, dtype: str = "auto") -> UnifiedReward:
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
