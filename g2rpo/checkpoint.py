@@ -22,7 +22,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from .distributed import DistContext
 
-__all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint", "checkpoint_dir"]
+__all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint", "checkpoint_dir",
+           "rng_state", "set_rng_state"]
 
 MARKER = "COMPLETE"
 
@@ -46,12 +47,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return done[0] if done else None
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's global RNG states (torch, CUDA, numpy, Python)."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -76,7 +78,7 @@ def save_checkpoint(ctx: DistContext, output_dir: str | Path, iteration: int, mo
     with warnings.catch_warnings():  # single-process DCP is intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
+    torch.save(rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
     if ctx.is_main:
         torch.save({"scheduler": scheduler.state_dict(), "iteration": iteration, **extra}, tmp / "trainer_state.pt")
     ctx.barrier()
@@ -107,5 +109,5 @@ def load_checkpoint(ctx: DistContext, folder: str | Path, model: torch.nn.Module
     scheduler.load_state_dict(trainer_state["scheduler"])
     rng = folder / f"rng_rank{ctx.rank}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(torch.load(rng, weights_only=False))
     return trainer_state

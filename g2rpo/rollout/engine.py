@@ -189,6 +189,8 @@ class RolloutEngine:
         self.model = model
         self.sigmas = sigma_schedule(num_steps, shift)
         self.max_batch = max_batch
+        #: called before every tick of :meth:`run` (the trainer's stop check: it may raise to abandon a rollout)
+        self.tick_hook: Callable[[], None] | None = None
         self.quantize_timesteps = quantize_timesteps
         self.check_finite = check_finite
         self.ops_backend = ops_backend  # the fused SDE step of g2rpo.ops (auto: Triton on GPU, C++ on CPU)
@@ -305,6 +307,8 @@ class RolloutEngine:
         padded_before = self.padded_rows
         p_idx = torch.arange(P, device=dev)
         for tick in plan.ticks:
+            if self.tick_hook is not None:
+                self.tick_hook()
             F = tick.frontier_index.numel()
             f_index = tick.frontier_index.to(dev).repeat(P)
             V, c = self.velocity(X, f_index, p_idx.repeat_interleave(F), cond)

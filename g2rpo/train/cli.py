@@ -18,6 +18,7 @@ import torch
 from ..config import ConfigError, load_config
 from ..distributed import rollout_mode
 from .loop import Trainer
+from .interrupts import Interrupted
 from .optimize import TrainingError
 
 __all__ = ["main"]
@@ -40,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     overrides = list(rest) + (["resume=true"] if args.resume else [])
     try:
-        cfg = load_config(args.config, overrides, log=lambda msg: print(msg, file=sys.stderr))
+        if args.resume or "resume=true" in overrides:  # the checkpoint's config is the base
+            from .rundir import resume_base
+
+            base = resume_base(args.config, overrides)
+            cfg = load_config(args.config, overrides, base=base)
+        else:
+            cfg = load_config(args.config, overrides, log=lambda msg: print(msg, file=sys.stderr))
     except (ConfigError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -49,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    try:
+        return _train(cfg)
+    except KeyboardInterrupt:  # a second signal, or one before training started: no traceback
+        print(f"interrupted; nothing more was written (the last checkpoint under {cfg.output_dir} is intact)",
+              file=sys.stderr)
+        return 130
+
+
+def _train(cfg) -> int:
     try:
         trainer = Trainer(cfg)
     except (ConfigError, FileNotFoundError) as err:
@@ -65,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 3
+    except Interrupted as err:
+        if trainer.ctx.is_main:
+            print(str(err), file=sys.stderr)
+        return err.exit_code
     finally:
         trainer.close()
     if trainer.ctx.is_main and history:

@@ -62,7 +62,9 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(out / "tensorboard"))
+                # a resumed run drops the events past its checkpoint (no duplicate steps in TensorBoard)
+                self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_iteration + 1 if start_iteration
+                                         else None)
             except ImportError:
                 log("tensorboard requested but not installed: pip install tensorboard")
         if cfg.wandb:

@@ -18,12 +18,13 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..advantage import batch_std, check_finite_rewards, integrate_advantages
-from ..checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from ..checkpoint import complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..distributed import DistContext, rollout_mode
 from ..policy import build_rewards
 from ..prompts import PromptSchedule
 from ..rollout import G2RPOSampler, Rollout, make_strategy
+from .interrupts import Interrupted, RolloutStopped, StopRequest
 from .logs import RunLog, save_prompt_grid, save_video_gif
 from .optimize import TrainingError, train_on
 from .rundir import OutputLock, preflight, resume_changes, stored_config
@@ -38,10 +39,17 @@ REDUCE = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", 
 
 
 def _fault_point(iteration: int, phase: str) -> None:
-    """Fault injection for the kill-and-resume test: ``G2RPO_FAULT=kill@ITER:PHASE``."""
+    """Fault injection for the kill-and-resume and interrupt tests: ``G2RPO_FAULT=SIG@ITER:PHASE[:RANK]``
+    with SIG kill, int or term (the process signals itself; RANK: only that rank)."""
     spec = os.environ.get("G2RPO_FAULT")
-    if spec and spec == f"kill@{iteration}:{phase}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not spec:
+        return
+    sig, _, where = spec.partition("@")
+    target = where.split(":")
+    if len(target) == 3 and target[2] != os.environ.get("RANK", "0"):
+        return
+    if ":".join(target[:2]) == f"{iteration}:{phase}":
+        os.kill(os.getpid(), {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM}[sig])
 
 
 class Trainer:
@@ -85,6 +93,7 @@ class Trainer:
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path)
         self.start_iteration = self._restore(candidates) if cfg.resume else 0
         self.runlog = RunLog(self.out, cfg, self.ctx.is_main, self.start_iteration, self.log)
+        self.stop: StopRequest | None = None  # set while run() holds the signal handlers
 
     # ---- set-up helpers -----------------------------------------------------------------
     def _lock(self) -> OutputLock | None:
@@ -126,10 +135,7 @@ class Trainer:
                 self.log("resume: applied config changes: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in self.changes))
             self.log(f"resumed from {ckpt} after iteration {int(state['iteration'])}")
             return int(state["iteration"])
-        if candidates:
-            raise ConfigError(f"--resume: no checkpoint under {self.out / 'checkpoints'} could be loaded")
-        self.log(f"--resume: no complete checkpoint under {self.out}; starting from scratch")
-        return 0
+        raise ConfigError(f"--resume: no checkpoint under {self.out / 'checkpoints'} could be loaded")
 
     @property
     def complete(self) -> bool:
@@ -199,9 +205,12 @@ class Trainer:
         except ValueError as err:  # a non-finite velocity
             raise TrainingError(f"iteration {iteration + 1}: rollout failed: {err}; prompts {prompts}") from None
         t1 = time.perf_counter()
+        _fault_point(iteration, "score")
         rewards = self.score(ro, prompts, iteration)
         t2 = time.perf_counter()
         adv = self.advantages(rewards, ro)
+        if self.stop is not None:  # the last point where the iteration can be abandoned (no weight changed)
+            self.stop.check()
         _fault_point(iteration, "train")
         m = self.train_on(ro, adv, cond, iteration, prompts)
         t3 = time.perf_counter()
@@ -265,33 +274,56 @@ class Trainer:
         return export_policy(self.cfg, self.ctx, self.module, self.ema, self.base_path, folder)
 
     def run(self, callback=None) -> list[dict[str, float]]:
-        """Train to ``cfg.iterations``; ``callback(trainer, metrics)`` runs after every iteration."""
+        """Train to ``cfg.iterations``; ``callback(trainer, metrics)`` runs after every iteration.
+
+        SIGINT / SIGTERM stop the run at the next safe point with a checkpoint (:mod:`.interrupts`):
+        :class:`~.interrupts.Interrupted` is raised after it is written."""
         cfg, history, bar = self.cfg, [], None
         if self.ctx.is_main and cfg.progress:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.iterations, initial=self.start_iteration, desc="g2rpo", dynamic_ncols=True,
                        file=sys.stdout)
+        saved = self.start_iteration  # the iterations the newest checkpoint holds
         try:
-            for it in range(self.start_iteration, cfg.iterations):
-                m = self.iteration(it)
-                if callback is not None:
-                    callback(self, m)
-                history.append(m)
-                self.runlog.write(m)
+            with StopRequest(self.ctx, self.log) as stop:
+                self.stop = stop
+                self.sampler.engine.tick_hook = stop.check
+                for it in range(self.start_iteration, cfg.iterations):
+                    rng = rng_state()
+                    try:
+                        m = self.iteration(it)
+                    except RolloutStopped:  # abandoned before the update: the state is that of `it` iterations
+                        set_rng_state(rng)
+                        if saved != it or not complete_checkpoints(self.out):
+                            self.checkpoint(it)
+                        raise Interrupted(it, stop.agreed() or signal.SIGINT) from None
+                    if callback is not None:
+                        callback(self, m)
+                    history.append(m)
+                    self.runlog.write(m)
+                    if bar is not None:
+                        main_reward = next(k for k in m if k.startswith("reward/") and k.count("/") == 1)
+                        bar.set_postfix({main_reward.split("/")[1]: f"{m[main_reward]:.4f}",
+                                         "ratio_dev": f"{m['ratio_first_max_dev']:.1e}"})
+                        bar.update(1)
+                    done = it + 1
+                    signum = stop.agreed()
+                    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.iterations \
+                            or signum is not None:
+                        self.checkpoint(done)
+                        saved = done
+                    if signum is not None and done < cfg.iterations:
+                        raise Interrupted(done, signum)
                 if bar is not None:
-                    main_reward = next(k for k in m if k.startswith("reward/") and k.count("/") == 1)
-                    bar.set_postfix({main_reward.split("/")[1]: f"{m[main_reward]:.4f}",
-                                     "ratio_dev": f"{m['ratio_first_max_dev']:.1e}"})
-                    bar.update(1)
-                done = it + 1
-                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.iterations:
-                    self.checkpoint(done)
+                    bar.close()
+                if cfg.export_final and history:
+                    self.export(self.out / "final")
+        finally:
+            self.stop = None
+            self.sampler.engine.tick_hook = None
             if bar is not None:
                 bar.close()
-            if cfg.export_final and history:
-                self.export(self.out / "final")
-        finally:
             self.runlog.close()
             if self.lock is not None:  # the run's writes are done
                 self.lock.release()

@@ -20,7 +20,8 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 
-__all__ = ["RESUMABLE", "OutputLock", "preflight", "resume_changes", "stored_config"]
+__all__ = ["RESUMABLE", "OutputLock", "preflight", "resume_base", "resume_changes", "stored_config",
+           "stored_config_of"]
 
 #: Keys that may differ on ``--resume`` (applied from the resumed iteration on); all others are refused.
 RESUMABLE = (
@@ -40,6 +41,11 @@ def preflight(cfg: TrainConfig) -> list[str]:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file, not a folder")
+    for sub in ("checkpoints", "final"):
+        if (out / sub).exists() and not (out / sub).is_dir():
+            raise ConfigError(f"{out / sub} is a file: the run writes a folder there; move the file away")
+    if cfg.resume:
+        stored_config_of(out)  # nothing to resume stops here, before any model loads
     try:  # a real write: permission bits say little to root, read-only mounts, full disks
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write_probe_{os.getpid()}"
@@ -107,6 +113,42 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
                           f"mid-run:\n  {lines}\nresume with the checkpoint's values (output_dir/config.json), "
                           f"or start a new run; keys that may change: {', '.join(RESUMABLE)}")
     return [d for d in diffs if d[0] not in ("resume", "overwrite")]
+
+
+def resume_base(paths, overrides: list[str]) -> dict[str, Any]:
+    """For ``--resume``: the config stored in the newest readable checkpoint of the output_dir that the
+    command line names (or, failing that, its ``--config`` files or the embedded default name). The
+    command line is then applied on top of it (and may only change :data:`RESUMABLE` keys)."""
+    from ..config import _merge, _read_yaml, default_config_path, parse_overrides
+
+    data: dict[str, Any] = {}
+    for p in ([Path(p) for p in paths] if paths else [default_config_path()]):
+        data = _merge(data, _read_yaml(p))
+    data = _merge(data, parse_overrides(overrides))
+    out = Path(str(data.get("output_dir", TrainConfig().output_dir)))
+    return stored_config_of(out)
+
+
+def stored_config_of(out: Path) -> dict[str, Any]:
+    """The config of the newest complete checkpoint under ``out`` whose trainer state reads; a
+    ConfigError says why there is none (nothing to resume is never a fresh start)."""
+    from ..checkpoint import complete_checkpoints
+
+    ckpts = out / "checkpoints"
+    if not out.exists():
+        raise ConfigError(f"--resume: output_dir {out} does not exist (a typo? start a run without --resume)")
+    if ckpts.exists() and not ckpts.is_dir():
+        raise ConfigError(f"--resume: {ckpts} is a file, not the checkpoints folder")
+    candidates = complete_checkpoints(out)
+    if not candidates:
+        raise ConfigError(f"--resume: no complete checkpoint under {ckpts} (nothing to resume; start a run "
+                          "without --resume)")
+    for ckpt in candidates:
+        try:
+            return stored_config(ckpt)
+        except Exception:  # noqa: BLE001  (a damaged trainer state: try the previous checkpoint)
+            continue
+    raise ConfigError(f"--resume: no checkpoint under {ckpts} has a readable trainer state")
 
 
 def stored_config(folder: Path) -> dict[str, Any]:

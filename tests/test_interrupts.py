@@ -1,0 +1,76 @@
+"""Ctrl-C and SIGTERM keep work: a checkpoint at the next safe point, a one-line message, a conventional
+exit code, and ``--resume`` (with only the output_dir named: the stored config is the base) continues
+exactly as if nothing had happened."""
+
+import pytest
+
+from test_train import ROOT, _cli, _flat, _metrics, tiny
+
+PRESETS = ["--config", str(ROOT / "configs" / "lab.yaml"), "--config", str(ROOT / "configs" / "methods" /
+                                                                            "g2rpo-official.yaml")]
+
+
+def _same(ma, mb):
+    assert [m["iteration"] for m in ma] == [m["iteration"] for m in mb]
+    for x, y in zip(ma, mb):
+        for k in x:
+            if not k.startswith("time_"):
+                assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-9), k
+
+
+def _short_and_clean(stderr: str, message: str) -> None:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert message in stderr
+    assert len([line for line in stderr.splitlines() if line.strip()]) <= 6, stderr
+
+
+def test_sigint_mid_update_finishes_the_iteration_and_sigterm_mid_rollout_abandons_it(lab_world, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    opts = dict(iterations=4, checkpoint_every=0, tensorboard=True)
+    ref = _cli(PRESETS + _flat(tiny(lab_world, a, **opts)))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    # SIGINT during the second iteration's update: that iteration finishes and is checkpointed
+    r = _cli(PRESETS + _flat(tiny(lab_world, b, **opts)), {"G2RPO_FAULT": "int@1:train"})
+    assert r.returncode == 130, r.stderr[-3000:]
+    _short_and_clean(r.stderr, "interrupted at iteration 2; continue with --resume")
+    assert [p.name for p in (b / "checkpoints").iterdir()] == ["iter_000002"]
+    # SIGTERM (a scheduler's preemption) before the second iteration's rollout: it is abandoned
+    r = _cli(PRESETS + _flat(tiny(lab_world, c, **opts)), {"G2RPO_FAULT": "term@1:rollout"})
+    assert r.returncode == 143, r.stderr[-3000:]
+    _short_and_clean(r.stderr, "interrupted at iteration 1; continue with --resume")
+    assert [m["iteration"] for m in _metrics(c)] == [1]
+
+    for out in (b, c):  # the README's resume command: the stored config (presets included) is the base
+        r = _cli([f"output_dir={out}", "--resume"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        _same(_metrics(a), _metrics(out))
+    events = EventAccumulator(str(b / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward/digit_alignment")] == [1, 2, 3, 4]  # no duplicate steps
+
+
+def test_resume_refuses_changes_and_nothing_to_resume(lab_world, tmp_path):
+    r = _cli([f"output_dir={tmp_path / 'typo'}", "--resume"])
+    assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    r = _cli([f"output_dir={tmp_path / 'x'}", "--resume"])
+    assert r.returncode == 2 and "no complete checkpoint" in r.stderr, r.stderr
+    assert (tmp_path / "x" / "metrics.jsonl").read_text() == '{"iteration": 1}\n'  # never truncated
+
+
+def test_an_interrupt_on_one_rank_stops_both_together(lab_world, tmp_path):
+    out = tmp_path / "two"
+    r = _cli(_flat(tiny(lab_world, out, iterations=4, checkpoint_every=0)), {"G2RPO_FAULT": "int@1:score:0"},
+             torchrun=2)
+    assert r.returncode != 0
+    assert r.stderr.count("interrupted at iteration 1; continue with --resume") == 1, r.stderr[-3000:]
+    # no rank prints a traceback of ours (torchrun's launcher prints its own ChildFailedError report)
+    assert f'File "{ROOT / "g2rpo"}' not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr[-3000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["iter_000001"]
+    r = _cli([f"output_dir={out}", "--resume"], torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["iteration"] for m in _metrics(out)] == [1, 2, 3, 4]
