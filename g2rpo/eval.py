@@ -55,8 +55,11 @@ def _kind(model: Path) -> str:
 def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: torch.dtype, height: int, width: int,
                      guidance_scale: float | None, num_frames: int | None = None,
                      text_encoder_out_layers: list[int] | None = None):
-    """The base policy from ``model`` with the transformer of ``checkpoint`` (a run or a folder) swapped in."""
-    model = Path(model)
+    """The base policy from ``model`` (a local folder or a Hugging Face id) with the transformer of ``checkpoint``
+    (a run or a folder) swapped in."""
+    from .hub import resolve_path
+
+    model = resolve_path(model, "--model", diffusers=True)
     kind = _kind(model)
     if kind == "lab":
         from .lab import load_lab_policy
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from .yaml_numbers import load_yaml
     from .distributed import DistContext
     from .prompts import load_prompts
+    from .hub import reward_options
     from .rewards import FrameAggregated, make_reward
 
     ctx = DistContext.init()
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [n.strip() for n in args.rewards.split(",") if n.strip()]
         rewards = []
         for name in names:
-            opts = dict((options or {}).get(name, {}))
+            opts = reward_options(name, (options or {}).get(name, {}), f"--rewards {name}")
             if kind == "lab" and name.startswith("digit_"):
                 opts.setdefault("world", args.model)
             try:
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             except TypeError as err:  # a required option (a checkpoint path, ...) is missing
                 raise ValueError(f"reward {name!r} is missing options ({err}): pass --reward-options FILE holding "
                                  f"{{{name}: {{option: value}}}} (README: where the checkpoints go)") from None
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"eval: {err}", file=sys.stderr)
         return 2
     policy = policy.to(device).eval()

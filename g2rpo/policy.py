@@ -8,30 +8,42 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, RewardSpec
+from .hub import PATH_OPTIONS, HubError, resolve_path, reward_options, with_usual_repos
 from .model_files import MODEL_FILES
 from .rewards import FrameAggregated, RewardModel, make_reward
 
 __all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths"]
 
-_PATH_OPTIONS = ("checkpoint", "model_dir", "processor_dir", "med_config", "vocab", "path")
-
 def check_paths(model: ModelConfig, rewards: list[RewardSpec]) -> None:
-    """Before anything loads: every local file the config names must exist (one error lists them all)."""
+    """Before anything loads: every file the config names must exist, locally or as a Hugging Face id
+    (:mod:`g2rpo.hub`; the cache only when offline). One error lists them all."""
     missing = []
     if model.kind != "lab" or model.path:
         if not model.path:
             missing.append(f"model.path is not set (model.kind={model.kind})")
         else:
-            root = Path(model.path)
-            files = MODEL_FILES.get(model.kind, ["lab_world.json", "transformer/config.json"])
-            missing += [f"model.path: {root / f}" for f in files if not (root / f).exists()]
+            try:
+                root = resolve_path(model.path, "model.path", diffusers=model.kind != "lab")
+            except HubError as err:
+                missing.append(str(err))
+            else:
+                files = MODEL_FILES.get(model.kind, ["lab_world.json", "transformer/config.json"])
+                missing += [f"model.path: {root / f}" for f in files if not (root / f).exists()]
     for i, spec in enumerate(rewards):
-        for key in _PATH_OPTIONS:
-            value = spec.options.get(key)
-            if isinstance(value, str) and not Path(value).exists():
-                missing.append(f"rewards[{i}] ({spec.name}).options.{key}: {value}")
+        what = f"rewards[{i}] ({spec.name})"
+        options = with_usual_repos(spec.name, spec.options)
+        for key in PATH_OPTIONS:
+            value = options.get(key)
+            if not isinstance(value, str):
+                continue
+            try:
+                if not resolve_path(value, f"{what}.options.{key}").exists():
+                    missing.append(f"{what}.options.{key}: {value}")
+            except HubError as err:
+                missing.append(str(err))
     if missing:
         raise FileNotFoundError("missing files named by the config:\n  " + "\n  ".join(missing))
+
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,19 +65,20 @@ def load_policy(cfg: ModelConfig, log=print) -> LoadedPolicy:
     from .models import load_policy as load_real
 
     if not cfg.path:
-        raise ValueError(f"model.path must point to a local {cfg.kind} diffusers folder")
-    policy = load_real(cfg.kind, cfg.path, dtype=dtype, height=cfg.height, width=cfg.width,
+        raise ValueError(f"model.path must point to a local {cfg.kind} diffusers folder or a Hugging Face id")
+    path = resolve_path(cfg.path, "model.path", diffusers=True)
+    policy = load_real(cfg.kind, path, dtype=dtype, height=cfg.height, width=cfg.width,
                        guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length,
                        **({"num_frames": cfg.num_frames} if cfg.kind == "wan" else {}),
                        **({"text_encoder_out_layers": tuple(cfg.text_encoder_out_layers)} if cfg.kind == "flux2" else {}))
-    return LoadedPolicy(policy, Path(cfg.path))
+    return LoadedPolicy(policy, path)
 
 
 def build_rewards(specs: list[RewardSpec], model_cfg: ModelConfig, model_path: Path) -> list[tuple[str, RewardModel, float]]:
     """``[(name, model, weight)]``; lab rewards default to the policy's lab world."""
     out = []
     for spec in specs:
-        options = dict(spec.options)
+        options = reward_options(spec.name, spec.options, f"rewards ({spec.name})")
         if spec.name.startswith("digit_") and model_cfg.kind == "lab":
             options.setdefault("world", str(model_path))
         out.append((spec.name, FrameAggregated(make_reward(spec.name, **options), spec.frames), spec.weight))

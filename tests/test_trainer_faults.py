@@ -261,7 +261,8 @@ def test_cli_friction(lab_world, tmp_path, capsys):
 
     assert eval_main(["--model", str(lab_world), "--prompts", "builtin:lab_test", "--rewards", "hps",
                       "--out", str(tmp_path / "ev")]) == 2
-    assert "reward 'hps' is missing options" in capsys.readouterr().err
+    err = capsys.readouterr().err  # no checkpoint given: the usual repository, not in the (empty) cache
+    assert "--rewards hps.options.checkpoint: 'xswu/HPSv2/HPS_v2.1_compressed.pt'" in err and "cache" in err
 
 
 def test_outputs_are_honest_and_grids_readable(lab_world, tmp_path, monkeypatch):
