@@ -65,16 +65,20 @@ class RunLog:
                 # a resumed run drops the events past its checkpoint (no duplicate steps in TensorBoard)
                 self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_iteration + 1 if start_iteration
                                          else None)
-            except ImportError:
+            except ImportError:  # preflight refuses tensorboard=true without it; a library caller gets a note
                 log("tensorboard requested but not installed: pip install tensorboard")
-        if cfg.wandb:
-            try:
-                import wandb
+        if cfg.wandb:  # preflight checked that wandb imports
+            import wandb
 
-                self._wandb = wandb.init(project=cfg.wandb_project, config=config_to_dict(cfg), dir=str(out),
-                                         resume="allow")
-            except ImportError:
-                log("wandb requested but not installed: pip install wandb")
+            id_file = out / "wandb_run_id"  # a resumed run continues the same wandb run
+            run_id = id_file.read_text().strip() if start_iteration and id_file.is_file() else None
+            if not run_id:
+                import secrets
+
+                run_id = secrets.token_hex(4)  # the 8 characters of a wandb run id
+                id_file.write_text(run_id)
+            self._wandb = wandb.init(project=cfg.wandb_project, config=config_to_dict(cfg), dir=str(out), id=run_id,
+                                     resume="allow")
 
     def write(self, m: dict[str, float]) -> None:
         if not self.is_main:
@@ -87,6 +91,33 @@ class RunLog:
                     self._tb.add_scalar(k, v, m["iteration"])
         if self._wandb is not None:
             self._wandb.log(m, step=m["iteration"])
+
+    def images(self, iteration: int, png: Path, gif: Path | None = None) -> None:
+        """Send a saved image grid (and a video grid's animated GIF) to TensorBoard and wandb."""
+        if not self.is_main:
+            return
+        if self._tb is not None:
+            import numpy as np
+            from PIL import Image
+
+            self._tb.add_image("samples/grid", np.asarray(Image.open(png).convert("RGB")), iteration,
+                               dataformats="HWC")
+            if gif is not None:  # TensorBoard's image dashboard plays an encoded GIF (as add_video writes it)
+                from tensorboard.compat.proto.summary_pb2 import Summary
+
+                with Image.open(gif) as im:
+                    w, h = im.size
+                image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=gif.read_bytes())
+                self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="samples/video",
+                                                                                     image=image)]), iteration)
+            self._tb.flush()
+        if self._wandb is not None:
+            import wandb
+
+            media = {"samples/grid": wandb.Image(str(png))}
+            if gif is not None:
+                media["samples/video"] = wandb.Video(str(gif), format="gif")
+            self._wandb.log(media, step=iteration)
 
     def close(self) -> None:
         for w in (self._jsonl, self._tb):

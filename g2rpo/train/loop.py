@@ -254,11 +254,13 @@ class Trainer:
             latents = self.sampler.engine.sample_ode(noise, self.policy.encode_prompts(rows))
         if self.ctx.is_main:
             images = self.policy.decode(latents)
-            path = self.out / "images" / f"iter_{iteration:06d}.png"
+            path, gif = self.out / "images" / f"iter_{iteration:06d}.png", None
             if images.ndim == 5:  # videos: an animated GIF, and the first frames as the labelled grid
-                save_video_gif(path.with_suffix(".gif"), images, per_prompt)
+                gif = path.with_suffix(".gif")
+                save_video_gif(gif, images, per_prompt)
                 images = images[:, :, 0]
             save_prompt_grid(path, images, prompts, per_prompt)
+            self.runlog.images(iteration, path, gif)
 
     # ---- checkpoints, export, the loop ----------------------------------------------------
     def checkpoint(self, iteration: int) -> Path:

@@ -38,6 +38,11 @@ def preflight(cfg: TrainConfig) -> list[str]:
     from ..prompts import load_prompts
 
     check_paths(cfg.model, cfg.rewards)
+    import importlib.util
+
+    for key, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if getattr(cfg, key) and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{key}=true but {module} is not installed: pip install {module}, or set {key}=false")
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file, not a folder")
