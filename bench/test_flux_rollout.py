@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from g2rpo import G2RPOSampler
-from g2rpo.models.tiny import FLUX_DEV_TRANSFORMER, random_flux_velocity
+from g2rpo.testing.tiny import FLUX_DEV_TRANSFORMER, random_flux_velocity
 from g2rpo.testing import PAPER_SETTING as SETTING, public_loop_rollout
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]

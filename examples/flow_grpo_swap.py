@@ -4,14 +4,19 @@
 2. Switch the loop's rollout to G2RPO's singular-SDE sampling: one SDE step per trajectory, branches
    finished by the ODE at several granularities, one shared forward for the whole group.
 
-    python examples/flow_grpo_swap.py --pipeline /ckpt/FLUX.1-dev
-    python examples/flow_grpo_swap.py --pipeline DIR --height 32 --width 32 --steps 6 --group-size 3
+    python examples/flow_grpo_swap.py --pipeline /ckpt/FLUX.1-dev            # a GPU: the paper's 720x720
+    python -m g2rpo.testing tiny-pipeline flux /tmp/tiny-flux                # no weights: a tiny random Flux
+    python examples/flow_grpo_swap.py --pipeline /tmp/tiny-flux --height 32 --width 32 --steps 6 --group-size 3
+
+On a CPU, Flux.1-dev at 720x720 takes minutes per forward: use a tiny pipeline (above), or at least
+--height 256 --width 256 --steps 6 --group-size 3. Progress bars show both loops.
 """
 
 import argparse
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from tqdm import tqdm
 
 # from flow_grpo.diffusers_patch.sd3_sde_with_logprob import sde_step_with_logprob   # Flow-GRPO
 from g2rpo.compat.flow_grpo import sde_step_with_logprob  # g2rpo: the only line that changes
@@ -25,7 +30,7 @@ def flow_grpo_rollout(policy, scheduler, prompt, group_size, steps, generator):
     x = policy.prepare_latents(group_size, generator)
     log_probs = []
     with torch.no_grad():
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc="Flow-GRPO rollout (steps)", leave=False)):
             v = policy(x, scheduler.sigmas[i].expand(group_size), cond)
             x, log_prob, _, _ = sde_step_with_logprob(scheduler, v, t.expand(group_size), x, noise_level=0.7,
                                                       generator=generator)
@@ -42,12 +47,14 @@ def main(argv=None):
     p.add_argument("--height", type=int, default=720)
     p.add_argument("--width", type=int, default=720)
     a = p.parse_args(argv)
+    print(f"loading {a.pipeline} ...", flush=True)
     pipe = FluxPipeline.from_pretrained(a.pipeline)
     policy = policy_for(pipe, a.height, a.width)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # the static shift the loop trains with
     x, log_probs = flow_grpo_rollout(policy, scheduler, a.prompt, a.group_size, a.steps, torch.Generator().manual_seed(0))
     print(f"Flow-GRPO loop with g2rpo's step: finals {tuple(x.shape)}, log-probs {tuple(log_probs.shape)}, "
           f"{a.steps * a.group_size} forward rows")
+    print("G2RPO rollout (one batched plan) ...", flush=True)
     out = rollout(pipe, [a.prompt], strategy="g2rpo", num_steps=a.steps, group_size=a.group_size,
                   sde_indices=range(min(8, a.steps - 1)), height=a.height, width=a.width)
     print(f"G2RPO rollout: {out.images.shape[0]} images (K'={out.rollout.reward_shape[1]} SDE steps x "

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import yaml
 
+from .models.registry import DEFAULT_FAMILY, FAMILIES
 from .yaml_numbers import load_yaml
 
 __all__ = ["ConfigError", "ModelConfig", "LoraConfig", "SamplerConfig", "RewardSpec", "LossConfig", "AdvantageConfig",
@@ -31,15 +32,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    kind: str = "lab"  # lab | flux | flux2 | sd3 | qwen_image | wan
-    path: str | None = None  # lab: None builds/reuses the cached lab world
+    """The policy. Fields left null take the model family's own default (``g2rpo.models.registry``: the
+    diffusers pipeline's, e.g. guidance 3.5 for Flux, 7.0 for SD3, 5.0 for Wan)."""
+
+    kind: str = DEFAULT_FAMILY  # a family of g2rpo.models.registry.FAMILIES
+    path: str | None = None  # a local folder or a Hugging Face id; null: the family's default (the lab world)
     dtype: str = "float32"  # float32 | bfloat16 | float16: parameters of the policy
-    guidance_scale: float = 3.5
-    height: int = 720
-    width: int = 720
-    max_sequence_length: int = 512
-    num_frames: int = 81  # video models (wan): frames per sample
-    text_encoder_out_layers: list[int] = field(default_factory=lambda: [10, 20, 30])  # flux2: Mistral-3 layers
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    max_sequence_length: int | None = None
+    num_frames: int | None = None  # video families: frames per sample
+    text_encoder_out_layers: list[int] = field(default_factory=lambda: [10, 20, 30])  # FLUX.2: Mistral-3 layers
     gradient_checkpointing: bool = False
     attention_backend: str | None = None  # diffusers attention dispatch: native (SDPA) default; flash, _flash_3, ...
 
@@ -230,9 +234,10 @@ class TrainConfig:
             ("loss.kl_convention", self.loss.kl_convention in ("transition", "flow_grpo"),
              f"must be transition or flow_grpo, got {self.loss.kl_convention!r}"),
             ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "must be in (0, 1) or null"),
-            ("model.kind", self.model.kind in ("lab", "flux", "flux2", "sd3", "qwen_image", "wan"),
-             "must be lab, flux, flux2, sd3, qwen_image or wan"),
-            ("model.num_frames", self.model.num_frames >= 1, "must be >= 1"),
+            ("model.kind", self.model.kind in FAMILIES, f"must be one of {', '.join(FAMILIES)}"),
+            ("model.num_frames", self.model.num_frames is None or self.model.num_frames >= 1, "must be >= 1"),
+            ("model.height", self.model.height is None or self.model.height >= 1, "must be >= 1"),
+            ("model.width", self.model.width is None or self.model.width >= 1, "must be >= 1"),
             ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"),
              "must be float32, bfloat16 or float16"),
             ("lora.rank", self.lora.rank >= 1, "must be >= 1"),

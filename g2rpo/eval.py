@@ -1,17 +1,20 @@
-"""`python -m g2rpo.eval`: generate with a (trained) policy, score with reward models, tabulate.
+"""`python -m g2rpo.eval`: generate with a base and a trained policy, score with reward models, tabulate.
 
     python -m g2rpo.eval --model /ckpt/FLUX.1-dev --checkpoint runs/flux_hps_clip --prompts test.txt \\
-        --steps 50 --height 1024 --width 1024 --rewards hps,clip,pickscore,imagereward \\
-        --reward-options rewards.yaml --out eval/g2rpo
+        --rewards hps,clip,pickscore,imagereward --reward-options rewards.yaml --out eval/g2rpo
 
-``--model`` is a local diffusers folder (Flux or SD3, from ``model_index.json``) or a lab
-world folder; ``--checkpoint`` a training run (its ``final/`` export) or any folder with a
-``transformer/`` whose weights replace the base model's. ``--reward-options`` is a YAML
-mapping ``name: {option: value}`` (checkpoint paths, see the README). Sampling is the
-deterministic ODE on the shifted schedule (``--shift``), noise from ``--seed`` and the
-prompt's position, so two models are compared on identical noise. Under torchrun the
-prompts are sharded over ranks and gathered on rank 0. Writes ``scores.csv`` (one row per
-image), ``summary.md`` (the paper's Table 1 layout), ``summary.json`` and ``grid.png``.
+``--model`` is a local folder of a supported family (or a Hugging Face id); ``--checkpoint`` a training
+run (its ``final/`` export, or ``--iteration N`` / its newest checkpoint when it has no export), a run's
+``checkpoints/iter_N`` folder, or any folder with a ``transformer/`` whose weights replace the base
+model's. Given both, the base model and the trained one are evaluated on identical noise and shown in
+one table (``--no-base`` skips the base). Steps, resolution and guidance default to the model family's
+(``g2rpo.models.registry``: the paper's 50 steps at 1024x1024 for Flux, the pipeline's own otherwise,
+the lab world's size and 16 steps for the lab). ``--samples`` images per prompt, each with noise from
+``--seed``, the prompt's position and the sample's index. ``--reward-options`` is a YAML mapping
+``name: {option: value}``; a reward is a built-in name, a ``module:callable`` path or an entry point.
+Under torchrun the prompts are sharded over ranks and gathered on rank 0. Writes ``scores.csv`` (one
+row per image and policy), ``summary.md`` (the paper's Table 1 layout), ``summary.json`` and
+``grid.png`` (labelled rows, one per prompt, upscaled; base and trained side by side).
 """
 
 from __future__ import annotations
@@ -31,181 +34,236 @@ TABLE_NAMES = {"hps": "HPS-v2.1", "clip": "CLIP", "pickscore": "PickScore", "ima
                "unified_reward": "UnifiedReward", "digit_alignment": "Alignment", "digit_realism": "Realism"}
 
 
-def _kind(model: Path) -> str:
-    if (model / "lab_world.json").is_file():
-        return "lab"
-    index = model / "model_index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"{model}: neither a diffusers folder (model_index.json) nor a lab world "
-                                "(lab_world.json)")
-    cls = json.loads(index.read_text()).get("_class_name", "")
-    if cls.startswith("Flux2"):
-        return "flux2"
-    if cls.startswith("Flux"):
-        return "flux"
-    if cls.startswith("StableDiffusion3"):
-        return "sd3"
-    if cls == "WanPipeline":
-        return "wan"
-    if cls == "QwenImagePipeline":
-        return "qwen_image"
-    raise ValueError(f"{model}: unsupported pipeline {cls!r} (Flux, FLUX.2, SD3, Qwen-Image and Wan are supported)")
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+
+    return parse
 
 
-def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: torch.dtype, height: int, width: int,
-                     guidance_scale: float | None, num_frames: int | None = None,
-                     text_encoder_out_layers: list[int] | None = None):
-    """The base policy from ``model`` (a local folder or a Hugging Face id) with the transformer of ``checkpoint``
-    (a run or a folder) swapped in."""
+def trained_transformer_folder(checkpoint: str | Path, iteration: int | None = None) -> Path:
+    """The folder whose ``transformer/`` a ``--checkpoint`` names: a run's ``final/`` (or, with ``iteration``
+    or without an export, its checkpoint exported on the fly), a ``checkpoints/iter_N`` folder, or a folder
+    holding ``transformer/``."""
+    ckpt = Path(checkpoint)
+    if iteration is None and (ckpt / "final" / "transformer" / "config.json").is_file():
+        return ckpt / "final"
+    if (ckpt / "transformer" / "config.json").is_file() and iteration is None:
+        return ckpt
+    from .export import export_checkpoint
+
+    try:
+        return export_checkpoint(ckpt, iteration)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--checkpoint {ckpt}: no transformer/ export and no usable checkpoint ({err})") \
+            from None
+
+
+def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: torch.dtype, height: int | None = None,
+                     width: int | None = None, guidance_scale: float | None = None, num_frames: int | None = None,
+                     text_encoder_out_layers: list[int] | None = None, iteration: int | None = None):
+    """``(family, policy)``: the base policy from ``model`` (a local folder or a Hugging Face id), with the
+    transformer of ``checkpoint`` swapped in when given. Unset settings take the family's defaults."""
     from .hub import resolve_path
+    from .models.registry import family_of_folder, load_family
 
     model = resolve_path(model, "--model", diffusers=True)
-    kind = _kind(model)
-    if kind == "lab":
-        from .lab import load_lab_policy
-
-        policy = load_lab_policy(model, dtype=dtype)
-    else:
-        from .models import load_policy
-
-        kw = {"height": height, "width": width}
-        if kind == "wan" and num_frames is not None:
-            kw["num_frames"] = num_frames
-        if kind == "flux2" and text_encoder_out_layers:
-            kw["text_encoder_out_layers"] = tuple(text_encoder_out_layers)
-        if guidance_scale is not None:
-            kw["guidance_scale"] = guidance_scale
-        policy = load_policy(kind, model, dtype=dtype, **kw)
+    fam = family_of_folder(model)
+    policy = load_family(fam.name, model, dtype, height=height, width=width, guidance_scale=guidance_scale,
+                         num_frames=num_frames, text_encoder_out_layers=text_encoder_out_layers)
     if checkpoint is not None:
-        ckpt = Path(checkpoint)
-        folder = ckpt / "final" if (ckpt / "final" / "transformer").is_dir() else ckpt
-        if not (folder / "transformer" / "config.json").is_file():
-            raise FileNotFoundError(f"--checkpoint {ckpt}: no transformer/ export found (looked in {folder})")
-        cls = type(policy.transformer)
-        trained = cls.from_pretrained(folder / "transformer", torch_dtype=dtype)
-        owner = getattr(policy, "velocity", policy)
-        owner.transformer = trained
-    return kind, policy
+        folder = trained_transformer_folder(checkpoint, iteration)
+        try:
+            trained = type(policy.transformer).from_pretrained(folder / "transformer", torch_dtype=dtype)
+        except (OSError, ValueError, RuntimeError, KeyError) as err:  # a truncated / random / cut file
+            raise ValueError(f"--checkpoint {checkpoint}: {folder / 'transformer'} does not load "
+                             f"({type(err).__name__}: {str(err)[:300]})") from None
+        policy.set_transformer(trained)
+    return fam, policy
 
 
 @torch.no_grad()
 def evaluate(policy, prompts: list[str], positions: list[int], rewards: list[tuple[str, object]], steps: int,
-             shift: float, seed: int, max_batch: int, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Scores per reward ``[N]`` and the images of the given prompts (one image each)."""
+             shift: float, seed: int, max_batch: int, device, samples: int = 1
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Scores per reward ``[N * samples]`` and the images (prompt-major: each prompt's samples together)."""
     from .rollout.engine import RolloutEngine
+    from .train.setup import seed_of
 
-    noise = torch.stack([policy.prepare_latents(1, torch.Generator(device=device).manual_seed(seed * 1_000_003 + p),
-                                                device=device)[0] for p in positions])
+    noise = torch.stack([policy.prepare_latents(1, torch.Generator(device=device).manual_seed(
+        seed_of(seed, p, s)), device=device)[0] for p in positions for s in range(samples)])
+    rows = [p for p in prompts for _ in range(samples)]
     engine = RolloutEngine(policy, num_steps=steps, shift=shift, max_batch=max_batch)
-    latents = engine.sample_ode(noise, policy.encode_prompts(prompts))
+    latents = engine.sample_ode(noise, policy.encode_prompts(rows))
     images = policy.decode(latents)
-    scores = {name: model.score(images, prompts).float().cpu() for name, model in rewards}
+    scores = {name: model.score(images, rows).float().cpu() for name, model in rewards}
     return scores, images.cpu()
 
 
-def _summary_md(label: str, means: dict[str, float], stds: dict[str, float], n: int) -> str:
-    names = list(means)
+def _summary_md(rows: dict[str, dict[str, tuple[float, float]]], names: list[str], n: int, samples: int) -> str:
     head = "| method | " + " | ".join(TABLE_NAMES.get(k, k) for k in names) + " |"
     sep = "|---|" + "---|" * len(names)
-    row = f"| {label} | " + " | ".join(f"{means[k]:.3f}" for k in names) + " |"
-    row_std = "| (std) | " + " | ".join(f"{stds[k]:.3f}" for k in names) + " |"
-    return f"{head}\n{sep}\n{row}\n{row_std}\n\n{n} images, one per prompt.\n"
+    lines = [head, sep]
+    for label, stats in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{stats[k][0]:.3f} ± {stats[k][1]:.3f}" for k in names) + " |")
+    return "\n".join(lines) + f"\n\n{n} prompts x {samples} samples per policy (mean ± std over images).\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m g2rpo.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--model", required=True, help="the base model: a local folder or a Hugging Face id")
+    p.add_argument("--checkpoint", default=None, help="a run, its checkpoints/iter_N, or a folder with transformer/")
+    p.add_argument("--iteration", type=_positive("--iteration"), default=None,
+                   help="with a run as --checkpoint: evaluate its checkpoint after this iteration")
+    p.add_argument("--no-base", action="store_true", help="with --checkpoint: skip the base model's row")
     p.add_argument("--prompts", required=True, help="a prompt file (.txt/.jsonl/.json) or builtin:lab_test")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--num-frames", type=int, default=None, help="video models (Wan): frames per sample")
+    p.add_argument("--steps", type=_positive("--steps"), default=None, help="default: the family's")
+    p.add_argument("--height", type=_positive("--height"), default=None)
+    p.add_argument("--width", type=_positive("--width"), default=None)
+    p.add_argument("--num-frames", type=_positive("--num-frames"), default=None, help="video families: frames")
     p.add_argument("--text-encoder-layers", default=None, help="FLUX.2: Mistral-3 hidden layers, e.g. 10,20,30")
-    p.add_argument("--shift", type=float, default=3.0)
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--rewards", required=True, help="comma-separated reward names")
+    p.add_argument("--shift", type=float, default=None, help="default: the family's")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the family's")
+    p.add_argument("--rewards", required=True, help="comma-separated reward names, module:callable paths or "
+                                                    "entry points")
     p.add_argument("--reward-options", default=None, help="YAML: {reward name: {option: value}}")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=8, help="prompts generated together")
-    p.add_argument("--max-prompts", type=int, default=None)
-    p.add_argument("--label", default=None, help="row label in the summary (default: the checkpoint or model)")
+    p.add_argument("--samples", type=_positive("--samples"), default=4, help="images per prompt")
+    p.add_argument("--batch", type=_positive("--batch"), default=8, help="prompts generated together")
+    p.add_argument("--max-prompts", type=_positive("--max-prompts"), default=None)
+    p.add_argument("--label", default=None, help="the trained row's label (default: the checkpoint or model)")
     p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
+    return p
 
-    from .yaml_numbers import load_yaml
+
+def _writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--out {out} is not writable: {err.strerror or err}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
     from .distributed import DistContext
-    from .prompts import load_prompts
     from .hub import reward_options
+    from .models.registry import family
+    from .prompts import load_prompts
     from .rewards import FrameAggregated, make_reward
+    from .yaml_numbers import load_yaml
 
     ctx = DistContext.init()
     device = ctx.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    out = Path(args.out)
     try:
-        kind, policy = load_eval_policy(args.model, args.checkpoint, dtype, args.height, args.width,
-                                        args.guidance_scale, args.num_frames,
-                                        [int(x) for x in args.text_encoder_layers.split(",")]
-                                        if args.text_encoder_layers else None)
+        if ctx.is_main:
+            _writable(out)  # before any generation
         prompts = load_prompts(args.prompts)
+        layers = [int(x) for x in args.text_encoder_layers.split(",")] if args.text_encoder_layers else None
+        settings = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+                        num_frames=args.num_frames, text_encoder_out_layers=layers)
+        fam, trained = load_eval_policy(args.model, args.checkpoint, dtype, iteration=args.iteration, **settings)
+        policies = {}
+        if args.checkpoint is not None and not args.no_base:
+            policies["base"] = load_eval_policy(args.model, None, dtype, **settings)[1]
+        label = args.label or str(args.checkpoint or args.model)
+        policies[label] = trained
         options = load_yaml(Path(args.reward_options).read_text()) if args.reward_options else {}
         names = [n.strip() for n in args.rewards.split(",") if n.strip()]
+        model_root = Path(args.model)
         rewards = []
         for name in names:
             opts = reward_options(name, (options or {}).get(name, {}), f"--rewards {name}")
-            if kind == "lab" and name.startswith("digit_"):
-                opts.setdefault("world", args.model)
+            if name in fam.world_rewards:
+                opts.setdefault("world", str(model_root))
             try:
                 rewards.append((name, FrameAggregated(make_reward(name, **opts))))
             except TypeError as err:  # a required option (a checkpoint path, ...) is missing
                 raise ValueError(f"reward {name!r} is missing options ({err}): pass --reward-options FILE holding "
                                  f"{{{name}: {{option: value}}}} (README: where the checkpoints go)") from None
-    except (FileNotFoundError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError) as err:
         print(f"eval: {err}", file=sys.stderr)
         return 2
-    policy = policy.to(device).eval()
+    d = family(fam.name).defaults
+    steps, shift = args.steps or d.eval_steps, args.shift if args.shift is not None else d.shift
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
     mine = list(range(ctx.rank, len(prompts), ctx.world))
-    rows, grid_images = [], []
-    for lo in range(0, len(mine), args.batch):
-        pos = mine[lo:lo + args.batch]
-        scores, images = evaluate(policy, [prompts[i] for i in pos], pos, rewards, args.steps, args.shift, args.seed,
-                                  max(1, args.batch), device)
-        for j, i in enumerate(pos):
-            rows.append({"index": i, "prompt": prompts[i], **{k: float(v[j]) for k, v in scores.items()}})
-        if len(grid_images) < 16:
-            firsts = images[:, :, 0] if images.ndim == 5 else images  # videos: their first frames
-            grid_images.extend(list(firsts[: 16 - len(grid_images)]))
+    rows, grids = [], {k: [] for k in policies}
+    grid_prompts = list(range(min(4, len(prompts))))
+    for key, policy in policies.items():
+        policy = policy.to(device).eval()
+        for lo in range(0, len(mine), args.batch):
+            pos = mine[lo:lo + args.batch]
+            scores, images = evaluate(policy, [prompts[i] for i in pos], pos, rewards, steps, shift, args.seed,
+                                      max(1, args.batch * args.samples), device, args.samples)
+            for j, (i, s) in enumerate((i, s) for i in pos for s in range(args.samples)):
+                rows.append({"policy": key, "index": i, "sample": s, "prompt": prompts[i],
+                             **{k: float(v[j]) for k, v in scores.items()}})
+                if i in grid_prompts:
+                    img = images[j][:, 0] if images.ndim == 5 else images[j]  # videos: their first frames
+                    grids[key].append((i, s, img))
+        policy.to("cpu")
     if ctx.enabled:
         import torch.distributed as dist
 
-        gathered = [None] * ctx.world
+        gathered, grid_parts = [None] * ctx.world, [None] * ctx.world
         dist.all_gather_object(gathered, rows)
-        rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+        dist.all_gather_object(grid_parts, grids)
+        rows = [r for part in gathered for r in part]
+        grids = {k: [g for part in grid_parts for g in part[k]] for k in policies}
     if ctx.is_main:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "scores.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["index", "prompt", *names])
-            w.writeheader()
-            w.writerows(rows)
-        means = {k: float(np.mean([r[k] for r in rows])) for k in names}
-        stds = {k: float(np.std([r[k] for r in rows])) for k in names}
-        label = args.label or str(args.checkpoint or args.model)
-        (out / "summary.md").write_text(_summary_md(label, means, stds, len(rows)))
-        (out / "summary.json").write_text(json.dumps({"label": label, "mean": means, "std": stds, "n": len(rows),
-                                                      "steps": args.steps, "height": args.height,
-                                                      "width": args.width}, indent=1))
-        from torchvision.utils import save_image
-
-        imgs = torch.stack([g if g.ndim == 3 else g[None] for g in grid_images]).float()
-        save_image(imgs, out / "grid.png", nrow=4, padding=2)
-        print((out / "summary.md").read_text())
+        _write(out, rows, grids, names, policies, prompts, grid_prompts, args, fam, steps, shift)
     ctx.close()
     return 0
+
+
+def _write(out, rows, grids, names, policies, prompts, grid_prompts, args, fam, steps, shift) -> None:
+    from .train.logs import save_prompt_grid
+
+    rows.sort(key=lambda r: (list(policies).index(r["policy"]), r["index"], r["sample"]))
+    with (out / "scores.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["policy", "index", "sample", "prompt", *names])
+        w.writeheader()
+        w.writerows(rows)
+    stats = {key: {k: (float(np.mean([r[k] for r in rows if r["policy"] == key])),
+                       float(np.std([r[k] for r in rows if r["policy"] == key]))) for k in names} for key in policies}
+    n = len({r["index"] for r in rows})
+    (out / "summary.md").write_text(_summary_md(stats, names, n, args.samples))
+    first = next(iter(policies.values()))
+    summary = {"family": fam.name, "policies": list(policies), "label": list(policies)[-1],
+               "mean": {k: v[0] for k, v in stats[list(policies)[-1]].items()},
+               "std": {k: v[1] for k, v in stats[list(policies)[-1]].items()},
+               "by_policy": {key: {k: {"mean": m, "std": s} for k, (m, s) in st.items()} for key, st in stats.items()},
+               "n_prompts": n, "samples_per_prompt": args.samples, "n": n * args.samples, "steps": steps,
+               "shift": shift, "height": int(first.height), "width": int(first.width),
+               "guidance_scale": first.guidance_scale, "seed": args.seed}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    images, labels = [], []
+    for i in grid_prompts:
+        for key in policies:
+            cells = sorted((s, img) for j, s, img in grids[key] if j == i)
+            images += [img for _, img in cells]
+            labels.append(f"{key}: {prompts[i]}" if len(policies) > 1 else prompts[i])
+    if images:
+        save_prompt_grid(out / "grid.png", torch.stack([im if im.ndim == 3 else im[None] for im in images]).float(),
+                         labels, args.samples)
+    print((out / "summary.md").read_text())
 
 
 if __name__ == "__main__":

@@ -46,28 +46,19 @@ class PipelineRollout:
 
 
 def policy_for(pipe, height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
-               max_sequence_length: int | None = None) -> torch.nn.Module:
-    """The engine-protocol adapter of a diffusers pipeline (FluxPipeline, StableDiffusion3Pipeline)."""
-    from diffusers import Flux2Pipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+               max_sequence_length: int | None = None, **settings) -> torch.nn.Module:
+    """The engine-protocol adapter of a diffusers pipeline of any family in ``g2rpo.models.registry``
+    (FluxPipeline, Flux2Pipeline, StableDiffusion3Pipeline, QwenImagePipeline, WanPipeline). Unset settings
+    take the pipeline's own sample size and the family's defaults."""
+    from .models.registry import family_of_pipeline, settings as family_settings
 
-    from .models import Flux2Policy, FluxPolicy, QwenImagePolicy, SD3Policy
-
-    if not isinstance(pipe, (FluxPipeline, Flux2Pipeline, StableDiffusion3Pipeline, QwenImagePipeline)):
-        raise TypeError(f"{type(pipe).__name__} is not supported: pass a diffusers FluxPipeline, Flux2Pipeline, "
-                        "StableDiffusion3Pipeline or QwenImagePipeline")
-    size = getattr(pipe, "default_sample_size", 64) * pipe.vae_scale_factor
-    kw = {"height": height or size, "width": width or size}
-    if isinstance(pipe, Flux2Pipeline):
-        return Flux2Policy(pipe, guidance_scale=4.0 if guidance_scale is None else guidance_scale,
-                           max_sequence_length=max_sequence_length or 512, **kw)
-    if isinstance(pipe, QwenImagePipeline):  # guidance_scale = the pipeline's true_cfg_scale
-        return QwenImagePolicy(pipe, true_cfg_scale=4.0 if guidance_scale is None else guidance_scale,
-                               max_sequence_length=max_sequence_length or 512, **kw)
-    if isinstance(pipe, FluxPipeline):
-        return FluxPolicy(pipe, guidance_scale=3.5 if guidance_scale is None else guidance_scale,
-                          max_sequence_length=max_sequence_length or 512, **kw)
-    return SD3Policy(pipe, guidance_scale=4.5 if guidance_scale is None else guidance_scale,
-                     max_sequence_length=max_sequence_length or 256, **kw)
+    fam = family_of_pipeline(pipe)
+    size = getattr(pipe, "default_sample_size", None)
+    if size is not None and height is None and width is None:
+        height = width = size * pipe.vae_scale_factor
+    kwargs = family_settings(fam, height=height, width=width, guidance_scale=guidance_scale,
+                             max_sequence_length=max_sequence_length, **settings)
+    return fam.adapter_class()(pipe, **kwargs)
 
 
 def rollout(pipe, prompts: Sequence[str], strategy: str = "g2rpo", *, num_steps: int = 16, group_size: int = 12,

@@ -9,7 +9,6 @@ import torch
 
 from .config import ModelConfig, RewardSpec
 from .hub import PATH_OPTIONS, HubError, resolve_path, reward_options, with_usual_repos
-from .model_files import MODEL_FILES
 from .rewards import FrameAggregated, RewardModel, make_reward
 
 __all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths"]
@@ -17,18 +16,20 @@ __all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "chec
 def check_paths(model: ModelConfig, rewards: list[RewardSpec]) -> None:
     """Before anything loads: every file the config names must exist, locally or as a Hugging Face id
     (:mod:`g2rpo.hub`; the cache only when offline). One error lists them all."""
+    from .models.registry import family
+
+    fam = family(model.kind)
     missing = []
-    if model.kind != "lab" or model.path:
+    if not fam.path_optional or model.path:
         if not model.path:
             missing.append(f"model.path is not set (model.kind={model.kind})")
         else:
             try:
-                root = resolve_path(model.path, "model.path", diffusers=model.kind != "lab")
+                root = resolve_path(model.path, "model.path", diffusers=fam.pipeline is not None)
             except HubError as err:
                 missing.append(str(err))
             else:
-                files = MODEL_FILES.get(model.kind, ["lab_world.json", "transformer/config.json"])
-                missing += [f"model.path: {root / f}" for f in files if not (root / f).exists()]
+                missing += [f"model.path: {root / f}" for f in fam.files if not (root / f).exists()]
     for i, spec in enumerate(rewards):
         what = f"rewards[{i}] ({spec.name})"
         options = with_usual_repos(spec.name, spec.options)
@@ -55,31 +56,32 @@ class LoadedPolicy:
 
 
 def load_policy(cfg: ModelConfig, log=print) -> LoadedPolicy:
-    """Load the policy named by ``cfg`` from a local folder (the lab world is built on first use)."""
-    dtype = TORCH_DTYPES[cfg.dtype]
-    if cfg.kind == "lab":
-        from .lab import build_world, load_lab_policy
+    """Load the policy named by ``cfg`` (a local folder or a Hugging Face id; a family that builds its own
+    model, the lab world, builds it on first use when ``path`` is null)."""
+    from .models.registry import family, import_path, load_family
 
-        path = Path(cfg.path) if cfg.path else build_world(log=log)
-        return LoadedPolicy(load_lab_policy(path, dtype=dtype), path)
-    from .models import load_policy as load_real
-
-    if not cfg.path:
-        raise ValueError(f"model.path must point to a local {cfg.kind} diffusers folder or a Hugging Face id")
-    path = resolve_path(cfg.path, "model.path", diffusers=True)
-    policy = load_real(cfg.kind, path, dtype=dtype, height=cfg.height, width=cfg.width,
-                       guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length,
-                       **({"num_frames": cfg.num_frames} if cfg.kind == "wan" else {}),
-                       **({"text_encoder_out_layers": tuple(cfg.text_encoder_out_layers)} if cfg.kind == "flux2" else {}))
+    fam = family(cfg.kind)
+    if cfg.path:
+        path = resolve_path(cfg.path, "model.path", diffusers=fam.pipeline is not None)
+    elif fam.default_path is not None:
+        path = Path(import_path(fam.default_path)(log=log))
+    else:
+        raise ValueError(f"model.path must point to a local {fam.title} folder or a Hugging Face id")
+    policy = load_family(cfg.kind, path, TORCH_DTYPES[cfg.dtype], height=cfg.height, width=cfg.width,
+                         guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length,
+                         num_frames=cfg.num_frames, text_encoder_out_layers=cfg.text_encoder_out_layers)
     return LoadedPolicy(policy, path)
 
 
 def build_rewards(specs: list[RewardSpec], model_cfg: ModelConfig, model_path: Path) -> list[tuple[str, RewardModel, float]]:
-    """``[(name, model, weight)]``; lab rewards default to the policy's lab world."""
+    """``[(name, model, weight)]``; a family's world rewards (the lab's) default to the policy's folder."""
+    from .models.registry import family
+
+    world_rewards = family(model_cfg.kind).world_rewards
     out = []
     for spec in specs:
         options = reward_options(spec.name, spec.options, f"rewards ({spec.name})")
-        if spec.name.startswith("digit_") and model_cfg.kind == "lab":
+        if spec.name in world_rewards:
             options.setdefault("world", str(model_path))
         out.append((spec.name, FrameAggregated(make_reward(spec.name, **options), spec.frames), spec.weight))
     return out

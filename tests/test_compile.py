@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from g2rpo import G2RPOSampler
-from g2rpo.models.tiny import TINY_FLUX_TRANSFORMER, random_flux_velocity
+from g2rpo.testing.tiny import TINY_FLUX_TRANSFORMER, random_flux_velocity
 from g2rpo.testing import PAPER_SETTING as PAPER
 from g2rpo.rollout.engine import default_buckets
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from g2rpo.models.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+from g2rpo.testing.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
 from g2rpo.pipelines import policy_for, rollout, unit_log_probs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_training_units_cover_every_transition_once_and_are_on_policy(strategy):
 def test_sd3_and_qwen_image_pipeline_rollouts_and_unsupported_pipelines():
     out = rollout(tiny_sd3_pipeline(), ["a cat"], strategy="g2rpo", guidance_scale=1.0, **SMALL)
     assert out.images.shape[1:] == (3, 32, 32) and out.rollout.forward_rows > 0
-    from g2rpo.models.tiny import tiny_qwen_image_pipeline
+    from g2rpo.testing.tiny import tiny_qwen_image_pipeline
 
     out = rollout(tiny_qwen_image_pipeline(), ["a cat", "a dog on a sled"], strategy="dance_grpo",
                   guidance_scale=1.0, **dict(SMALL, max_sequence_length=256))
@@ -112,3 +112,20 @@ def test_the_readme_shows_the_one_import_swap():
     text = (ROOT / "README.md").read_text()
     assert "from g2rpo.compat.flow_grpo import sde_step_with_logprob" in text
     assert len(_readme_blocks()) >= 3
+
+
+def test_tiny_pipeline_command_saves_a_loadable_pipeline(tmp_path):
+    """`python -m g2rpo.testing tiny-pipeline flux DIR` (the README's way to try the examples offline)."""
+    import subprocess
+    import sys
+
+    from diffusers import FluxPipeline
+
+    r = subprocess.run([sys.executable, "-m", "g2rpo.testing", "tiny-pipeline", "flux", str(tmp_path / "f")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "saved a tiny FluxPipeline" in r.stdout, r.stderr[-2000:]
+    pipe = FluxPipeline.from_pretrained(tmp_path / "f")
+    assert pipe.transformer.config.num_layers == 1
+    r = subprocess.run([sys.executable, "-m", "g2rpo.testing", "tiny-pipeline", "sdxl", str(tmp_path / "g")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "invalid choice: 'sdxl'" in r.stderr

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from g2rpo.eval import main as eval_main
-from g2rpo.models.tiny import tiny_flux_pipeline
+from g2rpo.testing.tiny import tiny_flux_pipeline
 
 
 def test_eval_end_to_end_on_tiny_flux_and_tiny_hps(tmp_path, tiny_open_clip):
@@ -18,7 +18,7 @@ def test_eval_end_to_end_on_tiny_flux_and_tiny_hps(tmp_path, tiny_open_clip):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cube\na blue sphere\na green cone\n")
     args = ["--model", str(model), "--prompts", str(prompts), "--steps", "4", "--height", "32", "--width", "32",
-            "--rewards", "hps", "--reward-options", str(tmp_path / "rewards.yaml"), "--batch", "2"]
+            "--rewards", "hps", "--reward-options", str(tmp_path / "rewards.yaml"), "--batch", "2", "--samples", "1"]
     assert eval_main(args + ["--out", str(tmp_path / "a")]) == 0
     rows = list(csv.DictReader((tmp_path / "a" / "scores.csv").open()))
     assert [r["prompt"] for r in rows] == ["a red cube", "a blue sphere", "a green cone"]
@@ -50,3 +50,42 @@ def test_eval_checkpoint_swap_on_the_lab_world(lab_world, tmp_path):
     assert base.keys() == new.keys() == {"digit_alignment", "digit_realism"}
     assert base != new
     assert eval_main(common + ["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_eval_uses_the_family_defaults_several_samples_and_one_table_for_base_and_trained(lab_world, tmp_path):
+    """On the lab: 16 steps at the world's size (not Flux's 50 at 1024), 4 samples per prompt, the base
+    and the trained policy in one table on identical noise, a labelled, upscaled grid."""
+    from PIL import Image
+    from diffusers import FluxTransformer2DModel
+
+    trained = tmp_path / "run" / "final"
+    tr = FluxTransformer2DModel.from_pretrained(lab_world / "transformer")
+    with torch.no_grad():
+        for p in tr.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tr.save_pretrained(trained / "transformer")
+    assert eval_main(["--model", str(lab_world), "--checkpoint", str(tmp_path / "run"), "--prompts",
+                      "builtin:lab_test", "--max-prompts", "3", "--rewards", "digit_alignment", "--label", "g2rpo",
+                      "--out", str(tmp_path / "ev")]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert (summary["steps"], summary["height"], summary["width"]) == (16, 8, 8)
+    assert summary["samples_per_prompt"] == 4 and summary["n"] == 12 and summary["policies"] == ["base", "g2rpo"]
+    rows = list(csv.DictReader((tmp_path / "ev" / "scores.csv").open()))
+    assert len(rows) == 24 and {r["policy"] for r in rows} == {"base", "g2rpo"}
+    table = (tmp_path / "ev" / "summary.md").read_text()
+    assert "| base |" in table and "| g2rpo |" in table
+    assert summary["by_policy"]["base"]["digit_alignment"]["mean"] != summary["by_policy"]["g2rpo"][
+        "digit_alignment"]["mean"]
+    w, h = Image.open(tmp_path / "ev" / "grid.png").size
+    assert w > 200 and h > 200  # upscaled from 8x8 images, with room for the row labels
+
+
+@pytest.mark.parametrize("args, msg", [(["--max-prompts", "0"], "--max-prompts must be >= 1"),
+                                       (["--max-prompts", "-1"], "--max-prompts must be >= 1"),
+                                       (["--batch", "0"], "--batch must be >= 1"),
+                                       (["--steps", "0"], "--steps must be >= 1")])
+def test_eval_refuses_nonsense_counts(lab_world, tmp_path, capsys, args, msg):
+    with pytest.raises(SystemExit) as err:
+        eval_main(["--model", str(lab_world), "--prompts", "builtin:lab_test", "--rewards", "digit_alignment",
+                   "--out", str(tmp_path), *args])
+    assert err.value.code == 2 and msg in capsys.readouterr().err

@@ -8,7 +8,7 @@ import torch
 from family_e2e import train_and_eval
 from g2rpo import G2RPOSampler
 from g2rpo.models import Flux2Policy, load_policy
-from g2rpo.models.tiny import tiny_flux2_pipeline
+from g2rpo.testing.tiny import tiny_flux2_pipeline
 
 T = 6
 PROMPT = "a red cube on a table"

@@ -30,7 +30,7 @@ def test_cuda_graph_paper_rollout_uses_at_most_four_graphs():
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
-    from g2rpo.models.tiny import TINY_FLUX_TRANSFORMER, random_flux_velocity
+    from g2rpo.testing.tiny import TINY_FLUX_TRANSFORMER, random_flux_velocity
 
     velocity, cond, noise = random_flux_velocity(TINY_FLUX_TRANSFORMER, 64, 64, device="cuda", text_len=8)
     gen = lambda: torch.Generator("cuda").manual_seed(1)  # noqa: E731

@@ -23,7 +23,7 @@ def _cached_repo(cache, repo):
 
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch, tiny_open_clip):
-    from g2rpo.models.tiny import tiny_flux_pipeline
+    from g2rpo.testing.tiny import tiny_flux_pipeline
 
     cache = tmp_path / "hf"
     tiny_flux_pipeline(seed=0).save_pretrained(_cached_repo(cache, "tiny-org/tiny-flux"))

@@ -4,7 +4,7 @@ import torch
 
 from g2rpo import G2RPOSampler
 from g2rpo.models import FluxPolicy, SD3Policy, load_policy, pack_latents, unpack_latents
-from g2rpo.models.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+from g2rpo.testing.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
 
 T = 6
 PROMPT = "a red cube on a table"
@@ -93,7 +93,7 @@ def test_missing_files_are_named(tmp_path, flux_dir):
 @torch.no_grad()
 def test_tiny_flux_engine_equals_public_loop():
     """Correctness of the Flux rollout benchmark (bench/test_flux_rollout.py) at tiny size on CPU."""
-    from g2rpo.models.tiny import TINY_FLUX_TRANSFORMER, random_flux_velocity
+    from g2rpo.testing.tiny import TINY_FLUX_TRANSFORMER, random_flux_velocity
     from g2rpo.testing import public_loop_rollout
 
     velocity, cond, noise = random_flux_velocity(TINY_FLUX_TRANSFORMER, 64, 64, text_len=8)

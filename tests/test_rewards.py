@@ -81,7 +81,7 @@ def test_clip_score_from_local_dir_matches_and_refuses_random_weights(tiny_open_
 def test_pickscore_matches_clip_logits(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from g2rpo.models.tiny import tiny_clip_tokenizer
+    from g2rpo.testing.tiny import tiny_clip_tokenizer
 
     tok = tiny_clip_tokenizer()
     vocab = tok.get_vocab()
@@ -211,7 +211,7 @@ def test_unified_reward_end_to_end_on_a_tiny_qwen_vl(tmp_path):
 
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from g2rpo.models.tiny import tiny_qwen_vl_judge
+    from g2rpo.testing.tiny import tiny_qwen_vl_judge
     from g2rpo.rewards.unified_reward import DEFAULT_TEMPLATE, parse_final_score
 
     tiny_qwen_vl_judge(tmp_path / "judge")

@@ -8,7 +8,7 @@ import torch
 from family_e2e import train_and_eval
 from g2rpo import G2RPOSampler
 from g2rpo.models import WanPolicy, load_policy
-from g2rpo.models.tiny import tiny_wan_pipeline
+from g2rpo.testing.tiny import tiny_wan_pipeline
 from g2rpo.rewards import FrameAggregated
 
 T = 6

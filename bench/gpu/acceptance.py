@@ -63,7 +63,7 @@ def _timed(ctx: Ctx, fn):
 
 def _flux(ctx: Ctx, depth: tuple[int, int] | None = None, fp32_master: bool = False):
     """(velocity, cond, noise): tiny Flux at 64x64 (CPU) or the Flux.1-dev architecture at 720x720, bf16."""
-    from g2rpo.models.tiny import FLUX_DEV_TRANSFORMER, TINY_FLUX_TRANSFORMER, random_flux_velocity
+    from g2rpo.testing.tiny import FLUX_DEV_TRANSFORMER, TINY_FLUX_TRANSFORMER, random_flux_velocity
 
     cfg = dict(TINY_FLUX_TRANSFORMER if ctx.tiny else FLUX_DEV_TRANSFORMER)
     if depth is not None and not ctx.tiny:

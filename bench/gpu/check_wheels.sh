@@ -20,7 +20,7 @@ rm -rf "$WORK/site"
 (cd "$ROOT" && "$V" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$WORK/site" .)
 cd "$WORK" && PYTHONPATH="$WORK/site" "$V" -c "
 import sys, torch, g2rpo, diffusers, open_clip, g2rpo.ops as ops, g2rpo.train, g2rpo.rewards
-from g2rpo.models.tiny import tiny_flux_pipeline
+from g2rpo.testing.tiny import tiny_flux_pipeline
 tiny_flux_pipeline()
 print('ok: Python', sys.version.split()[0], 'torch', torch.__version__, 'diffusers', diffusers.__version__,
       'open_clip', open_clip.__version__, 'g2rpo from', g2rpo.__file__, 'backends', ops.available_backends())"

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel
 
-from ..models._cache import PromptEmbeddingCache
-from ..models.flux import FluxVelocity, pack_latents, unpack_latents
+from ..models.flux import FluxVelocity, FluxVelocityAdapter, pack_latents, unpack_latents
 from .data import load_splits, to_unit
 from .prompts import LabTextEncoder, class_prompts
 
@@ -51,7 +50,7 @@ class LabWorldConfig:
                     pooled_projection_dim=self.text_dim, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
 
 
-class LabPolicy(torch.nn.Module):
+class LabPolicy(FluxVelocityAdapter):
     """The lab generator behind the engine protocol, with the adapter methods of a real policy.
 
     ``encode_prompts(list[str]) -> cond`` (cached per prompt while the encoder is frozen),
@@ -60,26 +59,27 @@ class LabPolicy(torch.nn.Module):
     """
 
     def __init__(self, transformer: FluxTransformer2DModel, text_encoder: LabTextEncoder, config: LabWorldConfig) -> None:
-        super().__init__()
+        super().__init__(None, config.image_size, config.image_size, None, 0)
         self.config = config
         self.size = config.image_size
         self.velocity = FluxVelocity(transformer, self.size, self.size, guidance_scale=None)
         self.text_encoder = text_encoder
-        self._cache = PromptEmbeddingCache()
 
-    @property
-    def transformer(self) -> FluxTransformer2DModel:
-        return self.velocity.transformer
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None, dtype: torch.dtype = torch.float32, log=None) -> LabPolicy:
+        """A lab model folder; None: the cached default world (built on first use)."""
+        if path is None:
+            from .world import build_world
+
+            path = build_world(log=log)
+        return load_lab_policy(path, dtype)
 
     @property
     def latent_shape(self) -> tuple[int, int]:
         return ((self.size // 2) ** 2, 4)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.velocity(x, sigma, cond)
-
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return self._cache(prompts, self.text_encoder)
+    def encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.text_encoder(prompts)
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return torch.randn((n, *self.latent_shape), generator=generator, device=device)

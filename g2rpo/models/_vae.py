@@ -1,4 +1,4 @@
-"""Chunked VAE decoding shared by the policy adapters."""
+"""What the adapters share around their pipelines: the checked folder, chunked VAE decoding, latent grids."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["decode_in_chunks", "latent_stats", "packed_grid"]
+__all__ = ["checked_folder", "decode_in_chunks", "latent_stats", "packed_grid"]
 
 
 @torch.no_grad()
@@ -35,3 +35,14 @@ def packed_grid(vae_factor: int, height: int, width: int) -> tuple[int, int]:
     if height % (2 * vae_factor) or width % (2 * vae_factor):
         raise ValueError(f"height and width must be multiples of {2 * vae_factor} for this VAE, got {height}x{width}")
     return height // (2 * vae_factor), width // (2 * vae_factor)
+
+
+def checked_folder(path, name: str):
+    """``path`` as a Path after checking that it holds every file family ``name`` needs (models.registry)."""
+    from pathlib import Path
+
+    from .registry import family, require_files
+
+    root = Path(path)
+    require_files(root, family(name))
+    return root

@@ -14,10 +14,11 @@ from collections.abc import Mapping
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from ._cache import PromptEmbeddingCache
-from ._vae import decode_in_chunks, packed_grid
+from ._vae import checked_folder, decode_in_chunks, packed_grid
+from .base import PolicyAdapter
 
-__all__ = ["FluxVelocity", "pack_latents", "unpack_latents", "latent_image_ids"]
+__all__ = ["FluxPolicy", "FluxVelocity", "FluxVelocityAdapter", "latent_image_ids", "load_flux_policy", "pack_latents",
+           "unpack_latents"]
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -47,15 +48,12 @@ class FluxVelocity(torch.nn.Module):
     """
 
     def __init__(self, transformer: FluxTransformer2DModel, latent_height: int, latent_width: int,
-                 guidance_scale: float | None = 3.5) -> None:
+                 guidance_scale: float | None) -> None:
         super().__init__()
         self.transformer = transformer
         self.latent_height, self.latent_width = latent_height, latent_width
         self.guidance_scale = guidance_scale
-        # The dtype of every input (latents, text, timestep, guidance). None: the parameters' dtype,
-        # which is fine standalone but changes under FSDP2 (bf16 while gathered for a rollout, fp32
-        # shards in training): the trainer fixes it to model.dtype so both phases feed the same values.
-        self.compute_dtype: torch.dtype | None = None
+        self.compute_dtype: torch.dtype | None = None  # the inputs' dtype (see models.base)
         self.register_buffer("img_ids", latent_image_ids(latent_height, latent_width), persistent=False)
 
     @property
@@ -86,7 +84,35 @@ class FluxVelocity(torch.nn.Module):
         return out.float()
 
 
-class FluxPolicy(torch.nn.Module):
+class FluxVelocityAdapter(PolicyAdapter):
+    """An adapter whose velocity is a :class:`FluxVelocity` (Flux.1 and the lab world): the transformer and
+    the input dtype live in ``self.velocity``."""
+
+    velocity: FluxVelocity
+
+    @property
+    def transformer(self) -> FluxTransformer2DModel:
+        return self.velocity.transformer
+
+    def set_transformer(self, module: torch.nn.Module) -> None:
+        self.velocity.transformer = module
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        return self.velocity.compute_dtype if "velocity" in self._modules else self.__dict__.get("_dtype")
+
+    @compute_dtype.setter
+    def compute_dtype(self, value: torch.dtype | None) -> None:
+        if "velocity" in self._modules:
+            self.velocity.compute_dtype = value
+        else:  # set by PolicyAdapter.__init__ before the velocity exists
+            self.__dict__["_dtype"] = value
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.velocity(x, sigma, cond)
+
+
+class FluxPolicy(FluxVelocityAdapter):
     """Flux.1 from a local diffusers folder, behind the engine protocol.
 
     ``encode_prompts(list[str]) -> cond`` (T5 ``prompt_embeds`` padded to
@@ -96,39 +122,30 @@ class FluxPolicy(torch.nn.Module):
     in [0, 1] (VAE scaling and shift read from the VAE config).
     """
 
-    def __init__(self, pipe: FluxPipeline, height: int = 720, width: int = 720, guidance_scale: float | None = 3.5,
-                 max_sequence_length: int = 512) -> None:
-        super().__init__()
+    def __init__(self, pipe: FluxPipeline, height: int, width: int, guidance_scale: float | None,
+                 max_sequence_length: int) -> None:
+        super().__init__(pipe, height, width, guidance_scale, max_sequence_length)
         gh, gw = packed_grid(pipe.vae_scale_factor, height, width)
-        self.height, self.width = height, width
         self.latent_height, self.latent_width = 2 * gh, 2 * gw
-        self.max_sequence_length = max_sequence_length
         self.velocity = FluxVelocity(pipe.transformer, self.latent_height, self.latent_width, guidance_scale)
         self.vae = pipe.vae
         self.text_encoder, self.text_encoder_2 = pipe.text_encoder, pipe.text_encoder_2
-        self._pipe = pipe  # tokenizers, scheduler config, encode_prompt, save_pretrained
-        self._cache = PromptEmbeddingCache()
 
-    @property
-    def transformer(self) -> FluxTransformer2DModel:
-        return self.velocity.transformer
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, **settings) -> FluxPolicy:
+        """Flux from a local diffusers folder (``model_index.json`` + component folders)."""
+        return cls(FluxPipeline.from_pretrained(checked_folder(path, "flux"), torch_dtype=dtype), **settings)
 
     @property
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels // 4
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.velocity(x, sigma, cond)
-
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        def encode(new: list[str]) -> dict[str, torch.Tensor]:
-            device = next(self.text_encoder_2.parameters()).device
-            embeds, pooled, _ = self._pipe.encode_prompt(prompt=new, prompt_2=None, device=device,
-                                                         num_images_per_prompt=1,
-                                                         max_sequence_length=self.max_sequence_length)
-            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-        return self._cache(prompts, encode)
+    def encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = self._pipe.encode_prompt(prompt=prompts, prompt_2=None,
+                                                     device=self.text_device(self.text_encoder_2),
+                                                     num_images_per_prompt=1,
+                                                     max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         shape = (n, self.latent_channels, self.latent_height, self.latent_width)
@@ -140,19 +157,9 @@ class FluxPolicy(torch.nn.Module):
         return decode_in_chunks(self.vae, latents, batch, lambda z: unpack_latents(
             z, self.latent_height, self.latent_width) / cfg.scaling_factor + (cfg.shift_factor or 0.0))
 
-    def save_pretrained(self, folder) -> None:
-        self._pipe.transformer = self.transformer
-        self._pipe.save_pretrained(folder)
 
+def load_flux_policy(path, dtype: torch.dtype = torch.bfloat16, **settings) -> FluxPolicy:
+    """Flux from a local diffusers folder; unset settings take the family's defaults (models.registry)."""
+    from .registry import load_family
 
-def load_flux_policy(path, dtype: torch.dtype = torch.bfloat16, height: int = 720, width: int = 720,
-                     guidance_scale: float | None = 3.5, max_sequence_length: int = 512) -> FluxPolicy:
-    """Load Flux from a local diffusers folder (``model_index.json`` + component folders)."""
-    from pathlib import Path
-
-    from ..model_files import MODEL_FILES, require_files
-
-    root = Path(path)
-    require_files(root, MODEL_FILES["flux"], "Flux")
-    pipe = FluxPipeline.from_pretrained(root, torch_dtype=dtype)
-    return FluxPolicy(pipe, height, width, guidance_scale, max_sequence_length)
+    return load_family("flux", path, dtype, **settings)

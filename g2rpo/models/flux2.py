@@ -12,43 +12,43 @@ images ``[B, 3, H, W]`` in [0, 1].
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 
-from ._cache import PromptEmbeddingCache
-from ..model_files import MODEL_FILES, require_files
-from ._vae import decode_in_chunks, packed_grid
+from ._vae import checked_folder, decode_in_chunks, packed_grid
+from .base import PolicyAdapter
 
 __all__ = ["Flux2Policy", "load_flux2_policy"]
 
 
-class Flux2Policy(torch.nn.Module):
+class Flux2Policy(PolicyAdapter):
     """``model(x packed [B, N, 4c], sigma [B], cond) -> velocity`` (fp32 out), with ``encode_prompts``,
     ``prepare_latents`` (as the pipeline draws and packs them) and ``decode``."""
 
-    def __init__(self, pipe, height: int = 1024, width: int = 1024, guidance_scale: float | None = 4.0,
-                 max_sequence_length: int = 512, text_encoder_out_layers: Sequence[int] = (10, 20, 30)) -> None:
-        super().__init__()
-        self.height, self.width = height, width
+    def __init__(self, pipe, height: int, width: int, guidance_scale: float | None, max_sequence_length: int,
+                 text_encoder_out_layers: Sequence[int] = (10, 20, 30)) -> None:
+        super().__init__(pipe, height, width, guidance_scale, max_sequence_length)
         self.grid = packed_grid(pipe.vae_scale_factor, height, width)  # patchified latent (h/2, w/2)
-        self.guidance_scale, self.max_sequence_length = guidance_scale, max_sequence_length
         self.text_encoder_out_layers = tuple(text_encoder_out_layers)
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.text_encoder = pipe.text_encoder
-        self._pipe = pipe
-        self._cache = PromptEmbeddingCache()
-        self.compute_dtype: torch.dtype | None = None  # the inputs' dtype (None: the parameters')
         probe = torch.zeros(1, 1, *self.grid)
         self.register_buffer("img_ids", pipe._prepare_latent_ids(probe)[0], persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, **settings) -> Flux2Policy:
+        """FLUX.2 from a local diffusers ``Flux2Pipeline`` folder."""
+        from diffusers import Flux2Pipeline
+
+        return cls(Flux2Pipeline.from_pretrained(checked_folder(path, "flux2"), torch_dtype=dtype), **settings)
 
     @property
     def channels(self) -> int:
         return self.transformer.config.in_channels  # 4 x the VAE's latent channels
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        dtype = self.compute_dtype or next(self.transformer.parameters()).dtype
+        dtype = self.dtype
         b = x.shape[0]
         text = cond["prompt_embeds"]
         guidance = None
@@ -62,14 +62,11 @@ class Flux2Policy(torch.nn.Module):
                                img_ids=self.img_ids.to(x.device).expand(b, -1, -1), return_dict=False)[0]
         return out[:, : x.shape[1]].float()
 
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        def encode(new: list[str]) -> dict[str, torch.Tensor]:
-            device = next(self.text_encoder.parameters()).device
-            emb, _ = self._pipe.encode_prompt(prompt=new, device=device, max_sequence_length=self.max_sequence_length,
-                                              text_encoder_out_layers=self.text_encoder_out_layers)
-            return {"prompt_embeds": emb}
-
-        return self._cache(prompts, encode)
+    def encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        emb, _ = self._pipe.encode_prompt(prompt=prompts, device=self.text_device(self.text_encoder),
+                                          max_sequence_length=self.max_sequence_length,
+                                          text_encoder_out_layers=self.text_encoder_out_layers)
+        return {"prompt_embeds": emb}
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         z = torch.randn((n, self.channels, *self.grid), generator=generator, device=device)
@@ -87,17 +84,9 @@ class Flux2Policy(torch.nn.Module):
 
         return decode_in_chunks(self.vae, latents, batch, to_vae)
 
-    def save_pretrained(self, folder) -> None:
-        self._pipe.save_pretrained(folder)
 
+def load_flux2_policy(path, dtype: torch.dtype = torch.bfloat16, **settings) -> Flux2Policy:
+    """FLUX.2 from a local diffusers folder; unset settings take the family's defaults (models.registry)."""
+    from .registry import load_family
 
-def load_flux2_policy(path, dtype: torch.dtype = torch.bfloat16, height: int = 1024, width: int = 1024,
-                      guidance_scale: float | None = 4.0, max_sequence_length: int = 512,
-                      text_encoder_out_layers: Sequence[int] = (10, 20, 30)) -> Flux2Policy:
-    """Load FLUX.2 from a local diffusers ``Flux2Pipeline`` folder."""
-    from diffusers import Flux2Pipeline
-
-    root = Path(path)
-    require_files(root, MODEL_FILES["flux2"], "FLUX.2")
-    pipe = Flux2Pipeline.from_pretrained(root, torch_dtype=dtype)
-    return Flux2Policy(pipe, height, width, guidance_scale, max_sequence_length, text_encoder_out_layers)
+    return load_family("flux2", path, dtype, **settings)

@@ -11,13 +11,12 @@ here in one doubled batch (prompt and negative rows padded with masks to one len
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..model_files import MODEL_FILES, require_files
-from ._vae import decode_in_chunks, latent_stats, packed_grid
+from ._vae import checked_folder, decode_in_chunks, latent_stats, packed_grid
+from .base import PolicyAdapter
 
 __all__ = ["QwenImagePolicy", "load_qwen_image_policy"]
 
@@ -29,30 +28,35 @@ def _pad(rows: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Ten
     return emb, mask
 
 
-class QwenImagePolicy(torch.nn.Module):
+class QwenImagePolicy(PolicyAdapter):
     """``model(x packed [B, N, 4c], sigma [B], cond) -> velocity`` (fp32 out), with ``encode_prompts``,
-    ``prepare_latents`` (as the pipeline draws and packs them) and ``decode``."""
+    ``prepare_latents`` (as the pipeline draws and packs them) and ``decode``. ``guidance_scale`` is the
+    pipeline's ``true_cfg_scale``."""
 
-    def __init__(self, pipe, height: int = 1024, width: int = 1024, true_cfg_scale: float = 4.0,
-                 max_sequence_length: int = 512, negative_prompt: str = " ") -> None:
-        super().__init__()
+    def __init__(self, pipe, height: int, width: int, guidance_scale: float, max_sequence_length: int,
+                 negative_prompt: str = " ") -> None:
+        super().__init__(pipe, height, width, guidance_scale, max_sequence_length)
         gh, gw = packed_grid(pipe.vae_scale_factor, height, width)
-        self.height, self.width = height, width
         self.latent_height, self.latent_width = 2 * gh, 2 * gw
-        self.true_cfg_scale, self.max_sequence_length = true_cfg_scale, max_sequence_length
         self.negative_prompt = negative_prompt
         if pipe.transformer.config.guidance_embeds:
             raise ValueError("guidance-distilled Qwen-Image transformers (guidance_embeds) are not supported")
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.text_encoder = pipe.text_encoder
-        self._pipe = pipe
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.compute_dtype: torch.dtype | None = None  # the inputs' dtype (None: the parameters')
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, **settings) -> QwenImagePolicy:
+        """Qwen-Image from a local diffusers ``QwenImagePipeline`` folder."""
+        from diffusers import QwenImagePipeline
+
+        return cls(QwenImagePipeline.from_pretrained(checked_folder(path, "qwen_image"), torch_dtype=dtype),
+                   **settings)
 
     @property
-    def cfg(self) -> bool:
-        return self.true_cfg_scale > 1.0
+    def true_cfg_scale(self) -> float:
+        return float(self.guidance_scale)
 
     @property
     def latent_channels(self) -> int:
@@ -60,7 +64,7 @@ class QwenImagePolicy(torch.nn.Module):
 
     def _embed(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         if prompt not in self._rows:  # one prompt per call: the embedding never depends on the batch
-            device = next(self.text_encoder.parameters()).device
+            device = self.text_device(self.text_encoder)
             with torch.no_grad():
                 emb, mask = self._pipe.encode_prompt(prompt=[prompt], device=device,
                                                      max_sequence_length=self.max_sequence_length)
@@ -68,7 +72,8 @@ class QwenImagePolicy(torch.nn.Module):
             self._rows[prompt] = (emb[0].detach(), mask[0])
         return self._rows[prompt]
 
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Each prompt alone (its own token length), padded with a mask to the longest of the call."""
         pos = [self._embed(p) for p in prompts]
         emb, mask = _pad([e for e, _ in pos], [m for _, m in pos])
         out = {"prompt_embeds": emb, "prompt_embeds_mask": mask}
@@ -89,7 +94,7 @@ class QwenImagePolicy(torch.nn.Module):
                                 return_dict=False)[0].float()
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        dtype = self.compute_dtype or next(self.transformer.parameters()).dtype
+        dtype = self.dtype
         if not self.cfg:
             return self._call(x, sigma, cond["prompt_embeds"], cond["prompt_embeds_mask"], dtype)
         # one doubled batch (as SD3): prompt and negative rows padded, with their masks, to one length
@@ -100,9 +105,8 @@ class QwenImagePolicy(torch.nn.Module):
 
         pe, pm = widen(cond["prompt_embeds"], cond["prompt_embeds_mask"])
         ne, nm = widen(cond["negative_prompt_embeds"], cond["negative_prompt_embeds_mask"])
-        v = self._call(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([ne, pe]), torch.cat([nm, pm]), dtype)
-        neg, pos = v.chunk(2)
-        comb = neg + self.true_cfg_scale * (pos - neg)
+        comb, _, pos = self.classifier_free(lambda xx, ss: self._call(xx, ss, torch.cat([ne, pe]), torch.cat([nm, pm]),
+                                                                      dtype), x, sigma)
         return comb * (pos.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -121,17 +125,11 @@ class QwenImagePolicy(torch.nn.Module):
 
         return decode_in_chunks(self.vae, latents, batch, to_vae, pick=lambda img: img[:, :, 0])
 
-    def save_pretrained(self, folder) -> None:
-        self._pipe.save_pretrained(folder)
 
 
-def load_qwen_image_policy(path, dtype: torch.dtype = torch.bfloat16, height: int = 1024, width: int = 1024,
-                           guidance_scale: float = 4.0, max_sequence_length: int = 512) -> QwenImagePolicy:
-    """Load Qwen-Image from a local diffusers ``QwenImagePipeline`` folder (``guidance_scale`` is the
-    pipeline's ``true_cfg_scale``)."""
-    from diffusers import QwenImagePipeline
+def load_qwen_image_policy(path, dtype: torch.dtype = torch.bfloat16, **settings) -> QwenImagePolicy:
+    """Qwen-Image from a local diffusers folder (``guidance_scale`` is the pipeline's ``true_cfg_scale``);
+    unset settings take the family's defaults (models.registry)."""
+    from .registry import load_family
 
-    root = Path(path)
-    require_files(root, MODEL_FILES["qwen_image"], "Qwen-Image")
-    pipe = QwenImagePipeline.from_pretrained(root, torch_dtype=dtype)
-    return QwenImagePolicy(pipe, height, width, guidance_scale, max_sequence_length)
+    return load_family("qwen_image", path, dtype, **settings)

@@ -12,24 +12,22 @@ second (low-noise) transformer is not supported: a pipeline with ``transformer_2
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
-from ._cache import PromptEmbeddingCache
-from ..model_files import MODEL_FILES, require_files
-from ._vae import decode_in_chunks, latent_stats
+from ._vae import checked_folder, decode_in_chunks, latent_stats
+from .base import PolicyAdapter
 
 __all__ = ["WanPolicy", "load_wan_policy"]
 
 
-class WanPolicy(torch.nn.Module):
+class WanPolicy(PolicyAdapter):
     """``model(x [B, C, F', h, w], sigma [B], cond) -> velocity`` (fp32 out), with ``encode_prompts``,
     ``prepare_latents`` (as ``WanPipeline.prepare_latents`` draws them) and ``decode`` (videos)."""
 
-    def __init__(self, pipe, height: int = 480, width: int = 832, num_frames: int = 81, guidance_scale: float = 5.0,
-                 max_sequence_length: int = 512, negative_prompt: str = "") -> None:
-        super().__init__()
+    def __init__(self, pipe, height: int, width: int, num_frames: int, guidance_scale: float,
+                 max_sequence_length: int, negative_prompt: str = "") -> None:
+        super().__init__(pipe, height, width, guidance_scale, max_sequence_length)
         if getattr(pipe, "transformer_2", None) is not None:
             raise ValueError("Wan 2.2 pipelines with two transformers (transformer_2) are not supported yet")
         s, t = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
@@ -37,44 +35,39 @@ class WanPolicy(torch.nn.Module):
             raise ValueError(f"height and width must be multiples of {s} for this VAE, got {height}x{width}")
         if (num_frames - 1) % t:
             raise ValueError(f"num_frames - 1 must be a multiple of {t} for this VAE, got {num_frames}")
-        self.height, self.width, self.num_frames = height, width, num_frames
+        self.num_frames = num_frames
         self.latent_shape = (pipe.transformer.config.in_channels, (num_frames - 1) // t + 1, height // s, width // s)
-        self.guidance_scale, self.max_sequence_length, self.negative_prompt = (guidance_scale, max_sequence_length,
-                                                                               negative_prompt)
+        self.negative_prompt = negative_prompt
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.text_encoder = pipe.text_encoder
-        self._pipe = pipe
-        self._cache = PromptEmbeddingCache()
-        self.compute_dtype: torch.dtype | None = None  # the inputs' dtype (None: the parameters')
 
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, **settings) -> WanPolicy:
+        """Wan text-to-video from a local diffusers ``WanPipeline`` folder."""
+        from diffusers import WanPipeline
+
+        pipe = WanPipeline.from_pretrained(checked_folder(path, "wan"), torch_dtype=dtype)
+        pipe.vae.to(torch.float32)  # the pipeline decodes in the VAE's dtype; Wan's VAE is kept in fp32
+        return cls(pipe, **settings)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        dtype = self.compute_dtype or next(self.transformer.parameters()).dtype
+        dtype = self.dtype
         t = (sigma.float() * 1000.0).to(device=x.device)
         text = cond["prompt_embeds"]
         if self.cfg:
-            x2, t2 = torch.cat([x, x]), torch.cat([t, t])
-            text = torch.cat([cond["negative_prompt_embeds"], text])
-            v = self.transformer(hidden_states=x2.to(dtype), timestep=t2, encoder_hidden_states=text.to(dtype),
-                                 return_dict=False)[0].float()
-            neg, pos = v.chunk(2)
-            return neg + self.guidance_scale * (pos - neg)
+            both = torch.cat([cond["negative_prompt_embeds"], text]).to(dtype)
+            return self.classifier_free(lambda xx, tt: self.transformer(
+                hidden_states=xx.to(dtype), timestep=tt, encoder_hidden_states=both, return_dict=False)[0], x, t)[0]
         return self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=text.to(dtype),
                                 return_dict=False)[0].float()
 
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        def encode(new: list[str]) -> dict[str, torch.Tensor]:
-            device = next(self.text_encoder.parameters()).device
-            pe, npe = self._pipe.encode_prompt(prompt=new, negative_prompt=[self.negative_prompt] * len(new),
-                                               do_classifier_free_guidance=self.cfg, num_videos_per_prompt=1,
-                                               max_sequence_length=self.max_sequence_length, device=device)
-            return {"prompt_embeds": pe, **({"negative_prompt_embeds": npe} if self.cfg else {})}
-
-        return self._cache(prompts, encode)
+    def encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        pe, npe = self._pipe.encode_prompt(prompt=prompts, negative_prompt=[self.negative_prompt] * len(prompts),
+                                           do_classifier_free_guidance=self.cfg, num_videos_per_prompt=1,
+                                           max_sequence_length=self.max_sequence_length,
+                                           device=self.text_device(self.text_encoder))
+        return {"prompt_embeds": pe, **({"negative_prompt_embeds": npe} if self.cfg else {})}
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return torch.randn((n, *self.latent_shape), generator=generator, device=device)
@@ -84,17 +77,9 @@ class WanPolicy(torch.nn.Module):
         mean, std = latent_stats(self.vae)
         return decode_in_chunks(self.vae, latents, batch, lambda z: z * std.to(z.device) + mean.to(z.device))
 
-    def save_pretrained(self, folder) -> None:
-        self._pipe.save_pretrained(folder)
 
+def load_wan_policy(path, dtype: torch.dtype = torch.bfloat16, **settings) -> WanPolicy:
+    """Wan text-to-video from a local diffusers folder; unset settings take the family's defaults."""
+    from .registry import load_family
 
-def load_wan_policy(path, dtype: torch.dtype = torch.bfloat16, height: int = 480, width: int = 832,
-                    num_frames: int = 81, guidance_scale: float = 5.0, max_sequence_length: int = 512) -> WanPolicy:
-    """Load Wan text-to-video from a local diffusers ``WanPipeline`` folder."""
-    from diffusers import WanPipeline
-
-    root = Path(path)
-    require_files(root, MODEL_FILES["wan"], "Wan")
-    pipe = WanPipeline.from_pretrained(root, torch_dtype=dtype)
-    pipe.vae.to(torch.float32)  # the pipeline decodes in the VAE's dtype; Wan's VAE is kept in fp32
-    return WanPolicy(pipe, height, width, num_frames, guidance_scale, max_sequence_length)
+    return load_family("wan", path, dtype, **settings)

@@ -75,9 +75,9 @@ def _train(cfg) -> int:
             print(f"run complete: {trainer.out} already holds all {cfg.iterations} iterations "
                   f"(raise iterations=N to continue it)")
             return 0
-        base_eval = _lab_eval(trainer, base=True) if cfg.model.kind == "lab" else None
+        base_eval = _held_out_eval(trainer, base=True)
         history = trainer.run()
-        final_eval = _lab_eval(trainer) if base_eval is not None and history else None
+        final_eval = _held_out_eval(trainer) if base_eval is not None and history else None
     except TrainingError as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 3
@@ -97,19 +97,22 @@ def _train(cfg) -> int:
     return 0
 
 
-def _lab_eval(trainer: Trainer, base: bool = False) -> dict[str, float]:
-    """Held-out lab evaluation of the trained policy, or (``base``) of the base model loaded afresh
-    (a resumed run's policy is not the base model). Every rank runs it (sharded forwards are collective)."""
-    from ..lab.generator import load_lab_policy
-    from ..lab.world import evaluate_lab
+def _held_out_eval(trainer: Trainer, base: bool = False) -> dict[str, float] | None:
+    """The family's held-out evaluation (the lab world's) of the trained policy, or (``base``) of the base
+    model loaded afresh (a resumed run's policy is not the base model); None for families without one.
+    Every rank runs it (sharded forwards are collective)."""
+    from ..models.registry import family, import_path, load_family
 
-    steps = trainer.cfg.sampler.num_steps
+    fam = family(trainer.cfg.model.kind)
+    if fam.held_out_eval is None:
+        return None
+    evaluate, steps = import_path(fam.held_out_eval), trainer.cfg.sampler.num_steps
     if base:
-        policy = load_lab_policy(trainer.base_path).to(trainer.ctx.device)
+        policy = load_family(fam.name, trainer.base_path).to(trainer.ctx.device)
         with torch.no_grad(), trainer.autocast():
-            return evaluate_lab(policy, trainer.base_path, steps=steps)
+            return evaluate(policy, trainer.base_path, steps=steps)
     with rollout_mode(trainer.module), trainer.autocast():
-        return evaluate_lab(trainer.policy, trainer.base_path, steps=steps)
+        return evaluate(trainer.policy, trainer.base_path, steps=steps)
 
 
 def _print_curve(history: list[dict[str, float]], trainer: Trainer) -> None:

@@ -14,7 +14,7 @@ from ..config import TrainConfig, config_to_dict
 
 __all__ = ["RunLog", "draw_labelled_rows", "read_metrics", "human_config", "save_prompt_grid", "save_video_gif"]
 
-#: ModelConfig fields that only a real (Flux/SD3) pipeline uses.
+#: ModelConfig fields that only a diffusers pipeline family uses.
 _PIPELINE_ONLY = ("guidance_scale", "height", "width", "max_sequence_length", "num_frames", "text_encoder_out_layers")
 
 
@@ -35,9 +35,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def human_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The config as ``config.json`` records it: without the pipeline-only model fields for the lab."""
+    """The config as ``config.json`` records it: without the pipeline-only model fields for a family that
+    sets them itself (the lab world)."""
+    from ..models.registry import family
+
     d = config_to_dict(cfg)
-    if cfg.model.kind == "lab":
+    if not family(cfg.model.kind).pipeline_settings:
         for key in _PIPELINE_ONLY:
             d["model"].pop(key, None)
     return d

@@ -271,9 +271,9 @@ class Trainer:
         return save_checkpoint(self.ctx, self.out, iteration, self.module, self.optimizer, self.scheduler, self.ema,
                                extra)
 
-    def export(self, folder: Path) -> Path:
+    def export(self, folder: Path, iteration: int | None = None) -> Path:
         """The trained policy in diffusers' ``save_pretrained`` layout (EMA weights when enabled)."""
-        return export_policy(self.cfg, self.ctx, self.module, self.ema, self.base_path, folder)
+        return export_policy(self.cfg, self.ctx, self.module, self.ema, self.base_path, folder, iteration)
 
     def run(self, callback=None) -> list[dict[str, float]]:
         """Train to ``cfg.iterations``; ``callback(trainer, metrics)`` runs after every iteration.
@@ -320,7 +320,7 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 if cfg.export_final and history:
-                    self.export(self.out / "final")
+                    self.export(self.out / "final", cfg.iterations)
         finally:
             self.stop = None
             self.sampler.engine.tick_hook = None

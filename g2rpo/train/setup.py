@@ -23,8 +23,8 @@ from ..config import ConfigError, TrainConfig
 from ..distributed import DistContext, shard_module
 from ..policy import TORCH_DTYPES, load_policy
 
-__all__ = ["PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast", "reference_policy",
-           "update_ema", "export_policy", "seed_of"]
+__all__ = ["EXPORT_MARKER", "PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast",
+           "reference_policy", "update_ema", "export_policy", "seed_of"]
 
 
 @dataclass
@@ -43,9 +43,7 @@ def build_policy(cfg: TrainConfig, ctx: DistContext, log=print) -> PolicySetup:
     policy.requires_grad_(False)
     module = policy.transformer
     dtype = TORCH_DTYPES[cfg.model.dtype]
-    velocity = getattr(policy, "velocity", policy)
-    if hasattr(velocity, "compute_dtype"):  # the same input dtypes (timestep too) in rollout and training
-        velocity.compute_dtype = dtype
+    policy.compute_dtype = dtype  # the same input dtypes (timestep too) in rollout and training
     if not cfg.lora.enabled and dtype != torch.float32:
         module.to(torch.float32)
     if cfg.lora.enabled:
@@ -123,12 +121,12 @@ def reference_policy(setup: PolicySetup, lora: bool):
             finally:
                 setup.module.enable_adapters()
         else:
-            owner = getattr(setup.policy, "velocity", setup.policy)  # the object holding `.transformer`
-            saved, owner.transformer = owner.transformer, setup.ref_module
+            saved = setup.policy.transformer
+            setup.policy.set_transformer(setup.ref_module)
             try:
                 yield
             finally:
-                owner.transformer = saved
+                setup.policy.set_transformer(saved)
 
 
 @torch.no_grad()
@@ -140,10 +138,20 @@ def update_ema(ema: dict[str, torch.Tensor] | None, module: torch.nn.Module, dec
             ema[n].lerp_(p.detach().float(), 1.0 - decay)
 
 
+#: Written last into an export folder: what it holds (the trained iteration, EMA or not).
+EXPORT_MARKER = "g2rpo_export.json"
+
+
 def export_policy(cfg: TrainConfig, ctx: DistContext, module: torch.nn.Module, ema: dict[str, torch.Tensor] | None,
-                  base_path: Path, folder: Path) -> Path:
+                  base_path: Path, folder: Path, iteration: int | None = None) -> Path:
     """The trained policy in diffusers' ``save_pretrained`` layout: the full (unsharded) state, EMA weights
-    when enabled, LoRA fused; the lab world's reward weights are copied along."""
+    when enabled, LoRA fused; the lab world's reward weights are copied along. With LoRA, the adapter
+    alone is also saved beside it in ``<folder>_lora/`` (diffusers' ``save_lora_weights`` format, loadable
+    with ``pipe.load_lora_weights``). Each folder is written to a temporary name and renamed into place
+    when complete (``g2rpo_export.json`` last), so a failed export never leaves a half-written one."""
+    import json
+    import shutil
+
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -151,21 +159,44 @@ def export_policy(cfg: TrainConfig, ctx: DistContext, module: torch.nn.Module, e
         for n, t in ema.items():
             full[n] = (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
     if ctx.is_main:
+        folder = Path(folder)
         fresh = load_policy(cfg.model, log=lambda *a, **k: None).policy
+        adapter = None
         if cfg.lora.enabled:
             from peft import LoraConfig
+            from peft.utils import get_peft_model_state_dict
 
             fresh.transformer.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
                                                      target_modules=list(cfg.lora.target_modules)))
         fresh.transformer.load_state_dict(full, strict=True)
         if cfg.lora.enabled:
+            adapter = (get_peft_model_state_dict(fresh.transformer),
+                       fresh.transformer.peft_config["default"].to_dict())
             fresh.transformer.fuse_lora()
             fresh.transformer.unload_lora()
-        fresh.save_pretrained(folder)
-        rewards = base_path / "rewards"
-        if rewards.is_dir() and not (folder / "rewards").exists():
-            import shutil
+        marker = {"iteration": iteration, "ema": ema is not None, "lora_fused": cfg.lora.enabled}
 
-            shutil.copytree(rewards, folder / "rewards")
+        def write(target: Path, fill) -> None:
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            fill(tmp)
+            (tmp / EXPORT_MARKER).write_text(json.dumps(marker))
+            if target.is_dir():
+                shutil.rmtree(target)
+            tmp.rename(target)
+
+        def fill_model(tmp: Path) -> None:
+            fresh.save_pretrained(tmp)
+            rewards = base_path / "rewards"
+            if rewards.is_dir():
+                shutil.copytree(rewards, tmp / "rewards")
+
+        write(folder, fill_model)
+        if adapter is not None:
+            from ..models.registry import family
+
+            pipe_cls = family(cfg.model.kind).lora_pipeline_class()
+            write(folder.with_name(folder.name + "_lora"), lambda tmp: pipe_cls.save_lora_weights(
+                tmp, transformer_lora_layers=adapter[0], transformer_lora_adapter_metadata=adapter[1]))
     ctx.barrier()
     return folder

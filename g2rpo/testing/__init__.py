@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .schedule import granularity_grid, sigma_schedule
-from .sde import ode_step, sde_step_with_logprob
+from ..schedule import granularity_grid, sigma_schedule
+from ..sde import ode_step, sde_step_with_logprob
 
 __all__ = ["PAPER_SETTING", "GaussianWorld", "MLPVelocity", "public_loop_rollout", "sample_ode", "sample_sde"]
 

@@ -215,7 +215,7 @@ def random_flux_velocity(config: dict, height: int, width: int, device=None, dty
     images (VAE factor 8), and random conditioning ``[1, text_len, joint_dim]`` / ``[1, pooled_dim]``."""
     from diffusers import FluxTransformer2DModel
 
-    from .flux import FluxVelocity
+    from ..models.flux import FluxVelocity
 
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()

@@ -1,0 +1,89 @@
+"""The adapter protocol every model family implements, and the set-up they share.
+
+An adapter is a velocity model behind the engine's protocol ``model(x, sigma, cond) -> velocity``
+(fp32 out) plus what the trainer and eval need around it:
+
+* ``encode_prompts(prompts) -> cond``: text embeddings, computed once per prompt and cached (the
+  text encoders are frozen), one row per prompt;
+* ``prepare_latents(n, generator, device)``: initial noise as the family's pipeline draws it;
+* ``decode(latents) -> images [n, C, H, W]`` (videos ``[n, C, F, H, W]``) in [0, 1];
+* ``save_pretrained(folder)``: the pipeline's own layout, with the (trained) transformer;
+* ``transformer`` (the trained module) and :meth:`set_transformer` (the reference policy, a checkpoint);
+* ``compute_dtype``: the dtype of every input (latents, text, timestep). None means the parameters'
+  dtype, which changes under FSDP2 (bf16 gathered for a rollout, fp32 shards in training): the trainer
+  fixes it to ``model.dtype`` so that rollout and training feed the model the same values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ._cache import PromptEmbeddingCache
+
+__all__ = ["PolicyAdapter"]
+
+
+class PolicyAdapter(torch.nn.Module):
+    """Shared set-up: the pipeline, the image size, guidance, the prompt cache, the input dtype, CFG."""
+
+    def __init__(self, pipe: Any, height: int, width: int, guidance_scale: float | None,
+                 max_sequence_length: int) -> None:
+        super().__init__()
+        self._pipe = pipe  # tokenizers, encode_prompt, the pipeline's static latent helpers, save_pretrained
+        self.height, self.width = int(height), int(width)
+        self.guidance_scale = guidance_scale
+        self.max_sequence_length = int(max_sequence_length)
+        self._cache = PromptEmbeddingCache()
+        self.compute_dtype: torch.dtype | None = None
+
+    # ---- the trained module and its inputs' dtype -------------------------------------------
+    def set_transformer(self, module: torch.nn.Module) -> None:
+        """Replace the transformer (a checkpoint's, or the frozen reference for the KL term)."""
+        self.transformer = module
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype every input is cast to."""
+        return self.compute_dtype or next(self.transformer.parameters()).dtype
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{name: [len(prompts), ...]}``; each prompt is encoded once, alone (:meth:`encode_batch`)."""
+        return self._cache(list(prompts), self.encode_batch)
+
+    def encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The family's text encoding of ``prompts`` (called with one prompt at a time by the cache)."""
+        raise NotImplementedError
+
+    def text_device(self, encoder: torch.nn.Module | None = None) -> torch.device:
+        module = encoder if encoder is not None else self.transformer
+        return next(module.parameters()).device
+
+    # ---- guidance ------------------------------------------------------------------------------
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance is on (a scale > 1)."""
+        return self.guidance_scale is not None and float(self.guidance_scale) > 1.0
+
+    def classifier_free(self, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                        t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One doubled batch ``run([x; x], [t; t])`` whose first half holds the negative rows and the
+        second the prompt's; returns ``(neg + g (pos - neg), neg, pos)`` in fp32 (as the pipelines combine)."""
+        v = run(torch.cat([x, x]), torch.cat([t, t])).float()
+        neg, pos = v.chunk(2)
+        return neg + float(self.guidance_scale) * (pos - neg), neg, pos
+
+    # ---- latents, images, saving ---------------------------------------------------------------
+    def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def save_pretrained(self, folder) -> None:
+        """The pipeline's own ``save_pretrained`` layout, with the current transformer."""
+        self._pipe.transformer = self.transformer
+        self._pipe.save_pretrained(folder)
