@@ -30,7 +30,7 @@ def train_and_eval(kind, model_dir, tmp_path, tiny_open_clip, model_args, eval_a
     assert (out / "final" / "transformer" / "config.json").is_file()
     (tmp_path / "rewards.yaml").write_text(f"hps: {{checkpoint: {ckpt}, model_name: {name}}}\n")
     assert eval_main(["--model", str(model_dir), "--checkpoint", str(out), "--prompts", str(prompts), "--steps", "4",
-                      *eval_args, "--rewards", "hps", "--reward-options", str(tmp_path / "rewards.yaml"),
+                      *eval_args, "--samples", "1", "--rewards", "hps", "--reward-options", str(tmp_path / "rewards.yaml"),
                       "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "summary.json").read_text())["n"] == 2
     return out, metrics
