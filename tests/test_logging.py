@@ -9,7 +9,7 @@ import torch
 from g2rpo.config import ConfigError, load_config
 from g2rpo.train import Trainer
 
-from test_train import run, tiny
+from test_train import tiny
 
 
 def _events(folder):
@@ -20,13 +20,17 @@ def _events(folder):
     return ev
 
 
-def test_tensorboard_and_wandb_get_grids_and_a_resume_continues_the_wandb_run(lab_world, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_tensorboard_and_wandb_get_grids_and_a_resume_continues_the_wandb_run(lab_world, tmp_path):
+    """Through the CLI (wandb's service process stays out of the test process), wandb offline."""
+    from test_train import _cli, _flat
+
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     opts = dict(tensorboard=True, wandb=True, image_every=1)
-    run(tiny(lab_world, tmp_path, iterations=1, **opts))
+    r = _cli(_flat(tiny(lab_world, tmp_path, iterations=1, **opts)), env)
+    assert r.returncode == 0, r.stderr[-3000:]
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
-    run(tiny(lab_world, tmp_path, iterations=2, resume=True, **opts))
+    r = _cli([f"output_dir={tmp_path}", "iterations=2", "--resume"], env)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
