@@ -83,19 +83,17 @@ class SamplerConfig:
     window_roll_back: bool | None = None  # ... and the start rolls back to 0 past it
 
     def strategy_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"num_steps": self.num_steps, "group_size": self.group_size}
-        if self.eta is not None:
-            opts["eta"] = self.eta
-        if self.strategy in ("g2rpo", "g2rpo_no_mgai"):
-            opts["sde_indices"] = tuple(self.sde_indices)
-            if self.strategy == "g2rpo":
-                opts["granularities"] = tuple(self.granularities)
-        for key in ("train_fraction", "shared_noise", "window_size", "window_stride", "shift_interval",
-                    "window_max_start", "train_selection", "train_last_step", "window_end", "window_roll_back"):
-            value = getattr(self, key)
-            if value is not None:
-                opts[key] = value
-        return opts
+        """The strategy's options (:func:`g2rpo.rollout.strategies.strategy_options`: the keys it takes)."""
+        from .rollout.strategies import strategy_options
+
+        return strategy_options(self.strategy, num_steps=self.num_steps, group_size=self.group_size, eta=self.eta,
+                                sde_indices=self.sde_indices, granularities=self.granularities,
+                                **{k: getattr(self, k) for k in TRAJECTORY_OPTIONS})
+
+
+#: SamplerConfig keys of the trajectory strategies (None: the strategy's default).
+TRAJECTORY_OPTIONS = ("train_fraction", "shared_noise", "window_size", "window_stride", "shift_interval",
+                      "window_max_start", "train_selection", "train_last_step", "window_end", "window_roll_back")
 
 
 @dataclass
@@ -192,6 +190,11 @@ class TrainConfig:
         from .rollout.strategies import make_strategy
 
         s = self.sampler
+        try:
+            takes = set(s.strategy_options())  # the keys the strategy uses: G2RPO-only keys checked for G2RPO only
+        except ValueError as err:
+            raise ConfigError(f"sampler.strategy: {err}") from None
+        g2rpo_keys = "sde_indices" in takes
         checks = [
             ("iterations", self.iterations >= 1, "must be >= 1"),
             ("inner_epochs", self.inner_epochs >= 1, "must be >= 1"),
@@ -205,9 +208,9 @@ class TrainConfig:
             ("sampler.max_batch", s.max_batch >= 1, "must be >= 1"),
             ("sampler.shift", s.shift > 0, "must be > 0"),
             ("sampler.num_steps", s.num_steps >= 1, "must be >= 1"),
-            ("sampler.sde_indices", all(0 <= e < s.num_steps for e in s.sde_indices),
+            ("sampler.sde_indices", not g2rpo_keys or all(0 <= e < s.num_steps for e in s.sde_indices),
              f"must be in 0..sampler.num_steps-1 = 0..{s.num_steps - 1}, got {s.sde_indices}"),
-            ("sampler.granularities", bool(s.granularities) and all(g >= 1 for g in s.granularities),
+            ("sampler.granularities", not g2rpo_keys or bool(s.granularities) and all(g >= 1 for g in s.granularities),
              "must be a non-empty list of ints >= 1"),
             ("sampler.group_size", s.group_size >= 2, "must be >= 2"),
             ("data.prompts_per_iteration", self.data.prompts_per_iteration >= 1, "must be >= 1"),
@@ -253,7 +256,7 @@ class TrainConfig:
             ("loss.clip_range", finite(self.loss.clip_range), f"must be finite, got {self.loss.clip_range}"),
             ("loss.adv_clip_max", finite(self.loss.adv_clip_max), f"must be finite, got {self.loss.adv_clip_max}"),
             ("loss.kl_beta", finite(self.loss.kl_beta), f"must be finite, got {self.loss.kl_beta}"),
-            ("sampler.granularities", all(g < s.num_steps for g in s.granularities),
+            ("sampler.granularities", not g2rpo_keys or all(g < s.num_steps for g in s.granularities),
              f"must be < sampler.num_steps ({s.num_steps}): a granularity is a stride over the remaining steps, "
              f"got {s.granularities}"),
             ("dist_timeout_s", self.dist_timeout_s >= 1, "must be >= 1"),

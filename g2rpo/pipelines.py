@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .rollout import G2RPOSampler, Rollout, TrainingUnit
+from .rollout.scoring import score_unit
 
 __all__ = ["PipelineRollout", "policy_for", "rollout", "unit_log_probs"]
 
@@ -77,10 +78,8 @@ def rollout(pipe, prompts: Sequence[str], strategy: str = "g2rpo", *, num_steps:
     sampler = G2RPOSampler(policy, num_steps=num_steps, shift=shift, eta=eta, sde_indices=sde_indices,
                            granularities=granularities, group_size=group_size, max_batch=max_batch, strategy=strategy,
                            **strategy_options)
-    roots = sampler.plan().num_roots
     gens = [torch.Generator(device=device).manual_seed(seed + 2 * p) for p in range(len(prompts))]
-    noise = torch.stack([(lambda z: z[0] if roots == 1 else z)(policy.prepare_latents(roots, g, device=device))
-                         for g in gens])
+    noise = sampler.per_prompt_noise(policy.prepare_latents, gens, device)
     sde_gens = [torch.Generator(device=device).manual_seed(seed + 2 * p + 1) for p in range(len(prompts))]
     with torch.no_grad():
         cond = policy.encode_prompts(prompts)
@@ -93,11 +92,4 @@ def unit_log_probs(policy, ro: Rollout, unit: TrainingUnit, cond: Any, *, quanti
                    backend: str = "auto") -> torch.Tensor:
     """New log-probs ``[n]`` of a unit's transitions: ONE forward of ``policy`` at ``unit.x``
     (differentiable; compare with ``unit.old_log_probs`` for the ratio)."""
-    from .train.update import slot_logprob
-
-    G = ro.log_probs.shape[2]
-    mask = torch.zeros(1, G, dtype=torch.bool)
-    mask[0, unit.branches.cpu()] = True
-    logp, _, _ = slot_logprob(policy, ro, unit.slot, slice(unit.prompt, unit.prompt + 1), cond, mask=mask,
-                              quantize_timesteps=quantize_timesteps, backend=backend)
-    return logp
+    return score_unit(policy, ro, unit, cond, quantize_timesteps=quantize_timesteps, backend=backend).log_prob

@@ -13,7 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_prompts", "PromptSchedule"]
+__all__ = ["BUILTIN_PROMPTS", "builtin_prompt_path", "load_prompts", "PromptSchedule"]
+
+#: The built-in prompt sets (``builtin:NAME``): text files shipped in ``g2rpo/data/prompts/``.
+BUILTIN_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts"
+
+
+def builtin_prompt_path(name: str) -> Path:
+    """The file of built-in prompt set ``name``; ValueError lists the sets."""
+    path = BUILTIN_PROMPTS / f"{name}.txt"
+    if not name or "/" in name or not path.is_file():
+        known = ", ".join(f"builtin:{p.stem}" for p in sorted(BUILTIN_PROMPTS.glob("*.txt")))
+        raise ValueError(f"unknown built-in prompt set 'builtin:{name}': use {known}")
+    return path
 
 
 def _from_item(item: object, where: str) -> str:
@@ -29,12 +41,7 @@ def _from_item(item: object, where: str) -> str:
 def load_prompts(spec: str) -> list[str]:
     """Read prompts from a file or a ``builtin:`` name; a missing or empty source raises."""
     if spec.startswith("builtin:"):
-        from .lab.prompts import builtin_prompt_file
-
-        name = spec.split(":", 1)[1]
-        if name not in ("lab", "lab_test"):
-            raise ValueError(f"unknown built-in prompt set {spec!r}: use builtin:lab or builtin:lab_test")
-        path = builtin_prompt_file(test=name == "lab_test")
+        path = builtin_prompt_path(spec.split(":", 1)[1])
     else:
         path = Path(spec)
     if not path.is_file():

@@ -25,7 +25,7 @@ with per-row scalars (a, b, std) from :func:`sde_coefficients`:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -36,6 +36,10 @@ __all__ = [
     "sde_coefficients",
     "sde_transition",
     "gaussian_log_prob",
+    "log_density_from_sums",
+    "Diffusion",
+    "SdeCoefficients",
+    "SdeStep",
     "sde_step_with_logprob",
     "ode_step",
 ]
@@ -62,8 +66,30 @@ def _index_tensor(sigmas: torch.Tensor, index: IndexLike, name: str) -> torch.Te
     return idx.long()
 
 
-def diffusion(sigmas: torch.Tensor, index: IndexLike, eta: float,
-              kind: SdeKind = "flow_grpo") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class Diffusion(NamedTuple):
+    sigma_t: torch.Tensor
+    t: torch.Tensor
+    dt: torch.Tensor
+
+
+class SdeCoefficients(NamedTuple):
+    """``x_next = a x + b v + std * eps`` (per row, float64)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    std: torch.Tensor
+
+
+class SdeStep(NamedTuple):
+    """What :func:`sde_step_with_logprob` returns (Flow-GRPO's order: a 4-tuple)."""
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def diffusion(sigmas: torch.Tensor, index: IndexLike, eta: float, kind: SdeKind = "flow_grpo") -> Diffusion:
     """Float64 ``(sigma_t, t, dt)`` of the step ``sigmas[index] -> sigmas[index + 1]``: the SDE's
     diffusion coefficient (Eq. 3: ``eta * sqrt(t / (1 - t))`` for ``flow_grpo``, with the next schedule
     value replacing t in (1 - t) at t = 1; the constant ``eta`` for ``dance_grpo``), the time and the
@@ -82,12 +108,10 @@ def diffusion(sigmas: torch.Tensor, index: IndexLike, eta: float,
         sigma_t = float(eta) * torch.sqrt(t / (1.0 - torch.where(t == 1.0, sig[1], t)))
     else:
         sigma_t = torch.full_like(t, float(eta))
-    return sigma_t, t, dt
+    return Diffusion(sigma_t, t, dt)
 
 
-def sde_coefficients(
-    sigmas: torch.Tensor, index: IndexLike, eta: float, kind: SdeKind = "flow_grpo"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sde_coefficients(sigmas: torch.Tensor, index: IndexLike, eta: float, kind: SdeKind = "flow_grpo") -> SdeCoefficients:
     """Per-row float64 coefficients ``(a, b, std)`` of the step ``sigmas[index] -> sigmas[index+1]``.
 
     ``index`` is an int (scalars returned as 0-d tensors) or a 1-D tensor of per-row indices.
@@ -98,17 +122,23 @@ def sde_coefficients(
     std = sigma_t * torch.sqrt(-dt)
     a = 1.0 + diffusion_sq / (2.0 * t) * dt
     b = (1.0 + diffusion_sq * (1.0 - t) / (2.0 * t)) * dt
-    return a, b, std
+    return SdeCoefficients(a, b, std)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Log-density of ``x`` under N(mean, std^2 I), averaged over all non-batch dims.
+    """Log-density of ``x`` under N(mean, std^2 I), averaged over all non-batch dims (Eq. 3's Gaussian).
 
     ``std`` broadcasts against ``x`` (a per-row tensor viewed as ``[B, 1, ...]``).
     The mean (not the sum) over dims is the Flow-GRPO / DanceGRPO convention.
     """
     lp = -((x - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
     return lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
+def log_density_from_sums(sq_sums: torch.Tensor, std: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`gaussian_log_prob` from per-row sums of squared residuals ``sum_n (x - mean)^2`` over ``n``
+    elements and per-row ``std``: ``-S / (2 std^2 n) - log std - log sqrt(2 pi)`` (what the fused ops reduce to)."""
+    return -sq_sums / (2.0 * std**2 * n) - torch.log(std) - _LOG_SQRT_2PI
 
 
 def _rows(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -155,7 +185,7 @@ def sde_step_with_logprob(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     kind: SdeKind = "flow_grpo",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> SdeStep:
     """One SDE step ``sigmas[index] -> sigmas[index + 1]`` with its log-prob (Eq. 2-3, 7).
 
     Flow-GRPO's ``sde_step_with_logprob`` semantics: fp32 math whatever the input
@@ -194,9 +224,9 @@ def sde_step_with_logprob(
         mean = _rows(a.float(), sample.ndim) * sample.float() + _rows(b.float(), sample.ndim) * velocity.float()
         out = mean if prev_sample is None else prev_sample.float()
         nan = torch.full((sample.shape[0],), float("nan"), device=sample.device)
-        return out, nan, mean, _rows(std.float().to(sample.device), sample.ndim)
+        return SdeStep(out, nan, mean, _rows(std.float().to(sample.device), sample.ndim))
     prev, log_prob, mean = sde_transition(sample, velocity, a, b, std, noise=noise, x_next=prev_sample)
-    return prev, log_prob, mean, _rows(std.to(device=sample.device, dtype=torch.float32), sample.ndim)
+    return SdeStep(prev, log_prob, mean, _rows(std.to(device=sample.device, dtype=torch.float32), sample.ndim))
 
 
 def ode_step(

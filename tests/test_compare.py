@@ -1,6 +1,6 @@
 import json
 
-from g2rpo.lab.compare import CompareSettings, compare, run_method
+from g2rpo.experiments.compare import CompareSettings, compare, run_method
 
 SMALL = {"sampler": {"group_size": 4, "sde_indices": [0, 1, 2]}, "data": {"prompts_per_iteration": 4}}
 

@@ -109,7 +109,7 @@ def test_trainer_and_eval_with_a_module_callable_reward(user_module, lab_world, 
 
 def test_lab_comparison_trains_on_a_module_callable_reward(user_module, lab_world, tmp_path):
     from g2rpo.lab.__main__ import main as lab_main
-    from g2rpo.lab.compare import run_method
+    from g2rpo.experiments.compare import run_method
 
     mod, _ = user_module
     o = {"sampler": {"group_size": 3, "sde_indices": [0]}, "data": {"prompts_per_iteration": 2},

@@ -260,7 +260,7 @@ def stage_train_step(ctx: Ctx) -> dict:
     from g2rpo import G2RPOSampler
     from g2rpo.distributed import rollout_mode, shard_module
     from g2rpo.loss import clipped_surrogate
-    from g2rpo.train.update import recompute_old_logprobs, slot_logprob
+    from g2rpo.rollout.scoring import TrainingUnit, recompute_old_logprobs, score_unit
 
     _init_single_process_group(ctx)
     velocity, cond, noise = _flux(ctx, depth=(2, 4), fp32_master=True)
@@ -276,7 +276,7 @@ def stage_train_step(ctx: Ctx) -> dict:
     adv = torch.randn(1, 8, 12, generator=torch.Generator().manual_seed(0)).to(ctx.device)
     module.train()
     with autocast():  # the training layout: one unit (prompt 0, all 12 branches) per SDE step
-        old, _ = recompute_old_logprobs(velocity, ro, [[(k, slice(0, 1), None)] for k in range(8)], cond)
+        old, _ = recompute_old_logprobs(velocity, ro, [[TrainingUnit(k, slice(0, 1))] for k in range(8)], cond)
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats()
     first = {}
@@ -285,7 +285,7 @@ def stage_train_step(ctx: Ctx) -> dict:
         opt.zero_grad(set_to_none=True)
         for k in range(8):
             with autocast():
-                logp, _, _ = slot_logprob(velocity, ro, k, slice(0, 1), cond)
+                logp = score_unit(velocity, ro, TrainingUnit(k, slice(0, 1)), cond).log_prob
             if k == 0:
                 first["rollout"] = float((logp.detach() - ro.log_probs[0, 0]).exp().sub(1).abs().max())
                 first["recomputed"] = float((logp.detach() - old[0, 0]).exp().sub(1).abs().max())

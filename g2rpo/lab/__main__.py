@@ -1,5 +1,6 @@
 """`python -m g2rpo.lab {build,sample,grid,compare}`: build the lab world, sample it, look at it,
-and compare the GRPO methods on it."""
+and compare the GRPO methods on it (``compare`` is :mod:`g2rpo.experiments`'s, also
+``python -m g2rpo.experiments compare``)."""
 
 from __future__ import annotations
 
@@ -51,20 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--steps", type=int, default=16)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True)
-    c = sub.add_parser("compare", help="train every method from the base model under both preset families and "
-                                          "compare (Tables 1, 4, Fig. 1a, equal-lr table)")
-    c.add_argument("--methods", default="dance_grpo,flow_grpo,mix_grpo,g2rpo_no_mgai,g2rpo")
-    c.add_argument("--families", default="paper,official", help="preset families (configs/methods/*-FAMILY.yaml)")
-    c.add_argument("--seeds", type=int, default=3)
-    c.add_argument("--iterations", type=int, default=32)
-    c.add_argument("--lr-grid", default="1e-4,3e-4")
-    c.add_argument("--eval-every", type=int, default=8)
-    c.add_argument("--no-variant", action="store_true", help="skip the paper preset + per_sde_step runs")
-    c.add_argument("--checkpoint", default=None, help="the lab world (default: the cached one)")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a training-config override for every run, e.g. --set 'rewards=[{name: my_pkg.rewards:fn}]' "
-                        "(a reward by name, module:callable path or entry point)")
-    c.add_argument("--out", required=True)
+    from ..experiments.cli import add_compare_parser  # the comparison lives above the trainer
+
+    add_compare_parser(sub)
     args = parser.parse_args(argv)
 
     if args.cmd == "build":
@@ -72,26 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         build_world(args.out, cfg, force=args.force)
         return
     if args.cmd == "compare":
-        from .compare import FAMILIES, METHODS, CompareSettings, compare
+        from ..experiments.cli import run_compare
 
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        families = tuple(f.strip() for f in args.families.split(",") if f.strip())
-        unknown = [m for m in methods if m not in METHODS] + [f for f in families if f not in FAMILIES]
-        if unknown:
-            sys.exit(f"unknown methods/families {unknown}; choose from {list(METHODS)} and {list(FAMILIES)}")
-        from ..config import ConfigError, load_config, parse_overrides
-
-        try:
-            overrides = parse_overrides(args.set)
-            load_config(None, overrides)  # refused before any run starts
-        except ConfigError as err:
-            sys.exit(f"--set: {err}")
-        settings = CompareSettings(methods=methods, families=families, seeds=args.seeds, iterations=args.iterations,
-                                   lr_grid=tuple(float(x) for x in args.lr_grid.split(",")),
-                                   eval_every=args.eval_every, per_sde_step_variant=not args.no_variant,
-                                   overrides=overrides)
-        world = _checkpoint(args.checkpoint) if args.checkpoint else None
-        compare(args.out, settings, world)
+        run_compare(args, world=_checkpoint(args.checkpoint) if args.checkpoint else None)
         return
     if args.cmd == "sample":
         if args.n < 1:

@@ -66,12 +66,8 @@ class LabPolicy(FluxVelocityAdapter):
         self.text_encoder = text_encoder
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None, dtype: torch.dtype = torch.float32, log=None) -> LabPolicy:
-        """A lab model folder; None: the cached default world (built on first use)."""
-        if path is None:
-            from .world import build_world
-
-            path = build_world(log=log)
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> LabPolicy:
+        """A lab model folder (the registry's ``default_path`` builds the default world)."""
         return load_lab_policy(path, dtype)
 
     @property

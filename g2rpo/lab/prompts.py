@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -45,9 +44,10 @@ def prompt_label(prompt: str) -> int:
 
 
 def builtin_prompt_file(test: bool = False) -> Path:
-    """Path of the built-in prompt file shipped with the package."""
-    name = "lab_prompts_test.txt" if test else "lab_prompts.txt"
-    return Path(str(resources.files("g2rpo.lab").joinpath(name)))
+    """Path of the built-in prompt file shipped with the package (``builtin:lab`` / ``builtin:lab_test``)."""
+    from ..prompts import builtin_prompt_path
+
+    return builtin_prompt_path("lab_test" if test else "lab")
 
 
 def _tokens(prompt: str) -> list[str]:

@@ -3,13 +3,14 @@ and :class:`G2RPOSampler`, the drop-in sampler for other GRPO codebases."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from .engine import Rollout, RolloutEngine, TrainingUnit, VelocityModel, cond_prompt_count, gather_cond
 from .plan import Plan, PlanBuilder
 from .strategies import STRATEGIES, G2RPOStrategy, Strategy, TrajectoryStrategy, make_strategy
+from .strategies import strategy_options as strategy_options_for
 
 __all__ = [
     "G2RPOSampler", "Plan", "PlanBuilder", "Rollout", "RolloutEngine", "STRATEGIES", "G2RPOStrategy",
@@ -42,14 +43,9 @@ class G2RPOSampler:
                 raise ValueError(f"options {sorted(strategy_options)} given with a built strategy")
             self.strategy = strategy
         else:
-            opts = dict(strategy_options, num_steps=num_steps, group_size=group_size)
-            if eta is not None:
-                opts["eta"] = eta
-            if strategy in ("g2rpo", "g2rpo_no_mgai"):
-                opts["sde_indices"] = tuple(sde_indices)
-                if strategy == "g2rpo":
-                    opts["granularities"] = tuple(granularities)
-            self.strategy = make_strategy(strategy, **opts)
+            self.strategy = make_strategy(strategy, **strategy_options_for(
+                strategy, num_steps=num_steps, group_size=group_size, eta=eta, sde_indices=sde_indices,
+                granularities=granularities, **strategy_options))
         self.engine = RolloutEngine(model, self.strategy.num_steps, shift, max_batch, quantize_timesteps, check_finite,
                                     ops_backend, cuda_graphs, compile_options, batch_buckets)
         self._plans: dict[tuple, Plan] = {}
@@ -72,6 +68,15 @@ class G2RPOSampler:
         roots = self.plan().num_roots
         shape = (num_prompts, *latent_shape) if roots == 1 else (num_prompts, roots, *latent_shape)
         return torch.randn(shape, generator=generator, device=device)
+
+    def per_prompt_noise(self, prepare_latents: Callable[..., torch.Tensor], generators: Sequence[torch.Generator],
+                         device: torch.device | str | None = None, iteration: int = 0) -> torch.Tensor:
+        """Initial noise ``[P, ...]`` (``[P, R, ...]`` for a strategy with R roots): prompt p's from its own
+        generator through ``prepare_latents(n, generator, device=...)`` (the policy's, as its pipeline draws
+        noise), so that a prompt's noise depends on nothing else in the batch."""
+        roots = self.plan(iteration).num_roots
+        draws = [prepare_latents(roots, g, device=device) for g in generators]
+        return torch.stack([z[0] if roots == 1 else z for z in draws])
 
     @torch.no_grad()
     def rollout(self, noise: torch.Tensor, cond: object = None,

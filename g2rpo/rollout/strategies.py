@@ -20,7 +20,10 @@ advantage comes from ``finals[:, adv_slot_of[k], :, g]`` (K' x J x G final laten
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,7 +31,8 @@ from ..schedule import granularity_grid
 from ..sde import SDE_KINDS
 from .plan import Plan, PlanBuilder
 
-__all__ = ["Strategy", "G2RPOStrategy", "TrajectoryStrategy", "STRATEGIES", "TRAIN_SELECTIONS", "make_strategy"]
+__all__ = ["Strategy", "G2RPOStrategy", "TrajectoryStrategy", "STRATEGIES", "STRATEGY_CLASSES", "TRAIN_SELECTIONS",
+           "make_strategy", "strategy_options"]
 
 TRAIN_SELECTIONS = ("per_iteration", "per_sample", "first")
 
@@ -232,6 +236,29 @@ def _mix(**kw) -> Strategy:
 
 STRATEGIES = {"g2rpo": _g2rpo, "g2rpo_no_mgai": _g2rpo_no_mgai, "dance_grpo": _dance,
               "flow_grpo": _flow, "mix_grpo": _mix}
+#: The class each strategy builds (what options it takes).
+STRATEGY_CLASSES = {"g2rpo": G2RPOStrategy, "g2rpo_no_mgai": G2RPOStrategy, "dance_grpo": TrajectoryStrategy,
+                    "flow_grpo": TrajectoryStrategy, "mix_grpo": TrajectoryStrategy}
+
+
+def strategy_options(name: str, *, num_steps: int, group_size: int, eta: float | None = None,
+                     sde_indices: Iterable[int] | None = None, granularities: Iterable[int] | None = None,
+                     **options: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`make_strategy` for strategy ``name``: the options it takes, those left
+    None dropped (the strategy's own default), ``sde_indices`` / ``granularities`` only for the strategies that
+    have them (G2RPO's; ``g2rpo_no_mgai`` has the single granularity 1). Shared by the config and the sampler."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    takes = {f.name for f in dataclasses.fields(STRATEGY_CLASSES[name])}
+    opts: dict[str, Any] = {"num_steps": num_steps, "group_size": group_size}
+    if eta is not None:
+        opts["eta"] = eta
+    if sde_indices is not None and "sde_indices" in takes:
+        opts["sde_indices"] = tuple(sde_indices)
+    if granularities is not None and "granularities" in takes and name != "g2rpo_no_mgai":
+        opts["granularities"] = tuple(granularities)
+    opts.update({k: v for k, v in options.items() if v is not None})
+    return opts
 
 
 def make_strategy(name: str, **kwargs) -> Strategy:

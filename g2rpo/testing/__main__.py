@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..models.registry import FAMILIES
 from . import tiny
 
-BUILDERS = {"flux": tiny.tiny_flux_pipeline, "flux2": tiny.tiny_flux2_pipeline, "sd3": tiny.tiny_sd3_pipeline,
-            "qwen_image": tiny.tiny_qwen_image_pipeline, "wan": tiny.tiny_wan_pipeline}
+#: ``tiny_<family>_pipeline`` for every family with a diffusers pipeline.
+BUILDERS = {name: getattr(tiny, f"tiny_{name}_pipeline") for name, fam in FAMILIES.items() if fam.pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

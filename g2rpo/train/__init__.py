@@ -1,9 +1,11 @@
 """GRPO training, laid out along the data path.
 
 - :mod:`.setup`: the policy (dtype, LoRA, FSDP2), the reference, the optimiser and LR schedule;
-- :mod:`.update`: the update's math (log-probs at the source states, old log-probs recomputed,
-  which transitions each optimizer step trains);
-- :mod:`.optimize`: the optimizer steps of one iteration (surrogate, KL, clipping, checks);
+- :mod:`.update`: the update as a component (:class:`~.update.PolicyUpdate`: which transitions each
+  optimizer step trains, forward-backward per work unit with the surrogate and KL, clipping, checks);
+  the log-probs themselves come from :mod:`g2rpo.rollout.scoring`;
+- :mod:`.metrics`: how metrics reduce over ranks, advantage statistics, the update's summary;
+- :mod:`.interrupts`: SIGINT / SIGTERM as a stop request every rank agrees on;
 - :mod:`.loop`: the :class:`Trainer`, one iteration: prompts -> rollout -> score -> advantages ->
   update -> log -> checkpoint;
 - :mod:`.logs`: metrics.jsonl, TensorBoard, wandb, image grids;
@@ -13,6 +15,6 @@
 
 from .cli import main
 from .loop import Trainer
-from .optimize import TrainingError
+from .update import TrainingError
 
 __all__ = ["Trainer", "TrainingError", "main"]

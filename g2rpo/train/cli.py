@@ -19,7 +19,7 @@ from ..config import ConfigError, load_config
 from ..distributed import rollout_mode
 from .loop import Trainer
 from .interrupts import Interrupted
-from .optimize import TrainingError
+from .update import TrainingError
 
 __all__ = ["main"]
 

@@ -26,17 +26,12 @@ from ..prompts import PromptSchedule
 from ..rollout import G2RPOSampler, Rollout, make_strategy
 from .interrupts import Interrupted, RolloutStopped, StopRequest
 from .logs import RunLog, save_prompt_grid, save_video_gif
-from .optimize import TrainingError, train_on
+from .metrics import REDUCE, advantage_stats
+from .update import PolicyUpdate, TrainingError
 from .rundir import OutputLock, preflight, resume_changes, stored_config
 from .setup import apply_lr, autocast, build_optimizer, build_policy, export_policy, seed_of
 
 __all__ = ["Trainer", "TrainingError"]
-
-REDUCE = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", "ratio_last_step_max_dev": "max",
-          "adv_abs_max": "max", "adv_mean": "max", "adv_std": "max", "forward_rows": "sum", "time_rollout": "max",
-          "time_reward": "max", "time_train": "max", "time_iteration": "max", "recompute_forward_rows": "sum",
-          "old_logprob_max_dev": "max"}
-
 
 def _fault_point(iteration: int, phase: str) -> None:
     """Fault injection for the kill-and-resume and interrupt tests: ``G2RPO_FAULT=SIG@ITER:PHASE[:RANK]``
@@ -93,6 +88,7 @@ class Trainer:
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path)
         self.start_iteration = self._restore(candidates) if cfg.resume else 0
         self.runlog = RunLog(self.out, cfg, self.ctx.is_main, self.start_iteration, self.log)
+        self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)
         self.stop: StopRequest | None = None  # set while run() holds the signal handlers
 
     # ---- set-up helpers -----------------------------------------------------------------
@@ -153,21 +149,19 @@ class Trainer:
         return mine, [self.prompts.prompt_at(i) for i in mine]
 
     def _noise(self, iteration: int, positions: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
-        roots = self.sampler.plan(iteration).num_roots
-        dev = self.ctx.device
-        noise = []
-        for pos in positions:
-            g = torch.Generator(device=dev).manual_seed(seed_of(self.cfg.sampler_seed, iteration, pos, 0))
-            z = self.policy.prepare_latents(roots, g, device=dev)
-            noise.append(z[0] if roots == 1 else z)
-        gens = [torch.Generator(device=dev).manual_seed(seed_of(self.cfg.sampler_seed, iteration, pos, 1))
+        """The prompts' initial noise and SDE-noise generators, seeded by (sampler seed, iteration, prompt position)."""
+        device = self.ctx.device
+        starts = [torch.Generator(device=device).manual_seed(seed_of(self.cfg.sampler_seed, iteration, pos, 0))
+                  for pos in positions]
+        noise = self.sampler.per_prompt_noise(self.policy.prepare_latents, starts, device, iteration)
+        gens = [torch.Generator(device=device).manual_seed(seed_of(self.cfg.sampler_seed, iteration, pos, 1))
                 for pos in positions]
-        return torch.stack(noise), gens
+        return noise, gens
 
-    def score(self, ro: Rollout, prompts: list[str], iteration: int) -> torch.Tensor:
+    def score(self, rollout: Rollout, prompts: list[str], iteration: int) -> torch.Tensor:
         """Rewards ``[R, P, K', J, G]`` of the rollout's final latents, decoded and scored in chunks."""
-        P, Kf, J, G = ro.reward_shape
-        flat = ro.flat_finals()
+        P, Kf, J, G = rollout.reward_shape
+        flat = rollout.flat_finals()
         per_image = [p for p in prompts for _ in range(Kf * J * G)]
         step = self.cfg.reward_batch
         parts: list[list[torch.Tensor]] = [[] for _ in self.rewards]
@@ -183,14 +177,14 @@ class Trainer:
             raise TrainingError(f"iteration {iteration + 1}: {err}; prompts {[prompts[i] for i in bad]}") from None
         return rewards
 
-    def advantages(self, rewards: torch.Tensor, ro: Rollout) -> torch.Tensor:
+    def advantages(self, rewards: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         """``[P, K, G]``: Eq. 11 per the ``advantage`` config, mapped to the transitions' slots."""
         a = self.cfg.advantage
         std = None
         if a.std == "batch":  # Flow-GRPO's global_std: the std of every rank's rewards
             std = batch_std(rewards, a.unbiased, all_reduce=self.ctx.all_reduce_sum)  # a no-op on one rank
         adv = integrate_advantages(rewards, [w for _, _, w in self.rewards], eps=a.eps, unbiased=a.unbiased, std=std)
-        return adv[:, ro.adv_slot_of.to(adv.device)]
+        return adv[:, rollout.adv_slot_of.to(adv.device)]
 
     def iteration(self, iteration: int) -> dict[str, float]:
         """Iteration ``iteration`` (0-based; logged 1-based)."""
@@ -201,24 +195,24 @@ class Trainer:
         _fault_point(iteration, "rollout")
         try:
             with rollout_mode(self.module), self.autocast():
-                ro = self.sampler.rollout(noise, cond, generator=gens, iteration=iteration)
+                rollout = self.sampler.rollout(noise, cond, generator=gens, iteration=iteration)
         except ValueError as err:  # a non-finite velocity
             raise TrainingError(f"iteration {iteration + 1}: rollout failed: {err}; prompts {prompts}") from None
         t1 = time.perf_counter()
         _fault_point(iteration, "score")
-        rewards = self.score(ro, prompts, iteration)
+        rewards = self.score(rollout, prompts, iteration)
         t2 = time.perf_counter()
-        adv = self.advantages(rewards, ro)
+        adv = self.advantages(rewards, rollout)
         if self.stop is not None:  # the last point where the iteration can be abandoned (no weight changed)
             self.stop.check()
         _fault_point(iteration, "train")
-        m = self.train_on(ro, adv, cond, iteration, prompts)
+        m = self.train_on(rollout, adv, cond, iteration, prompts)
         t3 = time.perf_counter()
         for r, (name, _, _) in enumerate(self.rewards):
             m[f"reward/{name}"] = float(rewards[r].mean())
-            for j, lam in enumerate(ro.granularities):
+            for j, lam in enumerate(rollout.granularities):
                 m[f"reward/{name}/lambda{lam}"] = float(rewards[r, :, :, j].mean())
-        m.update({**self._adv_stats(adv), "forward_rows": float(ro.forward_rows),
+        m.update({**advantage_stats(adv, self.ctx), "forward_rows": float(rollout.forward_rows),
                   "lr": self.scheduler.get_last_lr()[0], "time_rollout": t1 - t0, "time_reward": t2 - t1,
                   "time_train": t3 - t2, "time_iteration": t3 - t0})
         m = self.ctx.reduce_metrics(m, REDUCE)
@@ -227,20 +221,13 @@ class Trainer:
             self.save_grid(iteration + 1)
         return m
 
-    def train_on(self, ro: Rollout, adv: torch.Tensor, cond: Any, iteration: int, prompts: list[str]) -> dict:
-        """The policy update of one iteration (:func:`.optimize.train_on`)."""
-        return train_on(self, ro, adv, cond, iteration, prompts)
-
-    def _adv_stats(self, adv: torch.Tensor) -> dict[str, float]:
-        """Mean, std and max |.| of the advantages over every rank (not a mean of per-rank stds)."""
-        a = adv.double().flatten().cpu()
-        stats = self.ctx.all_reduce_sum(torch.tensor([a.sum().item(), (a * a).sum().item(), float(a.numel())],
-                                                     dtype=torch.float64))
-        s1, s2, n = stats.tolist()
-        if n == 0:
-            return {"adv_mean": 0.0, "adv_std": 0.0, "adv_abs_max": 0.0}
-        var = max(0.0, s2 - s1 * s1 / n) / max(1.0, n - 1)
-        return {"adv_mean": s1 / n, "adv_std": var ** 0.5, "adv_abs_max": float(a.abs().max()) if a.numel() else 0.0}
+    def train_on(self, rollout: Rollout, adv: torch.Tensor, cond: Any, iteration: int, prompts: list[str]) -> dict:
+        """The policy update of one iteration: the strategy's trained transitions are drawn for the GLOBAL
+        batch (the same on every rank, the same as on one rank) and the update slices them."""
+        generator = torch.Generator().manual_seed(seed_of(self.cfg.seed, iteration, 2))
+        P = rollout.log_probs.shape[0]
+        global_mask = self.sampler.strategy.train_mask(self.sampler.plan(iteration), P * self.ctx.world, generator)
+        return self.update.step(rollout, adv, cond, iteration, prompts, global_mask, generator)
 
     @torch.no_grad()
     def save_grid(self, iteration: int, per_prompt: int = 4) -> None:
@@ -264,9 +251,7 @@ class Trainer:
 
     # ---- checkpoints, export, the loop ----------------------------------------------------
     def checkpoint(self, iteration: int) -> Path:
-        from .optimize import check_finite_params
-
-        check_finite_params(self, iteration, "before writing a checkpoint")  # never save a non-finite state
+        self.update.check_finite_params(iteration, "before writing a checkpoint")  # never save a non-finite state
         extra = {"prompts_consumed": iteration * self.cfg.data.prompts_per_iteration, "config": config_to_dict(self.cfg)}
         return save_checkpoint(self.ctx, self.out, iteration, self.module, self.optimizer, self.scheduler, self.ema,
                                extra)

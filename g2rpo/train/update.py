@@ -1,30 +1,35 @@
-"""The GRPO update's math (no I/O): new log-probs at the rollout's source states, the old
-log-probs recomputed in the training layout, and the work list of one minibatch.
+"""The policy update of one iteration, as a component: :class:`PolicyUpdate`.
 
-ONE forward per (prompt, source state): for G2RPO the shared ``x_k``, whose velocity scores
-all G branches leaving it through the fused log-prob op (:mod:`g2rpo.ops`) without copying it.
+Built from the set-up (the policy, its trained module and parameters, the reference), the optimizer, the
+LR schedule, the EMA and the config. :meth:`PolicyUpdate.step` runs the iteration's optimizer steps
+(:func:`optimizer_steps`: which transitions each step trains); :meth:`PolicyUpdate.forward_backward` runs
+one work unit: new log-probs at the unit's source states (:mod:`g2rpo.rollout.scoring`, ONE forward per
+prompt and source state), the clipped surrogate (Eq. 12) and the optional KL, and the backward. The old
+log-probs are recomputed in the training layout in low precision. Gradients are clipped, the weights are
+checked finite after every step, the EMA follows.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .. import ops
-from ..rollout import Rollout, gather_cond
-from ..schedule import model_timesteps
-from ..sde import sde_coefficients, sde_step_with_logprob
+from ..config import TrainConfig
+from ..distributed import DistContext, is_fsdp
+from ..loss import clipped_surrogate, gaussian_kl
+from ..rollout import Rollout
+from ..rollout.scoring import TrainingUnit, recompute_old_logprobs, score_unit, source_rows, work_units
+from .metrics import UpdateStats, update_metrics
+from .setup import PolicySetup, reference_policy, update_ema
 
-__all__ = ["Unit", "is_empty", "optimizer_steps", "recompute_old_logprobs", "selection", "slot_logprob", "source_rows", "work_units"]
-
-
-def source_rows(ro: Rollout, k: int) -> int:
-    """Number of distinct source states (forward rows per prompt) of transition slot ``k``."""
-    return int(torch.unique(ro.source_of[k]).numel())
+__all__ = ["PolicyUpdate", "TrainingError", "optimizer_steps"]
 
 
-Unit = tuple[int, slice, "torch.Tensor | None"]  # (slot k, prompt rows, branch mask [Pc, G] or None = all)
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite reward, loss, gradient or weights); the last checkpoint is intact."""
 
 
 def optimizer_steps(mask: torch.Tensor, schedule: str, minibatches: int, sample_minibatches: int,
@@ -63,115 +68,126 @@ def optimizer_steps(mask: torch.Tensor, schedule: str, minibatches: int, sample_
     return steps
 
 
-def work_units(step: torch.Tensor, prompts_per_forward: int, slots: list[int] | None = None) -> list[Unit]:
-    """The training forwards of one optimizer step: per trained slot, chunks of prompts.
+class PolicyUpdate:
+    """The update: ``step`` (one iteration's optimizer steps) and ``forward_backward`` (one work unit)."""
 
-    With ``slots`` (the slots the step trains on *any* rank) every rank gets the same units in the same
-    order, an all-False mask marking a unit with nothing to train here: its forward still runs (FSDP's
-    collectives need every rank to make the same forwards) and contributes zero."""
-    P, K, _ = step.shape
-    units = []
-    for k in range(K) if slots is None else slots:
-        for lo in range(0, P, prompts_per_forward):
-            rows = slice(lo, min(P, lo + prompts_per_forward))
-            sub = step[rows, k]
-            if sub.any() or slots is not None:
-                units.append((k, rows, None if bool(sub.all()) else sub))
-    return units
+    def __init__(self, cfg: TrainConfig, setup: PolicySetup, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 ema: dict[str, torch.Tensor] | None, ctx: DistContext, autocast: Callable[[], Any]) -> None:
+        self.cfg, self.setup, self.ctx, self.autocast = cfg, setup, ctx, autocast
+        self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
 
+    # ---- checks ----------------------------------------------------------------------------------
+    def check_finite_params(self, iteration: int, when: str, prompts: list[str] | None = None) -> None:
+        """Stop (on every rank) if any trained parameter is NaN/inf."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.setup.params]
+        bad = sum(int(not torch.isfinite(p.detach()).all()) for p in local)
+        total = self.ctx.all_reduce_sum(torch.tensor([float(bad)]))
+        if float(total[0]):
+            names = [n for n, p in self.setup.module.named_parameters() if p.requires_grad]
+            first = next((n for n, p in zip(names, local) if not torch.isfinite(p.detach()).all()), "on another rank")
+            where = f"; prompts {prompts}" if prompts is not None else ""
+            raise TrainingError(f"iteration {iteration}: non-finite parameters {when} ({int(total[0])} tensors, "
+                                f"first: {first}){where}; no checkpoint is written with them, the last one is intact")
 
-def is_empty(unit: Unit) -> bool:
-    """A unit that trains nothing on this rank (run for its collectives only)."""
-    return unit[2] is not None and not bool(unit[2].any())
+    # ---- one unit ----------------------------------------------------------------------------------
+    def score(self, rollout: Rollout, unit: TrainingUnit, cond: Any, need_mean: bool = False):
+        return score_unit(self.setup.policy, rollout, unit, cond, quantize_timesteps=self.cfg.sampler.quantize_timesteps,
+                          backend=self.cfg.ops_backend, need_mean=need_mean)
 
+    def forward_backward(self, rollout: Rollout, unit: TrainingUnit, old_log_probs: torch.Tensor,
+                         adv: torch.Tensor, cond: Any, n_total: float, stats: UpdateStats, iteration: int,
+                         prompts: list[str]) -> None:
+        """The clipped surrogate (and KL) of one unit, divided by ``n_total`` (the step's transitions over all
+        ranks / ranks: FSDP averages gradients), backpropagated. An empty unit still runs its forward (every
+        rank makes the same forwards under FSDP) and contributes zero."""
+        cfg = self.cfg
+        G = rollout.log_probs.shape[2]
+        k, rows = unit.slot, unit.rows
+        run = unit.everything() if unit.empty else unit
+        selected = run.selection(G).to(old_log_probs.device)
+        with self.autocast():
+            scored = self.score(rollout, run, cond, need_mean=cfg.loss.kl_beta > 0)
+        surrogate = clipped_surrogate(scored.log_prob, old_log_probs[rows, k][selected],
+                                      adv[rows, k][selected.to(adv.device)], cfg.loss.clip_range, cfg.loss.adv_clip_max)
+        loss = surrogate.loss.sum() / n_total
+        if cfg.loss.kl_beta > 0:
+            with reference_policy(self.setup, cfg.lora.enabled), self.autocast():
+                reference_mean = self.score(rollout, run, cond, need_mean=True).mean
+            kl = gaussian_kl(scored.mean, reference_mean, scored.std)
+            if cfg.loss.kl_convention == "flow_grpo":  # Flow-GRPO divides by 2 sigma_t^2, not 2 sigma_t^2 |dt|
+                e = int(rollout.step_index[k])
+                kl = kl * float(rollout.sigmas[e] - rollout.sigmas[e + 1])
+            loss = loss + cfg.loss.kl_beta * kl.sum() / n_total
+            if not unit.empty:
+                stats.kls.append(kl.detach())
+        if unit.empty:  # nothing to train on this rank: the forward ran for FSDP's collectives
+            (loss * 0.0).backward()
+            return
+        if not torch.isfinite(loss):
+            bad_rows = selected.nonzero()[:, 0][~torch.isfinite(surrogate.loss)].unique().tolist()
+            bad = sorted({prompts[rows.start + i] for i in bad_rows})
+            raise TrainingError(f"iteration {iteration + 1}: non-finite loss at SDE step "
+                                f"{int(rollout.step_index[k])} for prompts {bad}")
+        loss.backward()
+        if stats.first_max_dev is None:
+            stats.first_max_dev = float((surrogate.ratio - 1).abs().max())
+        stats.ratios.append(surrogate.ratio.detach().flatten())
+        stats.clipped.append(surrogate.clipped.flatten().float())
+        stats.loss_sum += float(loss.detach()) * n_total
+        stats.loss_count += surrogate.loss.numel()
 
-def selection(unit: Unit, num_branches: int) -> torch.Tensor:
-    """The ``[Pc, G]`` mask of the transitions a unit trains."""
-    _, rows, sub = unit
-    return sub if sub is not None else torch.ones(rows.stop - rows.start, num_branches, dtype=torch.bool)
-
-
-def slot_logprob(policy, ro: Rollout, k: int, rows: slice, cond: Any, *, mask: torch.Tensor | None = None,
-                 quantize_timesteps: bool = False, backend: str = "auto", need_mean: bool = False):
-    """New ``(log_prob, mean, std)`` of transitions ``(p in rows, k, g)`` (Eq. 8: the Gaussian log-density
-    of the SDE step averaged over non-batch dims), flattened in row-major order over the selected
-    ``(p, g)`` of ``mask [Pc, G]`` (all when None). ``mean``/``std`` only with ``need_mean`` (KL).
-
-    ONE forward per (prompt, source state) that a selected transition leaves from.
-    """
-    src_of = ro.source_of[k].to(ro.x_k.device)  # [G]
-    G = src_of.numel()
-    e = int(ro.step_index[k])
-    Pc = rows.stop - rows.start
-    dev = ro.x_k.device
-    sel = torch.ones(Pc, G, dtype=torch.bool, device=dev) if mask is None else mask.to(dev)
-    shared = bool((src_of == src_of[0]).all())
-    if shared and mask is None and not need_mean:  # G2RPO: one x_k and one v_k per prompt, fused op
-        x_src = ro.x_k[rows, int(src_of[0])]  # [Pc, ...]
-        v = _velocity(policy, ro, e, x_src, torch.arange(rows.start, rows.stop, device=dev), cond, quantize_timesteps)
-        a, b, std = sde_coefficients(ro.sigmas, e, ro.eta, ro.sde_kind)
-        x_next = ro.x_next[rows, k]  # [Pc, G, ...]
-        logp = torch.stack([ops.logprob(x_src[p][None], x_next[p], v[p][None], a, b, std, backend)
-                            for p in range(Pc)])
-        return logp.reshape(-1), None, None
-    # the (prompt, source) pairs the selected transitions leave from: one forward row each
-    S = ro.x_k.shape[1]
-    need = torch.zeros(Pc, S, dtype=torch.bool, device=dev)
-    tp, tg = sel.nonzero(as_tuple=True)
-    need[tp, src_of[tg]] = True
-    pp, ss = need.nonzero(as_tuple=True)
-    x_src = ro.x_k[rows.start + pp, ss]  # [n, ...]
-    v = _velocity(policy, ro, e, x_src, rows.start + pp, cond, quantize_timesteps)
-    row_of = torch.full((Pc, S), -1, dtype=torch.long, device=dev)
-    row_of[pp, ss] = torch.arange(pp.numel(), device=dev)
-    r = row_of[tp, src_of[tg]]
-    x_next = ro.x_next[rows.start + tp, k, tg]  # [n_sel, ...]
-    if need_mean:
-        _, logp, mean, std = sde_step_with_logprob(v[r], x_src[r], ro.sigmas, e, ro.eta, prev_sample=x_next,
-                                                   kind=ro.sde_kind)
-        return logp, mean, std
-    a, b, std = sde_coefficients(ro.sigmas, e, ro.eta, ro.sde_kind)
-    return ops.logprob(x_src[r], x_next, v[r], a, b, std, backend), None, None
-
-
-def _velocity(policy, ro: Rollout, e: int, x: torch.Tensor, prompt_of_row: torch.Tensor, cond: Any,
-              quantize_timesteps: bool) -> torch.Tensor:
-    sigma = ro.sigmas[e].to(device=x.device, dtype=torch.float32).expand(x.shape[0])
-    return policy(x, model_timesteps(sigma, quantize_timesteps), gather_cond(cond, prompt_of_row))
-
-
-@torch.no_grad()
-def recompute_old_logprobs(policy, ro: Rollout, steps_units: list[list[Unit]], cond: Any, *,
-                           quantize_timesteps: bool = False, backend: str = "auto") -> tuple[torch.Tensor, int]:
-    """The old log-probs ``[P, K, G]`` recomputed with the training layout's forwards (the same units
-    as the update makes, each transition at its first unit), so that batch-shape-dependent kernels
-    cannot move the first ratio off 1. Transitions not trained keep the rollout's values. Returns
-    (old log-probs, forward rows spent)."""
-    old = ro.log_probs.clone()
-    G = old.shape[2]
-    done = torch.zeros(old.shape, dtype=torch.bool)
-    spent = 0
-    for units in steps_units:
-        for unit in units:
-            k, rows, sub = unit
-            sel = selection(unit, G)
-            fresh = sel & ~done[rows, k]
-            if is_empty(unit):  # the same forwards on every rank (FSDP), nothing to store
-                slot_logprob(policy, ro, k, rows, cond, quantize_timesteps=quantize_timesteps, backend=backend)
-                continue
-            logp, _, _ = slot_logprob(policy, ro, k, rows, cond, mask=sub, quantize_timesteps=quantize_timesteps,
-                                      backend=backend)
-            flat = torch.zeros(sel.shape, dtype=old.dtype, device=old.device)
-            flat[sel.to(old.device)] = logp.to(old.dtype)
-            block = old[rows, k]
-            block[fresh.to(old.device)] = flat[fresh.to(old.device)]
-            old[rows, k] = block
-            done[rows, k] |= fresh
-            spent += _forward_rows(ro, k, sel)
-    return old, spent
-
-
-def _forward_rows(ro: Rollout, k: int, sel: torch.Tensor) -> int:
-    """Forward rows of a unit: distinct (prompt, source) pairs of its selected transitions."""
-    src = ro.source_of[k].cpu()
-    return sum(int(torch.unique(src[row.cpu()]).numel()) for row in sel if row.any())
+    # ---- one iteration -------------------------------------------------------------------------------
+    def step(self, rollout: Rollout, adv: torch.Tensor, cond: Any, iteration: int, prompts: list[str],
+             global_mask: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+        """The optimizer steps of iteration ``iteration`` (0-based) on this rank's ``rollout``. ``global_mask
+        [P * ranks, K, G]`` (the strategy's trained transitions, drawn for the global batch, the same on every
+        rank) is split into optimizer steps and sliced to this rank's prompts, so that every rank makes the
+        same forwards (FSDP). Returns this rank's metrics."""
+        cfg, world = self.cfg, self.ctx.world
+        P, K, G = rollout.log_probs.shape
+        lo = self.ctx.rank * P
+        global_steps = optimizer_steps(global_mask, cfg.optim.update_schedule, cfg.minibatches,
+                                       cfg.optim.sample_minibatches, cfg.inner_epochs, generator, ranks=world)
+        mask = global_mask[lo:lo + P]
+        steps = [s[lo:lo + P] for s in global_steps]
+        trained = [k for k in range(K) if bool(global_mask[:, k].any())]
+        widest = max([source_rows(rollout, k) for k in trained] or [1])
+        prompts_per_forward = max(1, cfg.train_batch // widest)
+        steps_units = [work_units(m, prompts_per_forward, [k for k in range(K) if bool(g[:, k].any())]
+                                  if world > 1 else None) for m, g in zip(steps, global_steps)]
+        stats = UpdateStats(trained_slots=len(trained), optimizer_steps=len(steps))
+        module = self.setup.module
+        module.train()
+        old_log_probs = rollout.log_probs
+        recompute = cfg.loss.recompute_old_logprob
+        if recompute == "auto":
+            recompute = self.setup.compute_dtype != torch.float32
+        if recompute and steps:
+            with self.autocast():
+                old_log_probs, spent = recompute_old_logprobs(self.setup.policy, rollout, steps_units, cond,
+                                                              quantize_timesteps=cfg.sampler.quantize_timesteps,
+                                                              backend=cfg.ops_backend)
+            dev = (old_log_probs - rollout.log_probs)[mask.to(old_log_probs.device)].abs()
+            stats.extra = {"recompute_forward_rows": float(spent),
+                           "old_logprob_max_dev": float(dev.max()) if dev.numel() else 0.0}
+        for global_step, units in zip(global_steps, steps_units):
+            n_total = int(global_step.sum()) / world  # FSDP averages the ranks' gradients: sum / n over all ranks
+            self.optimizer.zero_grad(set_to_none=True)
+            before = len(stats.ratios)
+            for w, unit in enumerate(units):
+                if is_fsdp(module):
+                    module.set_requires_gradient_sync(w == len(units) - 1)
+                self.forward_backward(rollout, unit, old_log_probs, adv, cond, n_total, stats, iteration, prompts)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.setup.params, cfg.optim.max_grad_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if not math.isfinite(grad_norm):
+                raise TrainingError(f"iteration {iteration + 1}: non-finite gradient norm ({grad_norm}); "
+                                    f"prompts {prompts}")
+            stats.grad_norms.append(grad_norm)
+            self.optimizer.step()
+            self.check_finite_params(iteration + 1, "after the optimizer step", prompts)
+            update_ema(self.ema, module, cfg.ema_decay)
+            if len(stats.ratios) > before:
+                stats.step_max_devs.append(float((torch.cat(stats.ratios[before:]) - 1).abs().max()))
+        self.scheduler.step()
+        return update_metrics(stats, kl=cfg.loss.kl_beta > 0)

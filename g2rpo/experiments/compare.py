@@ -1,4 +1,4 @@
-"""`python -m g2rpo.lab compare`: the paper's comparison (Tables 1, 4 and Fig. 1a) on the lab world,
+"""`python -m g2rpo.experiments compare` (also `python -m g2rpo.lab compare`): the paper's comparison (Tables 1, 4 and Fig. 1a) on the lab world,
 under both preset families (``configs/methods/<method>-{paper,official}.yaml``).
 
 Every method trains from the same base model on the same prompts with the same seeds and
@@ -28,7 +28,7 @@ from ..config import default_config_path, load_config
 from ..distributed import rollout_mode
 from ..train import Trainer
 from ..train.logs import draw_labelled_rows
-from .world import build_world, evaluate_lab, load_judge, load_rewards
+from ..lab.world import build_world, evaluate_lab, load_judge, load_rewards
 
 __all__ = ["CompareSettings", "run_method", "compare", "preset_path"]
 
@@ -118,7 +118,7 @@ def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, 
 @torch.no_grad()
 def _grid_images(trainer: Trainer, per_digit: int = 6) -> torch.Tensor:
     """ODE samples of the held-out prompts: ``[10 * per_digit, S, S]``, digit-major (fixed noise)."""
-    from .world import lab_prompts_for, sample_images
+    from ..lab.world import lab_prompts_for, sample_images
 
     labels = [c for c in range(10) for _ in range(per_digit)]
     with rollout_mode(trainer.module):
@@ -185,7 +185,7 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
 
 
 def _evaluate_base(world: Path, judge, rewards, eval_per_class: int, curve_per_class: int) -> dict:
-    from .generator import load_lab_policy
+    from ..lab.generator import load_lab_policy
 
     policy = load_lab_policy(world)
     return {"final": {str(s): evaluate_lab(policy, world, per_class=eval_per_class, steps=s, judge=judge,
@@ -196,8 +196,8 @@ def _evaluate_base(world: Path, judge, rewards, eval_per_class: int, curve_per_c
 
 @torch.no_grad()
 def _base_grid(world: Path) -> torch.Tensor:
-    from .generator import load_lab_policy
-    from .world import lab_prompts_for, sample_images
+    from ..lab.generator import load_lab_policy
+    from ..lab.world import lab_prompts_for, sample_images
 
     labels = [c for c in range(10) for _ in range(6)]
     return sample_images(load_lab_policy(world), lab_prompts_for(labels, test=True), steps=16, seed=777)

@@ -1,0 +1,5 @@
+"""`python -m g2rpo.experiments compare ...`."""
+
+from .cli import main
+
+main()

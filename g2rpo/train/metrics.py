@@ -1,0 +1,62 @@
+"""Metrics of an iteration: how each is reduced over ranks, the advantages' statistics, the update's summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..distributed import DistContext
+
+__all__ = ["REDUCE", "UpdateStats", "advantage_stats", "update_metrics"]
+
+#: How a metric is reduced over ranks (default: the mean).
+REDUCE = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", "ratio_last_step_max_dev": "max",
+          "adv_abs_max": "max", "adv_mean": "max", "adv_std": "max", "forward_rows": "sum", "time_rollout": "max",
+          "time_reward": "max", "time_train": "max", "time_iteration": "max", "recompute_forward_rows": "sum",
+          "old_logprob_max_dev": "max"}
+
+
+@dataclass
+class UpdateStats:
+    """What the optimizer steps of one iteration measured (reduced to metrics by :func:`update_metrics`)."""
+
+    ratios: list[torch.Tensor] = field(default_factory=list)
+    clipped: list[torch.Tensor] = field(default_factory=list)
+    kls: list[torch.Tensor] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    step_max_devs: list[float] = field(default_factory=list)
+    first_max_dev: float | None = None
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    trained_slots: int = 0
+    optimizer_steps: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def advantage_stats(adv: torch.Tensor, ctx: DistContext) -> dict[str, float]:
+    """Mean, std and max |.| of the advantages over every rank (not a mean of per-rank stds)."""
+    a = adv.double().flatten().cpu()
+    stats = ctx.all_reduce_sum(torch.tensor([a.sum().item(), (a * a).sum().item(), float(a.numel())],
+                                            dtype=torch.float64))
+    s1, s2, n = stats.tolist()
+    if n == 0:
+        return {"adv_mean": 0.0, "adv_std": 0.0, "adv_abs_max": 0.0}
+    var = max(0.0, s2 - s1 * s1 / n) / max(1.0, n - 1)
+    return {"adv_mean": s1 / n, "adv_std": var ** 0.5, "adv_abs_max": float(a.abs().max()) if a.numel() else 0.0}
+
+
+def update_metrics(stats: UpdateStats, kl: bool) -> dict[str, float]:
+    """This rank's update metrics; the same keys on every rank even when it trained nothing."""
+    kl_metric = {"kl": float(torch.cat(stats.kls).mean()) if stats.kls else 0.0} if kl else {}
+    common = {"grad_norm": float(np.mean(stats.grad_norms)) if stats.grad_norms else 0.0,
+              "trained_steps": float(stats.trained_slots), "optimizer_steps": float(stats.optimizer_steps),
+              **stats.extra, **kl_metric}
+    if not stats.ratios:  # nothing trained here (e.g. an empty MixGRPO window)
+        return {"ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0, "ratio_first_max_dev": 0.0,
+                "ratio_last_step_max_dev": 0.0, "clip_frac": 0.0, "loss": 0.0, **common}
+    r = torch.cat(stats.ratios)
+    return {"ratio_mean": float(r.mean()), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
+            "ratio_first_max_dev": stats.first_max_dev, "ratio_last_step_max_dev": stats.step_max_devs[-1],
+            "clip_frac": float(torch.cat(stats.clipped).mean()), "loss": stats.loss_sum / stats.loss_count, **common}

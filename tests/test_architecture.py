@@ -1,0 +1,127 @@
+"""The house: the import graph of g2rpo/ has no loops, no module imports one that stands above it on the
+data path, and each model family's name is spelled in at most two files (its registry row, its adapter)."""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "g2rpo"
+
+#: Floors, bottom to top: a module may import its own floor and those below. ``__main__`` modules are
+#: entry points, above everything. Modules not listed fail the test (every new module takes a floor).
+FLOORS = [
+    ("foundation", ["g2rpo.yaml_numbers", "g2rpo.hub", "g2rpo.distributed", "g2rpo.schedule", "g2rpo.models.registry",
+                    "g2rpo.kernels*"]),
+    ("math", ["g2rpo.sde", "g2rpo.ops*", "g2rpo.loss", "g2rpo.advantage"]),
+    ("rollout", ["g2rpo.rollout*"]),
+    ("models, rewards, prompts", ["g2rpo.models*", "g2rpo.rewards*", "g2rpo.prompts", "g2rpo.compat*",
+                                  "g2rpo.testing*"]),
+    ("worlds", ["g2rpo.lab*"]),
+    ("configuration and the drop-in API", ["g2rpo.config", "g2rpo.policy", "g2rpo.checkpoint", "g2rpo.pipelines"]),
+    ("trainer", ["g2rpo.train*"]),
+    ("tools above the trainer", ["g2rpo.eval", "g2rpo.export", "g2rpo.experiments*", "g2rpo"]),
+]
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for f in PKG.rglob("*.py"):
+        name = ".".join(f.with_suffix("").relative_to(ROOT).parts)
+        mods[name.removesuffix(".__init__")] = f
+    for f in (ROOT / "kernels").glob("*.py"):
+        mods[("g2rpo.kernels." + f.stem).removesuffix(".__init__")] = f
+    return mods
+
+
+def _imports(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """Every g2rpo module each module imports, at module level or inside functions."""
+    edges = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            for t in targets:
+                while t and t not in mods and "." in t:
+                    t = t.rsplit(".", 1)[0]
+                if t in mods and t != name:
+                    found.add(t)
+        # `from . import x` in a package resolves to its own submodules only; drop the package itself
+        edges[name] = {t for t in found if not (name.startswith(t + ".") and t != "g2rpo") or t == name}
+    return edges
+
+
+def _floor(name: str) -> int:
+    if name.endswith("__main__"):
+        return len(FLOORS)
+    best = None
+    for i, (_, patterns) in enumerate(FLOORS):
+        for p in patterns:
+            if (p.endswith("*") and (name == p[:-1] or name.startswith(p[:-1] + "."))) or name == p:
+                best = i
+    assert best is not None, f"{name} has no floor in tests/test_architecture.py: give it one"
+    return best
+
+
+def test_the_import_graph_has_no_loops():
+    edges = _imports(_modules())
+    index, low, stack, on, loops, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                loops.append(sorted(comp))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    assert loops == [], f"import loops: {loops}"
+
+
+def test_no_module_imports_one_above_it():
+    edges = _imports(_modules())
+    climbs = [f"{a} ({FLOORS[_floor(a)][0] if _floor(a) < len(FLOORS) else 'entry point'}) imports {b} "
+              f"({FLOORS[_floor(b)][0]})" for a, bs in sorted(edges.items()) for b in sorted(bs)
+              if b != "g2rpo" and _floor(b) > _floor(a)]
+    assert climbs == [], "\n".join(climbs)
+
+
+def test_each_family_name_is_spelled_in_at_most_two_places():
+    """A family's name is spelled (as a string) only in its registry row and in its own code: the adapter's
+    module (the lab world's package for the lab)."""
+    from g2rpo.models.registry import FAMILIES
+
+    for name, fam in FAMILIES.items():
+        own = fam.adapter.split(":")[0]
+        own = own.rsplit(".", 1)[0] if own.startswith("g2rpo.lab.") else own
+        pattern = re.compile(rf"""["']{name}["']""")
+        files = sorted(str(p.relative_to(ROOT)) for p in PKG.rglob("*.py") if pattern.search(p.read_text()))
+        elsewhere = [f for f in files if f != "g2rpo/models/registry.py"
+                     and not f.removesuffix(".py").replace("/", ".").startswith(own)]
+        assert "g2rpo/models/registry.py" in files and elsewhere == [], (name, elsewhere)
