@@ -102,3 +102,27 @@ def test_tiny_flux_engine_equals_public_loop():
     finals, rows = public_loop_rollout(velocity, noise, cond, generator=torch.Generator().manual_seed(1), **setting)
     assert torch.allclose(ro.finals[0], finals, atol=1e-4)
     assert ro.forward_rows < rows
+
+
+def test_a_config_without_guidance_gets_its_familys_default(sd3_dir, tmp_path):
+    """Defaults come from the family (models.registry: the diffusers pipeline's own __call__ defaults), not
+    Flux's 3.5: SD3 7.0, Wan 5.0 (and 480x832, 81 frames); Flux 3.5."""
+    from g2rpo.config import load_config
+    from g2rpo.policy import load_policy as load_from_config
+    from g2rpo.testing.tiny import tiny_wan_pipeline
+
+    sd3 = load_from_config(load_config(None, {"model": {"kind": "sd3", "path": str(sd3_dir), "height": 32,
+                                                          "width": 32}}).model).policy
+    assert sd3.guidance_scale == 7.0 and sd3.max_sequence_length == 256
+    wan_dir = tmp_path / "wan"
+    tiny_wan_pipeline(seed=0).save_pretrained(wan_dir)
+    cfg = load_config(None, {"model": {"kind": "wan", "path": str(wan_dir), "height": 16, "width": 16,
+                                       "num_frames": 5}})
+    assert cfg.model.guidance_scale is None
+    wan = load_from_config(cfg.model).policy
+    assert wan.guidance_scale == 5.0 and wan.num_frames == 5
+    from g2rpo.models.registry import FAMILIES
+
+    assert (FAMILIES["wan"].defaults.height, FAMILIES["wan"].defaults.width, FAMILIES["wan"].defaults.num_frames) == \
+        (480, 832, 81)
+    assert FAMILIES["flux"].defaults.guidance_scale == 3.5
