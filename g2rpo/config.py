@@ -81,6 +81,7 @@ class SamplerConfig:
     train_last_step: bool | None = None  # false: never train the last grid step (DanceGRPO's code)
     window_end: int | None = None  # MixGRPO's code: windows end before T-2 ...
     window_roll_back: bool | None = None  # ... and the start rolls back to 0 past it
+    score_x0: bool | None = None  # score the last step's x0 prediction (DanceGRPO's code; its default) or the sample
 
     def strategy_options(self) -> dict[str, Any]:
         """The strategy's options (:func:`g2rpo.rollout.strategies.strategy_options`: the keys it takes)."""
@@ -93,7 +94,8 @@ class SamplerConfig:
 
 #: SamplerConfig keys of the trajectory strategies (None: the strategy's default).
 TRAJECTORY_OPTIONS = ("train_fraction", "shared_noise", "window_size", "window_stride", "shift_interval",
-                      "window_max_start", "train_selection", "train_last_step", "window_end", "window_roll_back")
+                      "window_max_start", "train_selection", "train_last_step", "window_end", "window_roll_back",
+                      "score_x0")
 
 
 @dataclass

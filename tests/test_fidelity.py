@@ -194,3 +194,31 @@ def test_two_ranks_with_per_sample_subsets_and_sample_minibatches(lab_world, tmp
     steps = optimizer_steps(torch.ones(4, 2, 3, dtype=torch.bool), "per_iteration", 1, 3, 1, ranks=2)
     assert [s[:, 0].flatten().nonzero().flatten().tolist() for s in steps] == [[0, 1, 6, 7], [2, 3, 8, 9],
                                                                                [4, 5, 10, 11]]
+
+
+def test_dance_grpo_scores_the_last_steps_x0_prediction():
+    """DanceGRPO's run_sample_step scores pred_original = x - sigma v of its last flux_step (the last step's noise
+    never reaches the reward); Flow-GRPO scores its last sample. Same forwards either way."""
+    from g2rpo import G2RPOSampler
+    from g2rpo.testing import GaussianWorld
+
+    world = GaussianWorld()
+    noise = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for name, opts in (("dance", {}), ("dance_sample", {"score_x0": False}), ("flow", {"shared_noise": True})):
+        strategy = "flow_grpo" if name == "flow" else "dance_grpo"
+        sampler = G2RPOSampler(world, num_steps=6, group_size=3, strategy=strategy, max_batch=64, **opts)
+        runs[name] = sampler.rollout(noise, None, generator=torch.Generator().manual_seed(1))
+    ro = runs["dance"]
+    last = ro.x_k.shape[1] and int(ro.step_index[-1])
+    assert last == 5
+    x = ro.x_k[torch.arange(2)[:, None], ro.source_of[-1][None, :]]  # [P, G, ...] the states before the last step
+    sigma = ro.sigmas[last].float()
+    v = world(x.reshape(6, 4, 4), sigma.expand(6)).reshape(x.shape)
+    x0 = x - sigma * v
+    assert torch.allclose(ro.finals[:, 0, 0], x0, atol=1e-6)
+    assert (ro.finals[:, 0, 0] - ro.x_next[:, -1]).abs().max() > 1e-3  # not the noisy last sample
+    assert torch.equal(runs["dance_sample"].finals[:, 0, 0], runs["dance_sample"].x_next[:, -1])
+    assert torch.equal(runs["flow"].finals[:, 0, 0], runs["flow"].x_next[:, -1])
+    assert ro.forward_rows == runs["dance_sample"].forward_rows
+    assert torch.equal(ro.log_probs, runs["dance_sample"].log_probs)  # the transitions are unchanged

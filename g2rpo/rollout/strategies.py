@@ -131,6 +131,10 @@ class TrajectoryStrategy(Strategy):
     # and with window_roll_back the start goes back to 0 once it passes window_end
     window_end: int | None = None
     window_roll_back: bool = False
+    # the image scored: False, the trajectory's last sample; True, the last step's x0 prediction x - sigma v
+    # (DanceGRPO's run_sample_step scores pred_original of its last flux_step, so the last step's noise never
+    # reaches the reward). With sigma_T = 0 that is the last step's Euler ODE step, from the same forward.
+    score_x0: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -177,8 +181,9 @@ class TrajectoryStrategy(Strategy):
             for t in range(T):
                 if t in steps:
                     b.source_slot(node)
-                    node = b.sde(node)
-                    b.transitions[(steps.index(t), g)] = node
+                    child = b.sde(node)
+                    b.transitions[(steps.index(t), g)] = child
+                    node = b.ode(node, T) if t == T - 1 and self.score_x0 else child
                 else:
                     node = b.ode(node, t + 1)
             b.finals[(0, 0, g)] = node
@@ -218,7 +223,7 @@ def _g2rpo_no_mgai(**kw) -> Strategy:
 
 
 def _dance(**kw) -> Strategy:
-    kw = {"eta": 0.3, "sde_kind": "dance_grpo", "train_fraction": 0.6, **kw}
+    kw = {"eta": 0.3, "sde_kind": "dance_grpo", "train_fraction": 0.6, "score_x0": True, **kw}
     return TrajectoryStrategy(name="dance_grpo", **kw)
 
 
