@@ -130,7 +130,8 @@ def test_trajectory_strategies_are_consistent_chains(model, name):
                     xn = ro.x_next[p, k, g:g + 1]
                     _, lp, _, _ = sde_step_with_logprob(vel, x, sig, t, s.eta, prev_sample=xn, kind=s.sde_kind)
                     assert torch.allclose(lp, ro.log_probs[p, k, g:g + 1], atol=1e-5)
-                    x = xn
+                    # DanceGRPO scores the last step's x0 prediction x - sigma v (= the Euler step to sigma 0)
+                    x = ode_step(vel, x, sig, t, t + 1) if t == T - 1 and s.score_x0 else xn
                 else:
                     x = ode_step(vel, x, sig, t, t + 1)
             assert torch.allclose(ro.finals[p, 0, 0, g], x[0], atol=1e-5)
