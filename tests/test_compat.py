@@ -59,13 +59,13 @@ def test_flow_grpo_sde_step_with_logprob(dtype, rows):
     assert torch.allclose(lp2.double(), r_lp, atol=1e-4)
 
 
-def test_g2rpo_official_flow_grpo_step():
+def test_g2rpo_official_flow_grpo_step_fp32_option():
     sigmas = torch.tensor(sigma_schedule(16).tolist(), dtype=torch.float32)
     x, v = _inputs(torch.float32, 1)
     for index, eta in ((0, 0.7), (6, 0.7), (6, 0.0)):
         gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
         v_bf16 = v.to(torch.bfloat16)  # as under autocast: noise drawn in bf16
-        prev, x0, lp = flow_grpo_step(v_bf16, x, eta, sigmas, index, None, generator=gen())
+        prev, x0, lp = flow_grpo_step(v_bf16, x, eta, sigmas, index, None, generator=gen(), precision="fp32")
         noise = torch.randn(SHAPE, generator=gen(), dtype=torch.bfloat16).float()
         sig = sigmas[index].expand(3)
         r_prev, r_lp, r_mean, _ = _flow_ref(x, v_bf16.float(), sig, sigmas[index + 1].expand(3), sigmas[1].item(), eta,
@@ -81,7 +81,7 @@ def test_g2rpo_official_flow_grpo_step():
 @pytest.mark.parametrize("sde_solver", [True, False])
 @pytest.mark.parametrize("grpo", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dance_grpo_flux_step(sde_solver, grpo, dtype):
+def test_dance_grpo_flux_step_fp32_option(sde_solver, grpo, dtype):
     sigmas = torch.tensor(sigma_schedule(16).tolist(), dtype=torch.float32)
     x, v = _inputs(dtype, 2)
     eta, index = 0.3, 4
@@ -94,7 +94,7 @@ def test_dance_grpo_flux_step(sde_solver, grpo, dtype):
         mean = mean + (-0.5 * eta**2 * score) * (nxt - sig)
     std = eta * math.sqrt(float(sig - nxt))
     torch.manual_seed(11)
-    out = flux_step(v, x, eta, sigmas, index, None, grpo, sde_solver)
+    out = flux_step(v, x, eta, sigmas, index, None, grpo, sde_solver, precision="fp32")
     assert torch.allclose(out[1].double(), x0, atol=1e-5)
     if not grpo:
         assert torch.allclose(out[0].double(), mean, atol=1e-5)
@@ -104,5 +104,89 @@ def test_dance_grpo_flux_step(sde_solver, grpo, dtype):
     lp = (-((prev - mean) ** 2) / (2 * std**2) - math.log(std) - math.log(math.sqrt(2 * math.pi))).flatten(1).mean(1)
     assert torch.allclose(out[0].double(), prev, atol=1e-5)
     assert torch.allclose(out[2].double(), lp, atol=1e-4)
-    scored = flux_step(v, x, eta, sigmas, index, prev.float(), grpo, sde_solver)
+    scored = flux_step(v, x, eta, sigmas, index, prev.float(), grpo, sde_solver, precision="fp32")
     assert torch.allclose(scored[2].double(), lp, atol=1e-4)
+
+
+# ---- bit-faithful by default: the public functions' arithmetic, re-derived here step by step ---------------------
+# Both public functions are called with a bf16 model output (autocast) and fp32 latents: a 0-d fp32 schedule value
+# times the bf16 output stays bf16 and only then meets the fp32 latents. Written out here op by op, in the inputs'
+# dtypes, and compared to the bit.
+
+def _dance_public(v, x, eta, sigmas, i, prev, grpo, sde_solver):
+    s0, s1 = sigmas[i], sigmas[i + 1]
+    d = s1 - s0
+    m = x + d * v
+    x0 = x - s0 * v
+    sd = eta * math.sqrt(s0 - s1)
+    if sde_solver:
+        m = m + (-0.5 * eta ** 2 * (-(x - x0 * (1 - s0)) / s0 ** 2)) * d
+    if not grpo:
+        return m, x0
+    if prev is None:
+        prev = m + torch.randn_like(m) * sd
+    lp = -((prev.float() - m.float()) ** 2) / (2 * sd ** 2) - math.log(sd) - torch.log(torch.sqrt(2 * torch.as_tensor(
+        math.pi)))
+    return prev, x0, lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
+def _official_public(v, x, eta, sigmas, i, prev, gen):
+    s0, s1 = sigmas[i], sigmas[i + 1]
+    d = s1 - s0
+    x0 = x - s0 * v
+    st = torch.sqrt(s0 / (1 - torch.where(s0 == 1, sigmas[1].item(), s0))) * eta
+    m = x * (1 + st ** 2 / (2 * s0) * d) + v * (1 + st ** 2 * (1 - s0) / (2 * s0)) * d
+    if prev is None:
+        prev = m + st * torch.sqrt(-1 * d) * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+    sd = st * torch.sqrt(-1 * d)
+    lp = -((prev - m) ** 2) / (2 * sd ** 2) - torch.log(sd) - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi)))
+    return prev, x0, lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
+def _same(a, b):
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    assert torch.equal(a, b) or (torch.isnan(a) == torch.isnan(b)).all() and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float32, torch.float32)], ids=["bf16-v,fp32-x", "bf16", "fp32"])
+@pytest.mark.parametrize("grpo, sde_solver", [(True, True), (True, False), (False, True)])
+def test_dance_grpo_flux_step_is_bit_faithful_by_default(dtypes, grpo, sde_solver):
+    sigmas = torch.linspace(1, 0, 17)
+    sigmas = 3.0 * sigmas / (1 + 2.0 * sigmas)  # sd3_time_shift in fp32, as DanceGRPO
+    g = torch.Generator().manual_seed(5)
+    v, x = torch.randn(SHAPE, generator=g).to(dtypes[0]), torch.randn(SHAPE, generator=g).to(dtypes[1])
+    for i in (0, 7, 15):
+        torch.manual_seed(3)
+        ours = flux_step(v, x, 0.3, sigmas, i, None, grpo, sde_solver)
+        torch.manual_seed(3)
+        ref = _dance_public(v, x, 0.3, sigmas, i, None, grpo, sde_solver)
+        for a, b in zip(ours, ref):
+            _same(a, b)
+        if grpo:  # scoring a given sample
+            for a, b in zip(flux_step(v, x, 0.3, sigmas, i, ref[0], grpo, sde_solver),
+                            _dance_public(v, x, 0.3, sigmas, i, ref[0], grpo, sde_solver)):
+                _same(a, b)
+    if dtypes == (torch.bfloat16, torch.float32):  # what DanceGRPO's trainer passes: fp32 samples, bf16 products
+        assert ours[0].dtype == torch.float32
+        fp32 = flux_step(v, x, 0.3, sigmas, 15, ref[0] if grpo else None, grpo, sde_solver, precision="fp32")
+        assert not torch.equal(fp32[1], ours[1])  # the fp32 option differs in the last bits
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float32, torch.float32)], ids=["bf16-v,fp32-x", "bf16", "fp32"])
+def test_official_flow_grpo_step_is_bit_faithful_by_default(dtypes):
+    sigmas = torch.linspace(1, 0, 17)
+    sigmas = 3.0 * sigmas / (1 + 2.0 * sigmas)
+    g = torch.Generator().manual_seed(6)
+    v, x = torch.randn(SHAPE, generator=g).to(dtypes[0]), torch.randn(SHAPE, generator=g).to(dtypes[1])
+    for i, eta in ((0, 0.7), (7, 0.7), (7, 0.0)):
+        ours = flow_grpo_step(v, x, eta, sigmas, i, None, generator=torch.Generator().manual_seed(4))
+        ref = _official_public(v, x, eta, sigmas, i, None, torch.Generator().manual_seed(4))
+        for a, b in zip(ours, ref):
+            _same(a, b)
+        scored = flow_grpo_step(v, x, eta, sigmas, i, ref[0])
+        for a, b in zip(scored, _official_public(v, x, eta, sigmas, i, ref[0], None)):
+            _same(a, b)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        flow_grpo_step(v, x, 0.7, sigmas, 0, None, precision="fp16")

@@ -11,16 +11,25 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..sde import sde_step_with_logprob
+from ._public_math import PRECISIONS, official_flow_grpo_step
 
 __all__ = ["flow_grpo_step"]
 
 
 def flow_grpo_step(model_output: torch.Tensor, latents: torch.Tensor, eta: float, sigmas: torch.Tensor, index: int,
-                   prev_sample: torch.Tensor | None, generator: torch.Generator | None = None):
+                   prev_sample: torch.Tensor | None, generator: torch.Generator | None = None, *,
+                   precision: str = "public"):
     """The Flow-GRPO SDE step (Eq. 2-3) as the official G2RPO code calls it: ``eta = 0`` for its ODE
-    steps (``log_prob`` is then NaN, unused there). Noise is drawn as there: ``randn_tensor`` with the
+    steps (``log_prob`` is then NaN or inf, unused there). Noise is drawn as there: ``randn_tensor`` with the
     model output's dtype (bf16 under autocast). Returns ``(prev_sample, pred_original_sample, log_prob)``.
+
+    ``precision="public"`` (default): the official arithmetic in the inputs' dtypes, bit-equal to it for the
+    same inputs and RNG state, the same returned dtypes. ``precision="fp32"``: g2rpo's fp32 math.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "public":
+        return official_flow_grpo_step(model_output, latents, eta, sigmas, index, prev_sample, generator)
     x = latents.float()
     pred_original_sample = x - float(sigmas[index]) * model_output.float()
     noise = None
