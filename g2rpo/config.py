@@ -69,6 +69,7 @@ class SamplerConfig:
     group_size: int = 12
     max_batch: int = 64
     quantize_timesteps: bool = False
+    noise_dtype: str = "float32"  # float32 | bfloat16: the initial noise's draw (bfloat16: the public Flux GRPO code)
     cuda_graphs: bool = False  # rollouts under torch.compile(mode="reduce-overhead") on GPU
     # trajectory strategies (None: the strategy's default)
     train_fraction: float | None = None
@@ -208,6 +209,8 @@ class TrainConfig:
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0 (0: only at the end)"),
             ("image_every", self.image_every >= 0, "must be >= 0"),
             ("sampler.max_batch", s.max_batch >= 1, "must be >= 1"),
+            ("sampler.noise_dtype", s.noise_dtype in ("float32", "bfloat16"),
+             f"must be float32 or bfloat16, got {s.noise_dtype!r}"),
             ("sampler.shift", s.shift > 0, "must be > 0"),
             ("sampler.num_steps", s.num_steps >= 1, "must be >= 1"),
             ("sampler.sde_indices", not g2rpo_keys or all(0 <= e < s.num_steps for e in s.sde_indices),

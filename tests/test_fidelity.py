@@ -222,3 +222,23 @@ def test_dance_grpo_scores_the_last_steps_x0_prediction():
     assert torch.equal(runs["flow"].finals[:, 0, 0], runs["flow"].x_next[:, -1])
     assert ro.forward_rows == runs["dance_sample"].forward_rows
     assert torch.equal(ro.log_probs, runs["dance_sample"].log_probs)  # the transitions are unchanged
+
+
+def test_initial_noise_drawn_in_bf16_as_the_public_flux_code(lab_world, tmp_path):
+    """sampler.noise_dtype: bfloat16 draws torch.randn(..., dtype=torch.bfloat16) from the same generator (other
+    values than an fp32 draw), as G2RPO, DanceGRPO and MixGRPO draw their initial noise; set in their presets."""
+    from g2rpo.train import Trainer
+
+    cfg = load_config(None, tiny(lab_world, tmp_path, iterations=1, **{"sampler.noise_dtype": "bfloat16"}))
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    noise, _ = trainer._noise(0, [3])
+    from g2rpo.train.setup import seed_of
+
+    g = torch.Generator().manual_seed(seed_of(cfg.sampler_seed, 0, 3, 0))
+    expected = torch.randn(noise.shape[1:], generator=g, dtype=torch.bfloat16).float()
+    assert torch.equal(noise[0], expected)
+    g = torch.Generator().manual_seed(seed_of(cfg.sampler_seed, 0, 3, 0))
+    assert not torch.equal(noise[0], torch.randn(noise.shape[1:], generator=g))
+    trainer.close()
+    for preset in ("g2rpo-official", "dance_grpo-official", "mix_grpo-official"):
+        assert load_config([LAB, ROOT / "configs" / "methods" / f"{preset}.yaml"]).sampler.noise_dtype == "bfloat16"

@@ -78,7 +78,7 @@ class LabPolicy(FluxVelocityAdapter):
         return self.text_encoder(prompts)
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        return torch.randn((n, *self.latent_shape), generator=generator, device=device)
+        return self.randn((n, *self.latent_shape), generator, device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return to_unit(unpack_latents(latents.float(), self.size, self.size))

@@ -5,7 +5,8 @@ An adapter is a velocity model behind the engine's protocol ``model(x, sigma, co
 
 * ``encode_prompts(prompts) -> cond``: text embeddings, computed once per prompt and cached (the
   text encoders are frozen), one row per prompt;
-* ``prepare_latents(n, generator, device)``: initial noise as the family's pipeline draws it;
+* ``prepare_latents(n, generator, device)``: initial noise as the family's pipeline draws it (in
+  ``noise_dtype``: fp32, or bf16 as the public Flux GRPO code draws it);
 * ``decode(latents) -> images [n, C, H, W]`` (videos ``[n, C, F, H, W]``) in [0, 1];
 * ``save_pretrained(folder)``: the pipeline's own layout, with the (trained) transformer;
 * ``transformer`` (the trained module) and :meth:`set_transformer` (the reference policy, a checkpoint);
@@ -38,6 +39,9 @@ class PolicyAdapter(torch.nn.Module):
         self.max_sequence_length = int(max_sequence_length)
         self._cache = PromptEmbeddingCache()
         self.compute_dtype: torch.dtype | None = None
+        #: the dtype initial noise is drawn in (then used as fp32): float32, or bfloat16 as the public Flux GRPO
+        #: code draws it (``torch.randn(..., dtype=torch.bfloat16)``), which gives other values from one generator
+        self.noise_dtype: torch.dtype = torch.float32
 
     # ---- the trained module and its inputs' dtype -------------------------------------------
     def set_transformer(self, module: torch.nn.Module) -> None:
@@ -79,6 +83,10 @@ class PolicyAdapter(torch.nn.Module):
     # ---- latents, images, saving ---------------------------------------------------------------
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         raise NotImplementedError
+
+    def randn(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
+        """Standard normal noise drawn in :attr:`noise_dtype`, returned as fp32."""
+        return torch.randn(shape, generator=generator, device=device, dtype=self.noise_dtype).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

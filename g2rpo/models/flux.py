@@ -149,7 +149,7 @@ class FluxPolicy(FluxVelocityAdapter):
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         shape = (n, self.latent_channels, self.latent_height, self.latent_width)
-        return pack_latents(torch.randn(shape, generator=generator, device=device))
+        return pack_latents(self.randn(shape, generator, device))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:

@@ -69,7 +69,7 @@ class Flux2Policy(PolicyAdapter):
         return {"prompt_embeds": emb}
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        z = torch.randn((n, self.channels, *self.grid), generator=generator, device=device)
+        z = self.randn((n, self.channels, *self.grid), generator, device)
         return self._pipe._pack_latents(z)
 
     @torch.no_grad()

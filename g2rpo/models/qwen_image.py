@@ -111,7 +111,7 @@ class QwenImagePolicy(PolicyAdapter):
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         c, h, w = self.latent_channels, self.latent_height, self.latent_width
-        z = torch.randn((n, 1, c, h, w), generator=generator, device=device)
+        z = self.randn((n, 1, c, h, w), generator, device)
         return self._pipe._pack_latents(z, n, c, h, w)
 
     @torch.no_grad()

@@ -62,7 +62,7 @@ class SD3Policy(PolicyAdapter):
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         c = self.transformer.config.in_channels
-        return torch.randn((n, c, self.latent_height, self.latent_width), generator=generator, device=device)
+        return self.randn((n, c, self.latent_height, self.latent_width), generator, device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:

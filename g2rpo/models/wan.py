@@ -70,7 +70,7 @@ class WanPolicy(PolicyAdapter):
         return {"prompt_embeds": pe, **({"negative_prompt_embeds": npe} if self.cfg else {})}
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        return torch.randn((n, *self.latent_shape), generator=generator, device=device)
+        return self.randn((n, *self.latent_shape), generator, device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 2) -> torch.Tensor:

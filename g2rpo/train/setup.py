@@ -44,6 +44,7 @@ def build_policy(cfg: TrainConfig, ctx: DistContext, log=print) -> PolicySetup:
     module = policy.transformer
     dtype = TORCH_DTYPES[cfg.model.dtype]
     policy.compute_dtype = dtype  # the same input dtypes (timestep too) in rollout and training
+    policy.noise_dtype = TORCH_DTYPES[cfg.sampler.noise_dtype]
     if not cfg.lora.enabled and dtype != torch.float32:
         module.to(torch.float32)
     if cfg.lora.enabled:
