@@ -45,6 +45,7 @@ class ModelConfig:
     num_frames: int | None = None  # video families: frames per sample
     text_encoder_out_layers: list[int] = field(default_factory=lambda: [10, 20, 30])  # FLUX.2: Mistral-3 layers
     gradient_checkpointing: bool = False
+    cfg_detach_uncond: bool = False  # CFG families: no gradient through the negative branch (Flow-GRPO's SD3 training)
     attention_backend: str | None = None  # diffusers attention dispatch: native (SDPA) default; flash, _flash_3, ...
 
 
@@ -70,6 +71,10 @@ class SamplerConfig:
     max_batch: int = 64
     quantize_timesteps: bool = False
     noise_dtype: str = "float32"  # float32 | bfloat16: the initial noise's draw (bfloat16: the public Flux GRPO code)
+    schedule_precision: str = "float64"  # float64 | float32: the shifted sigmas computed in fp32 as the public code
+    # the shift from the image's sequence length as the diffusers pipeline computes it (mu; FluxPipeline and
+    # QwenImagePipeline), instead of sampler.shift: Flow-GRPO's Flux training samples through FluxPipeline
+    dynamic_shift: bool = False
     cuda_graphs: bool = False  # rollouts under torch.compile(mode="reduce-overhead") on GPU
     # trajectory strategies (None: the strategy's default)
     train_fraction: float | None = None
@@ -119,6 +124,9 @@ class LossConfig:
     # KL(policy || reference) of the step's Gaussians: "transition" divides the squared mean gap by
     # 2 std^2 with the transition std sigma_t sqrt|dt|; "flow_grpo" by 2 sigma_t^2 (Flow-GRPO's code)
     kl_convention: str = "transition"
+    # leave samples whose advantages are zero at every trained step out of the loss and its normalisation
+    # (Flow-GRPO's train_*.py: mask = advantages.abs().sum(dim=1) != 0)
+    skip_zero_advantage: bool = False
 
 
 @dataclass
@@ -148,6 +156,9 @@ class OptimConfig:
     # split each minibatch's samples (prompt, branch; prompt-major on each rank) into this many optimizer
     # steps, step s taking every rank's s-th chunk: gradient accumulation over samples (DanceGRPO: 12 / 4 = 3)
     sample_minibatches: int = 1
+    # shuffle each rank's samples (one permutation per epoch) before splitting them into sample_minibatches
+    # (Flow-GRPO's train_*.py: torch.randperm over the samples); false: contiguous prompt-major chunks
+    shuffle_samples: bool = False
 
 
 @dataclass
@@ -176,6 +187,9 @@ class TrainConfig:
     seed: int = 42
     sampler_seed: int = 1223627
     ema_decay: float | None = None
+    ema_every: int = 1  # update the EMA after every N-th optimizer step (Flow-GRPO: 8)
+    # constant: decay ema_decay; flow_grpo: min((1 + s) / (10 + s), ema_decay) at optimizer step s (EMAModuleWrapper)
+    ema_schedule: str = "constant"
     output_dir: str = "runs/default"
     checkpoint_every: int = 50
     resume: bool = False
@@ -211,6 +225,8 @@ class TrainConfig:
             ("sampler.max_batch", s.max_batch >= 1, "must be >= 1"),
             ("sampler.noise_dtype", s.noise_dtype in ("float32", "bfloat16"),
              f"must be float32 or bfloat16, got {s.noise_dtype!r}"),
+            ("sampler.schedule_precision", s.schedule_precision in ("float64", "float32"),
+             f"must be float64 or float32, got {s.schedule_precision!r}"),
             ("sampler.shift", s.shift > 0, "must be > 0"),
             ("sampler.num_steps", s.num_steps >= 1, "must be >= 1"),
             ("sampler.sde_indices", not g2rpo_keys or all(0 <= e < s.num_steps for e in s.sde_indices),
@@ -242,6 +258,9 @@ class TrainConfig:
             ("loss.kl_convention", self.loss.kl_convention in ("transition", "flow_grpo"),
              f"must be transition or flow_grpo, got {self.loss.kl_convention!r}"),
             ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "must be in (0, 1) or null"),
+            ("ema_every", self.ema_every >= 1, "must be >= 1"),
+            ("ema_schedule", self.ema_schedule in ("constant", "flow_grpo"),
+             f"must be constant or flow_grpo, got {self.ema_schedule!r}"),
             ("model.kind", self.model.kind in FAMILIES, f"must be one of {', '.join(FAMILIES)}"),
             ("model.num_frames", self.model.num_frames is None or self.model.num_frames >= 1, "must be >= 1"),
             ("model.height", self.model.height is None or self.model.height >= 1, "must be >= 1"),
@@ -273,7 +292,7 @@ class TrainConfig:
             strategy = make_strategy(s.strategy, **s.strategy_options())
         except ValueError as err:
             raise ConfigError(f"sampler: {err}") from None
-        _check_sde_steps(strategy)
+        _check_sde_steps(strategy, s.shift, s.schedule_precision)
         from .rewards import BUILTIN_REWARDS, FRAME_REDUCTIONS, resolve_reward
 
         for i, r in enumerate(self.rewards):
@@ -286,7 +305,7 @@ class TrainConfig:
                     raise ConfigError(f"rewards[{i}].name: {err}") from None
 
 
-def _check_sde_steps(strategy) -> None:
+def _check_sde_steps(strategy, shift: float = 3.0, precision: str = "float64") -> None:
     """Refuse settings whose rollouts would be nonsense: an eta so large that an SDE step's mean
     coefficient ``a`` (x_next = a x + b v + ...) is <= 0, and granularities that give one prompt's
     branch the same ODE continuation twice (the same rewards counted twice)."""
@@ -296,7 +315,7 @@ def _check_sde_steps(strategy) -> None:
 
     T = strategy.num_steps
     steps = list(strategy.sde_indices) if isinstance(strategy, G2RPOStrategy) else list(range(T))
-    sig = sigma_schedule(T)
+    sig = sigma_schedule(T, shift, precision)
     a, _, _ = sde_coefficients(sig, torch.tensor(steps), float(strategy.eta), strategy.sde_kind)
     if (a <= 0).any():
         i = int(torch.argmin(a))

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-__all__ = ["sigma_schedule", "granularity_grid", "model_timesteps"]
+__all__ = ["SCHEDULE_PRECISIONS", "sigma_schedule", "granularity_grid", "model_timesteps"]
 
 
 def _check_int(name: str, value: object) -> int:
@@ -19,18 +19,28 @@ def _check_int(name: str, value: object) -> int:
     return value
 
 
-def sigma_schedule(num_steps: int, shift: float = 3.0) -> torch.Tensor:
+SCHEDULE_PRECISIONS = ("float64", "float32")
+
+
+def sigma_schedule(num_steps: int, shift: float = 3.0, precision: str = "float64") -> torch.Tensor:
     """Return the T+1 shifted sigmas from 1 to 0 as float64.
 
     ``s`` is uniform on the grid ``linspace(1, 0, T+1)`` and is shifted by
     ``sigma = shift * s / (1 + (shift - 1) * s)`` (Flux's static shift; diffusers'
-    ``FlowMatchEulerDiscreteScheduler(shift=shift)`` gives the same values).
+    ``FlowMatchEulerDiscreteScheduler(shift=shift)`` gives the same values). ``precision="float32"``
+    computes both in fp32 as the public Flux GRPO code does (``sd3_time_shift(shift, torch.linspace(1, 0,
+    T + 1))``): some sigmas then differ by an ulp (T = 10: 4 of them), which can move a quantised timestep.
     """
     num_steps = _check_int("num_steps", num_steps)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+    if precision not in SCHEDULE_PRECISIONS:
+        raise ValueError(f"precision must be one of {SCHEDULE_PRECISIONS}, got {precision!r}")
+    if precision == "float32":
+        s = torch.linspace(1, 0, num_steps + 1)  # fp32, as the public code
+        return (shift * s / (1 + (shift - 1) * s)).double()
     s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     sigmas = shift * s / (1.0 + (shift - 1.0) * s)
     sigmas[0], sigmas[-1] = 1.0, 0.0  # exact end points whatever the rounding

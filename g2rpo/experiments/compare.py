@@ -30,7 +30,7 @@ from ..train import Trainer
 from ..train.logs import draw_labelled_rows
 from ..lab.world import build_world, evaluate_lab, load_judge, load_rewards
 
-__all__ = ["CompareSettings", "run_method", "compare", "preset_path"]
+__all__ = ["LAB_WORLD", "CompareSettings", "run_method", "compare", "preset_path"]
 
 METHODS = ("dance_grpo", "flow_grpo", "mix_grpo", "g2rpo_no_mgai", "g2rpo")
 FAMILIES = ("paper", "official")
@@ -56,6 +56,16 @@ class CompareSettings:
     overrides: dict = field(default_factory=dict)  # applied to every run after lab_scale (smoke tests)
     eval_per_class: int = 20  # final evaluation: held-out prompts x classes, at 16, 8, 4 steps
     curve_per_class: int = 10  # curve points: training prompts
+
+
+#: What the lab comparison resets after a preset: a preset that carries its codebase's whole setting (Flow-GRPO's:
+#: model size, LoRA, rewards, prompts per iteration, the pipeline's dynamic shift) is compared at lab scale on the
+#: lab's own model settings, rewards and prompts; its method keys (sampler, loss, advantage, optim, EMA) stay.
+LAB_WORLD = {"model": {"dtype": "float32", "cfg_detach_uncond": False, "height": None, "width": None,
+                       "max_sequence_length": None, "guidance_scale": None},
+             "lora": {"enabled": False}, "sampler": {"dynamic_shift": False},
+             "rewards": [{"name": "digit_alignment", "weight": 1.0}, {"name": "digit_realism", "weight": 1.0}],
+             "data": {"prompts": "builtin:lab", "prompts_per_iteration": 8}}
 
 
 def preset_path(method: str, family: str) -> Path:
@@ -85,7 +95,7 @@ def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, 
     o = {"model": {"path": str(world)}, "optim": {"lr": lr}, "iterations": iterations, "seed": 42 + seed,
          "sampler_seed": 1223627 + seed, "output_dir": str(out), "overwrite": True, "checkpoint_every": 0,
          "export_final": False, "progress": False, "tensorboard": False, "image_every": 0}
-    o = _deep_update(o, overrides or {})
+    o = _deep_update(_deep_update(LAB_WORLD, o), overrides or {})
     cfg = load_config([default_config_path(), preset_path(method, family)], o)
     trainer = Trainer(cfg, log=lambda *a, **k: None)
 

@@ -42,6 +42,9 @@ class PolicyAdapter(torch.nn.Module):
         #: the dtype initial noise is drawn in (then used as fp32): float32, or bfloat16 as the public Flux GRPO
         #: code draws it (``torch.randn(..., dtype=torch.bfloat16)``), which gives other values from one generator
         self.noise_dtype: torch.dtype = torch.float32
+        #: classifier-free guidance without gradient through the negative branch (Flow-GRPO's SD3 training:
+        #: ``noise_pred_uncond.detach()``)
+        self.detach_uncond = False
 
     # ---- the trained module and its inputs' dtype -------------------------------------------
     def set_transformer(self, module: torch.nn.Module) -> None:
@@ -78,7 +81,32 @@ class PolicyAdapter(torch.nn.Module):
         second the prompt's; returns ``(neg + g (pos - neg), neg, pos)`` in fp32 (as the pipelines combine)."""
         v = run(torch.cat([x, x]), torch.cat([t, t])).float()
         neg, pos = v.chunk(2)
+        if self.detach_uncond:
+            neg = neg.detach()
         return neg + float(self.guidance_scale) * (pos - neg), neg, pos
+
+    # ---- the schedule's shift ----------------------------------------------------------------------
+    @property
+    def image_seq_len(self) -> int:
+        """Image tokens per sample (what a pipeline's dynamic shift reads)."""
+        raise NotImplementedError(f"{type(self).__name__} has no image sequence length")
+
+    def dynamic_shift(self) -> float:
+        """``exp(mu)`` with ``mu = calculate_shift(image_seq_len, ...)`` from the pipeline scheduler's config, as
+        FluxPipeline and QwenImagePipeline compute it: their exponential time shift of the sigmas equals the static
+        shift ``s * t / (1 + (s - 1) t)`` with ``s = exp(mu)``."""
+        import math
+
+        config = getattr(getattr(self._pipe, "scheduler", None), "config", None)
+        if config is None or not config.get("use_dynamic_shifting", False):
+            raise ValueError(f"{type(self).__name__}: the pipeline's scheduler does not shift dynamically "
+                             "(sampler.dynamic_shift needs use_dynamic_shifting in scheduler/scheduler_config.json)")
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        mu = calculate_shift(self.image_seq_len, config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        return math.exp(mu)
 
     # ---- latents, images, saving ---------------------------------------------------------------
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

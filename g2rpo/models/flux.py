@@ -140,6 +140,10 @@ class FluxPolicy(FluxVelocityAdapter):
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels // 4
 
+    @property
+    def image_seq_len(self) -> int:
+        return (self.latent_height // 2) * (self.latent_width // 2)
+
     def encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, pooled, _ = self._pipe.encode_prompt(prompt=prompts, prompt_2=None,
                                                      device=self.text_device(self.text_encoder_2),

@@ -62,6 +62,10 @@ class QwenImagePolicy(PolicyAdapter):
     def latent_channels(self) -> int:
         return self.vae.config.z_dim
 
+    @property
+    def image_seq_len(self) -> int:
+        return (self.latent_height // 2) * (self.latent_width // 2)
+
     def _embed(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         if prompt not in self._rows:  # one prompt per call: the embedding never depends on the batch
             device = self.text_device(self.text_encoder)

@@ -37,7 +37,8 @@ class G2RPOSampler:
                  group_size: int = 12, max_batch: int | None = 64, strategy: str | Strategy = "g2rpo",
                  quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto",
                  cuda_graphs: bool = False, compile_options: dict | None = None,
-                 batch_buckets: Iterable[int] | None = None, **strategy_options) -> None:
+                 batch_buckets: Iterable[int] | None = None, schedule_precision: str = "float64",
+                 **strategy_options) -> None:
         if isinstance(strategy, Strategy):
             if strategy_options:
                 raise ValueError(f"options {sorted(strategy_options)} given with a built strategy")
@@ -47,7 +48,7 @@ class G2RPOSampler:
                 strategy, num_steps=num_steps, group_size=group_size, eta=eta, sde_indices=sde_indices,
                 granularities=granularities, **strategy_options))
         self.engine = RolloutEngine(model, self.strategy.num_steps, shift, max_batch, quantize_timesteps, check_finite,
-                                    ops_backend, cuda_graphs, compile_options, batch_buckets)
+                                    ops_backend, cuda_graphs, compile_options, batch_buckets, schedule_precision)
         self._plans: dict[tuple, Plan] = {}
 
     @property

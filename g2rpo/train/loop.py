@@ -82,16 +82,34 @@ class Trainer:
         self.ema = ({n: p.detach().clone().float() for n, p in self.module.named_parameters() if p.requires_grad}
                     if cfg.ema_decay is not None else None)
         strategy = make_strategy(cfg.sampler.strategy, **cfg.sampler.strategy_options())
-        self.sampler = G2RPOSampler(self.policy, shift=cfg.sampler.shift, max_batch=cfg.sampler.max_batch,
+        self.shift = self._shift(strategy)
+        self.sampler = G2RPOSampler(self.policy, shift=self.shift, max_batch=cfg.sampler.max_batch,
                                     strategy=strategy, quantize_timesteps=cfg.sampler.quantize_timesteps,
-                                    ops_backend=cfg.ops_backend, cuda_graphs=cfg.sampler.cuda_graphs)
+                                    ops_backend=cfg.ops_backend, cuda_graphs=cfg.sampler.cuda_graphs,
+                                    schedule_precision=cfg.sampler.schedule_precision)
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path)
+        self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)
         self.start_iteration = self._restore(candidates) if cfg.resume else 0
         self.runlog = RunLog(self.out, cfg, self.ctx.is_main, self.start_iteration, self.log)
-        self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)
         self.stop: StopRequest | None = None  # set while run() holds the signal handlers
 
     # ---- set-up helpers -----------------------------------------------------------------
+    def _shift(self, strategy) -> float:
+        """``sampler.shift``, or with ``sampler.dynamic_shift`` the pipeline's shift for this image size (checked
+        against eta as the config's own shift is)."""
+        if not self.cfg.sampler.dynamic_shift:
+            return self.cfg.sampler.shift
+        from ..config import _check_sde_steps
+
+        try:
+            shift = self.policy.dynamic_shift()
+        except (ValueError, NotImplementedError) as err:
+            raise ConfigError(f"sampler.dynamic_shift: {err}") from None
+        _check_sde_steps(strategy, shift, self.cfg.sampler.schedule_precision)
+        self.log(f"sampler.dynamic_shift: shift {shift:.4f} for {self.policy.image_seq_len} image tokens")
+        return shift
+
+
     def _lock(self) -> OutputLock | None:
         lock, err = None, None
         if self.ctx.is_main:
@@ -126,6 +144,7 @@ class Trainer:
                 warnings.warn(msg, stacklevel=2)
                 self.log(f"warning: {msg}")
                 continue
+            self.update.optimizer_steps_done = int(state.get("optimizer_steps_done", 0))
             if self.changes:
                 apply_lr(self.cfg, self.scheduler)
                 self.log("resume: applied config changes: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in self.changes))
@@ -227,6 +246,12 @@ class Trainer:
         generator = torch.Generator().manual_seed(seed_of(self.cfg.seed, iteration, 2))
         P = rollout.log_probs.shape[0]
         global_mask = self.sampler.strategy.train_mask(self.sampler.plan(iteration), P * self.ctx.world, generator)
+        if self.cfg.loss.skip_zero_advantage:  # samples whose advantage is zero at every step: out of the loss
+            zero = torch.zeros(P * self.ctx.world, adv.shape[2], dtype=torch.float64)
+            lo = self.ctx.rank * P
+            zero[lo:lo + P] = (adv.abs().sum(dim=1) == 0).double().cpu()
+            zero = self.ctx.all_reduce_sum(zero) > 0
+            global_mask = global_mask & ~zero[:, None, :]
         return self.update.step(rollout, adv, cond, iteration, prompts, global_mask, generator)
 
     @torch.no_grad()
@@ -252,7 +277,8 @@ class Trainer:
     # ---- checkpoints, export, the loop ----------------------------------------------------
     def checkpoint(self, iteration: int) -> Path:
         self.update.check_finite_params(iteration, "before writing a checkpoint")  # never save a non-finite state
-        extra = {"prompts_consumed": iteration * self.cfg.data.prompts_per_iteration, "config": config_to_dict(self.cfg)}
+        extra = {"prompts_consumed": iteration * self.cfg.data.prompts_per_iteration, "config": config_to_dict(self.cfg),
+                 "optimizer_steps_done": self.update.optimizer_steps_done}
         return save_checkpoint(self.ctx, self.out, iteration, self.module, self.optimizer, self.scheduler, self.ema,
                                extra)
 

@@ -24,7 +24,7 @@ from ..distributed import DistContext, shard_module
 from ..policy import TORCH_DTYPES, load_policy
 
 __all__ = ["EXPORT_MARKER", "PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast",
-           "reference_policy", "update_ema", "export_policy", "seed_of"]
+           "reference_policy", "update_ema", "ema_decay_at", "export_policy", "seed_of"]
 
 
 @dataclass
@@ -45,6 +45,7 @@ def build_policy(cfg: TrainConfig, ctx: DistContext, log=print) -> PolicySetup:
     dtype = TORCH_DTYPES[cfg.model.dtype]
     policy.compute_dtype = dtype  # the same input dtypes (timestep too) in rollout and training
     policy.noise_dtype = TORCH_DTYPES[cfg.sampler.noise_dtype]
+    policy.detach_uncond = cfg.model.cfg_detach_uncond
     if not cfg.lora.enabled and dtype != torch.float32:
         module.to(torch.float32)
     if cfg.lora.enabled:
@@ -130,9 +131,20 @@ def reference_policy(setup: PolicySetup, lora: bool):
                 setup.policy.set_transformer(saved)
 
 
+def ema_decay_at(cfg: TrainConfig, step: int) -> float | None:
+    """The EMA decay after optimizer step ``step`` (1-based), or None when the EMA does not update then:
+    every ``ema_every``-th step; ``flow_grpo``: ``min((1 + s) / (10 + s), ema_decay)`` (Flow-GRPO's
+    EMAModuleWrapper, which warms the average up over its first steps)."""
+    if cfg.ema_decay is None or step % cfg.ema_every:
+        return None
+    if cfg.ema_schedule == "flow_grpo":
+        return min((1 + step) / (10 + step), cfg.ema_decay)
+    return cfg.ema_decay
+
+
 @torch.no_grad()
 def update_ema(ema: dict[str, torch.Tensor] | None, module: torch.nn.Module, decay: float | None) -> None:
-    if ema is None:
+    if ema is None or decay is None:
         return
     for n, p in module.named_parameters():
         if n in ema:

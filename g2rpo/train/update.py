@@ -23,7 +23,7 @@ from ..loss import clipped_surrogate, gaussian_kl
 from ..rollout import Rollout
 from ..rollout.scoring import TrainingUnit, recompute_old_logprobs, score_unit, source_rows, work_units
 from .metrics import UpdateStats, update_metrics
-from .setup import PolicySetup, reference_policy, update_ema
+from .setup import PolicySetup, ema_decay_at, reference_policy, update_ema
 
 __all__ = ["PolicyUpdate", "TrainingError", "optimizer_steps"]
 
@@ -33,22 +33,25 @@ class TrainingError(RuntimeError):
 
 
 def optimizer_steps(mask: torch.Tensor, schedule: str, minibatches: int, sample_minibatches: int,
-                    inner_epochs: int, generator: torch.Generator | None = None, ranks: int = 1) -> list[torch.Tensor]:
+                    inner_epochs: int, generator: torch.Generator | None = None, ranks: int = 1,
+                    shuffle_samples: bool = False) -> list[torch.Tensor]:
     """The optimizer steps of one iteration, each the mask ``[P, K, G]`` of the transitions it trains.
 
     ``per_iteration``: the trained slots (shuffled when there are several epochs or minibatches) in
     ``minibatches`` groups; ``per_sde_step``: one group per trained slot, in order. Each group is
     split further into ``sample_minibatches`` steps: every rank's ``P / ranks * G`` samples (prompt-major)
     in contiguous chunks, step s taking the s-th chunk of every rank (gradient accumulation over
-    samples on each rank, as DanceGRPO and MixGRPO accumulate).
+    samples on each rank, as DanceGRPO and MixGRPO accumulate). ``shuffle_samples``: each epoch, every
+    rank's samples are permuted before the split (Flow-GRPO's ``torch.randperm``), one permutation for all
+    ranks (drawn from ``generator``, so N ranks train as 1).
     """
     P, K, G = mask.shape
     slots = [k for k in range(K) if bool(mask[:, k].any())]
     per_rank = (P // ranks) * G
-    local = torch.arange(per_rank).tensor_split(sample_minibatches)
-    chunks = [torch.cat([c + r * per_rank for r in range(ranks)]) for c in local]
     steps = []
     for _ in range(inner_epochs):
+        order = torch.randperm(per_rank, generator=generator) if shuffle_samples else torch.arange(per_rank)
+        chunks = [torch.cat([c + r * per_rank for r in range(ranks)]) for c in order.tensor_split(sample_minibatches)]
         if schedule == "per_sde_step":
             groups = [[k] for k in slots]
         else:
@@ -75,6 +78,7 @@ class PolicyUpdate:
                  ema: dict[str, torch.Tensor] | None, ctx: DistContext, autocast: Callable[[], Any]) -> None:
         self.cfg, self.setup, self.ctx, self.autocast = cfg, setup, ctx, autocast
         self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
+        self.optimizer_steps_done = 0  # over the run (checkpointed): the EMA's schedule reads it
 
     # ---- checks ----------------------------------------------------------------------------------
     def check_finite_params(self, iteration: int, when: str, prompts: list[str] | None = None) -> None:
@@ -147,7 +151,8 @@ class PolicyUpdate:
         P, K, G = rollout.log_probs.shape
         lo = self.ctx.rank * P
         global_steps = optimizer_steps(global_mask, cfg.optim.update_schedule, cfg.minibatches,
-                                       cfg.optim.sample_minibatches, cfg.inner_epochs, generator, ranks=world)
+                                       cfg.optim.sample_minibatches, cfg.inner_epochs, generator, ranks=world,
+                                       shuffle_samples=cfg.optim.shuffle_samples)
         mask = global_mask[lo:lo + P]
         steps = [s[lo:lo + P] for s in global_steps]
         trained = [k for k in range(K) if bool(global_mask[:, k].any())]
@@ -186,7 +191,8 @@ class PolicyUpdate:
             stats.grad_norms.append(grad_norm)
             self.optimizer.step()
             self.check_finite_params(iteration + 1, "after the optimizer step", prompts)
-            update_ema(self.ema, module, cfg.ema_decay)
+            self.optimizer_steps_done += 1
+            update_ema(self.ema, module, ema_decay_at(cfg, self.optimizer_steps_done))
             if len(stats.ratios) > before:
                 stats.step_max_devs.append(float((torch.cat(stats.ratios[before:]) - 1).abs().max()))
         self.scheduler.step()
