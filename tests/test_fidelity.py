@@ -246,3 +246,115 @@ def test_initial_noise_drawn_in_bf16_as_the_public_flux_code(lab_world, tmp_path
     trainer.close()
     for preset in ("g2rpo-official", "dance_grpo-official", "mix_grpo-official"):
         assert load_config([LAB, ROOT / "configs" / "methods" / f"{preset}.yaml"]).sampler.noise_dtype == "bfloat16"
+
+
+def test_fp32_schedule_as_the_public_code():
+    """sampler.schedule_precision: float32 = sd3_time_shift(shift, torch.linspace(1, 0, T + 1)) in fp32, bit for bit;
+    at T = 20 one quantised timestep moves (874 vs 875), at T = 10 four sigmas differ."""
+    from g2rpo import G2RPOSampler
+    from g2rpo.schedule import model_timesteps, sigma_schedule
+    from g2rpo.testing import GaussianWorld
+
+    for T in (10, 20, 25):
+        s = torch.linspace(1, 0, T + 1)
+        public = 3.0 * s / (1 + 2.0 * s)
+        ours = G2RPOSampler(GaussianWorld(), num_steps=T, strategy="flow_grpo", schedule_precision="float32").sigmas
+        assert torch.equal(ours.float(), public)
+    q64 = model_timesteps(sigma_schedule(20).float(), True) * 1000
+    q32 = model_timesteps(sigma_schedule(20, precision="float32").float(), True) * 1000
+    assert sorted({round(float(a)), round(float(b))} for a, b in zip(q64, q32) if a != b) == [{874, 875}]
+    assert int((sigma_schedule(10).float() != sigma_schedule(10, precision="float32").float()).sum()) == 4
+
+
+def test_dynamic_shift_equals_flux_pipelines_own_sigmas():
+    """sampler.dynamic_shift: the shift FluxPipeline uses for this image size (mu from the sequence length):
+    our schedule equals the pipeline scheduler's sigmas after set_timesteps(sigmas=linspace(1, 1/T, T), mu)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from g2rpo.pipelines import policy_for
+    from g2rpo.schedule import sigma_schedule
+    from g2rpo.testing.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                     base_image_seq_len=256, max_image_seq_len=4096)
+    policy = policy_for(pipe, 64, 64)
+    shift = policy.dynamic_shift()
+    mu = calculate_shift(policy.image_seq_len, 256, 4096, 0.5, 1.15)
+    T = 6
+    pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / T, T), mu=mu)
+    assert torch.allclose(sigma_schedule(T, shift).float(), pipe.scheduler.sigmas.float(), atol=1e-6)
+    assert abs(shift - 3.0) > 0.5  # not the static shift
+    policy._pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    with pytest.raises(ValueError, match="does not shift dynamically"):
+        policy.dynamic_shift()
+
+
+def test_shuffled_sample_minibatches():
+    mask = torch.ones(4, 1, 3, dtype=torch.bool)
+    plain = optimizer_steps(mask, "per_iteration", 1, 2, 1)
+    shuffled = optimizer_steps(mask, "per_iteration", 1, 2, 1, torch.Generator().manual_seed(0), shuffle_samples=True)
+    again = optimizer_steps(mask, "per_iteration", 1, 2, 1, torch.Generator().manual_seed(0), shuffle_samples=True)
+    assert len(plain) == len(shuffled) == 2 and all(torch.equal(a, b) for a, b in zip(shuffled, again))
+    assert not torch.equal(plain[0], shuffled[0])  # not the contiguous prompt-major chunks
+    assert torch.equal(shuffled[0] | shuffled[1], mask) and not (shuffled[0] & shuffled[1]).any()
+
+
+def test_zero_advantage_samples_leave_the_loss(lab_world, tmp_path):
+    """loss.skip_zero_advantage: a prompt whose group rewards are all equal (zero advantages) trains nothing."""
+    from g2rpo.train import Trainer
+
+    cfg = load_config(None, tiny(lab_world, tmp_path, iterations=1, **{"loss.skip_zero_advantage": True}))
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    positions, prompts = trainer.local_prompts(0)
+    cond = trainer.policy.encode_prompts(prompts)
+    noise, gens = trainer._noise(0, positions)
+    with torch.no_grad():
+        rollout = trainer.sampler.rollout(noise, cond, generator=gens)
+    adv = torch.randn(rollout.log_probs.shape)
+    adv[1] = 0.0  # prompt 1: zero advantage everywhere
+    seen = {}
+    real = trainer.update.step
+
+    def spy(rollout_, adv_, cond_, it, prompts_, global_mask, generator):
+        seen["mask"] = global_mask.clone()
+        return real(rollout_, adv_, cond_, it, prompts_, global_mask, generator)
+
+    trainer.update.step = spy
+    trainer.train_on(rollout, adv, cond, 0, prompts)
+    assert not seen["mask"][1].any() and seen["mask"][0].any()
+    trainer.cfg.loss.skip_zero_advantage = False
+    trainer.train_on(rollout, adv, cond, 0, prompts)
+    assert seen["mask"][1].any()
+    trainer.close()
+
+
+def test_ema_every_and_flow_grpos_warm_up():
+    from g2rpo.config import TrainConfig
+    from g2rpo.train.setup import ema_decay_at
+
+    cfg = TrainConfig(ema_decay=0.9, ema_every=8, ema_schedule="flow_grpo")
+    decays = [ema_decay_at(cfg, s) for s in range(1, 33)]
+    assert [s for s, d in enumerate(decays, 1) if d is not None] == [8, 16, 24, 32]
+    assert decays[7] == pytest.approx(9 / 18) and decays[15] == pytest.approx(17 / 26)
+    assert decays[31] == pytest.approx(33 / 42)
+    assert ema_decay_at(TrainConfig(ema_decay=0.9, ema_schedule="flow_grpo"), 200) == 0.9  # capped
+    assert [ema_decay_at(TrainConfig(ema_decay=0.5), s) for s in (1, 2)] == [0.5, 0.5]
+
+
+def test_cfg_detach_uncond_stops_the_gradient_through_the_negative_branch():
+    from g2rpo.models.registry import settings, family
+    from g2rpo.models.sd3 import SD3Policy
+    from g2rpo.testing.tiny import tiny_sd3_pipeline
+
+    grads = []
+    for detach in (False, True):
+        policy = SD3Policy(tiny_sd3_pipeline(seed=0), **settings(family("sd3"), height=32, width=32, guidance_scale=4.5))
+        policy.detach_uncond = detach
+        cond = policy.encode_prompts(["a red cube"])
+        x = policy.prepare_latents(1, torch.Generator().manual_seed(0))
+        v = policy(x, torch.tensor([0.7]), cond)
+        v.sum().backward()
+        grads.append(next(p for p in policy.transformer.parameters() if p.grad is not None).grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
