@@ -73,3 +73,22 @@ def test_train_and_eval_end_to_end_on_tiny_wan(wan_dir, tmp_path, tiny_open_clip
                             ["--height", "16", "--width", "16", "--num-frames", "3"], frames="min",
                             train_args=["image_every=2"])
     assert (out / "images" / "iter_000002.gif").is_file() and (out / "images" / "iter_000002.png").is_file()
+
+
+def test_wan_gets_the_integer_timestep_with_quantized_timesteps(wan_dir):
+    """sampler.quantize_timesteps on Wan: the transformer receives int(sigma * 1000), as DanceGRPO's Wan trainer."""
+    from g2rpo.schedule import model_timesteps
+
+    policy = load_policy("wan", wan_dir, dtype=torch.float32, height=16, width=16, num_frames=3, guidance_scale=1.0)
+    seen = []
+    real = policy.transformer.forward
+    policy.transformer.forward = lambda *a, **k: (seen.append(k["timestep"].clone()), real(*a, **k))[1]
+    cond = policy.encode_prompts([PROMPT])
+    x = policy.prepare_latents(1, torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.8749], dtype=torch.float32)
+    for integer in (False, True):
+        policy.integer_timesteps = integer
+        with torch.no_grad():
+            policy(x, model_timesteps(sigma, quantize=integer), cond)
+    assert float(seen[0][0]) == pytest.approx(874.9, abs=1e-3)  # continuous by default
+    assert float(seen[1][0]) == 874.0  # int(sigma * 1000), exactly (not 874.0000128 from 0.874f * 1000)

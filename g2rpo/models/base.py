@@ -45,6 +45,8 @@ class PolicyAdapter(torch.nn.Module):
         #: classifier-free guidance without gradient through the negative branch (Flow-GRPO's SD3 training:
         #: ``noise_pred_uncond.detach()``)
         self.detach_uncond = False
+        #: families whose transformer takes timesteps in [0, 1000]: feed the integer (sampler.quantize_timesteps)
+        self.integer_timesteps = False
 
     # ---- the trained module and its inputs' dtype -------------------------------------------
     def set_transformer(self, module: torch.nn.Module) -> None:

@@ -2,7 +2,9 @@
 
 Latents are the pipeline's ``[B, C, F', h, w]`` video latents (``F' = (frames - 1) / t + 1`` for the VAE's
 temporal factor t, ``h, w`` = height, width / spatial factor). The transformer takes ``timestep = 1000 *
-sigma`` (the scheduler's timesteps, as ``WanPipeline`` feeds them). Guidance is classifier-free as in
+sigma``: continuous by default; with ``integer_timesteps`` (the trainer sets it from
+``sampler.quantize_timesteps``) the integer ``int(sigma * 1000)``, as DanceGRPO's Wan trainer feeds it (the
+engine then passes ``int(sigma * 1000) / 1000``, rounded back to that integer here). Guidance is classifier-free as in
 the pipeline (``guidance_scale > 1``: the prompt and the negative prompt, combined as
 ``v_neg + g (v_pos - v_neg)``), here in one doubled batch. ``decode`` returns videos
 ``[B, 3, F, H, W]`` in [0, 1] (the VAE's ``latents_mean`` / ``latents_std`` undone first). Wan 2.2's
@@ -54,6 +56,8 @@ class WanPolicy(PolicyAdapter):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.dtype
         t = (sigma.float() * 1000.0).to(device=x.device)
+        if self.integer_timesteps:
+            t = torch.round(t)
         text = cond["prompt_embeds"]
         if self.cfg:
             both = torch.cat([cond["negative_prompt_embeds"], text]).to(dtype)

@@ -46,6 +46,7 @@ def build_policy(cfg: TrainConfig, ctx: DistContext, log=print) -> PolicySetup:
     policy.compute_dtype = dtype  # the same input dtypes (timestep too) in rollout and training
     policy.noise_dtype = TORCH_DTYPES[cfg.sampler.noise_dtype]
     policy.detach_uncond = cfg.model.cfg_detach_uncond
+    policy.integer_timesteps = cfg.sampler.quantize_timesteps
     if not cfg.lora.enabled and dtype != torch.float32:
         module.to(torch.float32)
     if cfg.lora.enabled:
