@@ -361,3 +361,9 @@ def test_cfg_detach_uncond_stops_the_gradient_through_the_negative_branch():
         v.sum().backward()
         grads.append(next(p for p in policy.transformer.parameters() if p.grad is not None).grad.clone())
     assert not torch.allclose(grads[0], grads[1])
+
+
+def test_official_presets_use_the_public_codes_fp32_schedule():
+    for preset in ("g2rpo-official", "g2rpo_no_mgai-official", "dance_grpo-official", "mix_grpo-official"):
+        assert load_config([LAB, ROOT / "configs" / "methods" / f"{preset}.yaml"]).sampler.schedule_precision == \
+            "float32"
