@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from .distributed import DistContext
 
-__all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint", "checkpoint_dir",
+__all__ = ["CheckpointWriteError", "save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint", "checkpoint_dir",
            "rng_state", "set_rng_state"]
 
 MARKER = "COMPLETE"
@@ -75,12 +75,20 @@ def save_checkpoint(ctx: DistContext, output_dir: str | Path, iteration: int, mo
     state = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         state["ema"] = ema
-    with warnings.catch_warnings():  # single-process DCP is intended here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
-    if ctx.is_main:
-        torch.save({"scheduler": scheduler.state_dict(), "iteration": iteration, **extra}, tmp / "trainer_state.pt")
+    failed = None
+    try:
+        with warnings.catch_warnings():  # single-process DCP is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=str(tmp))
+        torch.save(rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
+        if ctx.is_main:
+            torch.save({"scheduler": scheduler.state_dict(), "iteration": iteration, **extra}, tmp / "trainer_state.pt")
+    except Exception as err:  # noqa: BLE001  (a full disk surfaces as "unexpected pos ..." from the writer)
+        failed = err
+    if ctx.all_reduce_sum(torch.tensor([float(failed is not None)]))[0]:
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(_write_failure(final, failed))
     ctx.barrier()
     if ctx.is_main:
         (tmp / MARKER).write_text(str(iteration))
@@ -89,6 +97,23 @@ def save_checkpoint(ctx: DistContext, output_dir: str | Path, iteration: int, mo
         tmp.rename(final)
     ctx.barrier()
     return final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; its temporary folder is removed, earlier checkpoints are intact."""
+
+
+def _write_failure(final: Path, err: BaseException | None) -> str:
+    try:
+        free = shutil.disk_usage(final.parent).free
+    except OSError:
+        free = None
+    what = f"{type(err).__name__}: {err}" if err is not None else "failed on another rank"
+    space = ""
+    if free is not None:
+        space = f"; {free / 2**20:.0f} MiB free on that disk" + (" (no space left on the device?)" if free < 2**30
+                                                                  else "")
+    return f"writing checkpoint {final.name} failed ({what}){space}; the earlier checkpoints are intact"
 
 
 def load_checkpoint(ctx: DistContext, folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

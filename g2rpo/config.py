@@ -153,10 +153,10 @@ class OptimConfig:
     # Algorithm 1); per_sde_step: one step per trained slot, in order, on that slot's loss, ratios
     # against the rollout's log-probs (the public G2RPO/Flow-GRPO/DanceGRPO loops)
     update_schedule: str = "per_iteration"
-    # split each minibatch's samples (prompt, branch; prompt-major on each rank) into this many optimizer
-    # steps, step s taking every rank's s-th chunk: gradient accumulation over samples (DanceGRPO: 12 / 4 = 3)
+    # split each minibatch's samples into this many optimizer steps, step s taking the s-th part of every
+    # prompt's group: gradient accumulation over samples (DanceGRPO: 12 / 4 = 3), the same on any number of ranks
     sample_minibatches: int = 1
-    # shuffle each rank's samples (one permutation per epoch) before splitting them into sample_minibatches
+    # shuffle the samples (one permutation per epoch) before splitting them into sample_minibatches
     # (Flow-GRPO's train_*.py: torch.randperm over the samples); false: contiguous prompt-major chunks
     shuffle_samples: bool = False
 
@@ -250,8 +250,11 @@ class TrainConfig:
             ("optim.sample_minibatches", self.optim.sample_minibatches >= 1, "must be >= 1"),
             ("minibatches", self.optim.update_schedule == "per_iteration" or self.minibatches == 1,
              "must be 1 with optim.update_schedule=per_sde_step (it makes one step per trained slot)"),
-            ("optim.sample_minibatches", self.optim.sample_minibatches <= self.sampler.group_size *
-             max(1, self.data.prompts_per_iteration), "must be <= the samples per iteration (prompts x group_size)"),
+            ("optim.sample_minibatches", self.optim.sample_minibatches <= (
+                self.sampler.group_size * self.data.prompts_per_iteration if self.optim.shuffle_samples
+                else self.sampler.group_size),
+             "must be <= sampler.group_size (step s trains part s of every prompt's group; with optim.shuffle_samples "
+             "<= the samples per iteration)"),
             ("advantage.std", self.advantage.std in ("group", "batch"), f"must be group or batch, "
              f"got {self.advantage.std!r}"),
             ("advantage.eps", self.advantage.eps >= 0, "must be >= 0"),
@@ -277,6 +280,7 @@ class TrainConfig:
             ("seed", self.seed >= 0, f"must be >= 0, got {self.seed}"),
             ("sampler_seed", self.sampler_seed >= 0, f"must be >= 0, got {self.sampler_seed}"),
             ("optim.lr", finite(self.optim.lr), f"must be finite, got {self.optim.lr}"),
+            ("optim.lr", self.optim.lr <= 1.0, f"must be <= 1 (AdamW fine-tuning uses 1e-6 to 3e-4), got {self.optim.lr}"),
             ("loss.clip_range", finite(self.loss.clip_range), f"must be finite, got {self.loss.clip_range}"),
             ("loss.adv_clip_max", finite(self.loss.adv_clip_max), f"must be finite, got {self.loss.adv_clip_max}"),
             ("loss.kl_beta", finite(self.loss.kl_beta), f"must be finite, got {self.loss.kl_beta}"),
@@ -306,11 +310,11 @@ class TrainConfig:
 
 
 def _check_sde_steps(strategy, shift: float = 3.0, precision: str = "float64") -> None:
-    """Refuse settings whose rollouts would be nonsense: an eta so large that an SDE step's mean
-    coefficient ``a`` (x_next = a x + b v + ...) is <= 0, and granularities that give one prompt's
-    branch the same ODE continuation twice (the same rewards counted twice)."""
+    """Refuse an eta so large that an SDE step's mean coefficient ``a`` (x_next = a x + b v + ...) is <= 0 on
+    this schedule (its shift and precision). Granularities giving one continuation twice are the strategy's own
+    check (:class:`~g2rpo.rollout.strategies.G2RPOStrategy`)."""
     from .rollout.strategies import G2RPOStrategy
-    from .schedule import granularity_grid, sigma_schedule
+    from .schedule import sigma_schedule
     from .sde import sde_coefficients
 
     T = strategy.num_steps
@@ -324,16 +328,6 @@ def _check_sde_steps(strategy, shift: float = 3.0, precision: str = "float64") -
         raise ConfigError(f"sampler.eta={strategy.eta:g} is too large: the SDE step at grid index {steps[i]} "
                           f"(sigma {float(sig[steps[i]]):.4f}) would scale x by {float(a[i]):.3g} <= 0; "
                           f"eta must be < {eta_max:.3f} here (the public code uses 0.3-0.7)")
-    if isinstance(strategy, G2RPOStrategy):
-        for e in strategy.sde_indices:
-            grids: dict[tuple[int, ...], int] = {}
-            for lam in strategy.granularities:
-                g = tuple(granularity_grid(T, e, lam))
-                if g in grids:
-                    raise ConfigError(f"sampler.granularities: at SDE index {e} granularities {grids[g]} and {lam} "
-                                      f"give the same ODE continuation {list(g)} (num_steps {T}): the same rewards "
-                                      "would be counted twice; drop one granularity or that SDE index")
-                grids[g] = lam
 
 
 # ---- strict (de)serialisation -----------------------------------------------------------

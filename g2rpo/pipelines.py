@@ -70,9 +70,16 @@ def rollout(pipe, prompts: Sequence[str], strategy: str = "g2rpo", *, num_steps:
     """One rollout of ``prompts`` on a diffusers pipeline with any strategy (``g2rpo``, ``g2rpo_no_mgai``,
     ``dance_grpo``, ``flow_grpo``, ``mix_grpo``). Per-prompt generators seeded from ``seed`` make a
     prompt's samples independent of the other prompts in the call."""
+    if isinstance(prompts, str):
+        raise ValueError(f"prompts must be a list of strings, got one string {prompts!r}: pass [{prompts!r}]")
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 2 * len(prompts):
+        raise ValueError(f"seed must be an int in 0..2**63 - 1 - 2 * len(prompts), got {seed!r}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1 (or None: the pipeline's own), got {value!r}")
     policy = policy_for(pipe, height, width, guidance_scale, max_sequence_length)
     device = next(policy.transformer.parameters()).device
     sampler = G2RPOSampler(policy, num_steps=num_steps, shift=shift, eta=eta, sde_indices=sde_indices,

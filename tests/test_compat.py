@@ -190,3 +190,39 @@ def test_official_flow_grpo_step_is_bit_faithful_by_default(dtypes):
             _same(a, b)
     with pytest.raises(ValueError, match="precision must be one of"):
         flow_grpo_step(v, x, 0.7, sigmas, 0, None, precision="fp16")
+
+
+@pytest.mark.parametrize("step", ["dance", "official"])
+def test_drop_in_steps_refuse_wrong_inputs_naming_the_argument(step):
+    sigmas = torch.linspace(1, 0, 9)
+    x, v = torch.randn(SHAPE), torch.randn(SHAPE)
+
+    def call(mo=v, lat=x, sig=sigmas, index=2, prev=None):
+        if step == "dance":
+            return flux_step(mo, lat, 0.3, sig, index, prev, True, True)
+        return flow_grpo_step(mo, lat, 0.7, sig, index, prev)
+
+    for kwargs, msg in (({"mo": v[..., :1]}, "model_output has shape"),
+                        ({"prev": x[:1]}, "prev_sample has shape"),
+                        ({"mo": v[0, 0, 0], "lat": x[0, 0, 0]}, "batch dim"),
+                        ({"index": 8}, r"index must be in 0\.\.7"),
+                        ({"index": 1.5}, "index must be an int"),
+                        ({"sig": sigmas[None]}, "sigmas must be a 1-D"),
+                        ({"sig": torch.linspace(0, 1, 9)}, "must decrease"),
+                        ({"sig": torch.ones(9)}, "must decrease")):
+        with pytest.raises(ValueError, match=msg):
+            call(**kwargs)
+    assert call(index=torch.tensor(2))[0].shape == SHAPE  # a 0-d integer index is an index
+
+
+def test_flow_grpo_step_refuses_wrong_timesteps():
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(16)
+    x, v = _inputs(torch.float32)
+    t = sched.timesteps[[0, 1, 2]]
+    with pytest.raises(ValueError, match="not in the scheduler's timesteps"):
+        sde_step_with_logprob(sched, v, t + 0.5, x)
+    with pytest.raises(ValueError, match="timestep must be 1-D"):
+        sde_step_with_logprob(sched, v, t[0], x)
+    with pytest.raises(ValueError, match="model_output has shape"):
+        sde_step_with_logprob(sched, v[:1], t, x)

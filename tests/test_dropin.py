@@ -129,3 +129,23 @@ def test_tiny_pipeline_command_saves_a_loadable_pipeline(tmp_path):
     r = subprocess.run([sys.executable, "-m", "g2rpo.testing", "tiny-pipeline", "sdxl", str(tmp_path / "g")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "invalid choice: 'sdxl'" in r.stderr
+
+
+def test_library_inputs_get_clear_errors():
+    from g2rpo import G2RPOSampler
+    from g2rpo.testing import GaussianWorld
+    from g2rpo.testing.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    for kwargs, msg in (({"prompts": "cat"}, "got one string 'cat'"), ({"prompts": []}, "non-empty list"),
+                        ({"height": 0}, "height must be an int >= 1"), ({"seed": 2**64}, "seed must be an int")):
+        args = {"prompts": ["a cat"], "num_steps": 4, "group_size": 2, "sde_indices": [0], "height": 32, "width": 32}
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=msg):
+            rollout(pipe, args.pop("prompts"), **args)
+    with pytest.raises(ValueError, match="same ODE continuation"):
+        G2RPOSampler(GaussianWorld(), num_steps=6, sde_indices=[3], granularities=[4, 5])
+    with pytest.raises(ValueError, match="group_size 1000000"):
+        G2RPOSampler(GaussianWorld(), num_steps=16, group_size=1_000_000)
+    with pytest.raises(ValueError, match="no prompt"):
+        G2RPOSampler(GaussianWorld(), num_steps=4, sde_indices=[0], group_size=2).rollout(torch.zeros(0, 4))

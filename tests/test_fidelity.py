@@ -84,7 +84,8 @@ def test_sample_minibatches_split_the_samples_into_optimizer_steps(lab_world, tm
     assert m["ratio_first_max_dev"] < 1e-6 and m["ratio_last_step_max_dev"] > 1e-6  # later steps see an updated policy
     mask = torch.ones(2, 3, 4, dtype=torch.bool)
     steps = optimizer_steps(mask, "per_iteration", 1, 3, 1)
-    assert [int(s.sum()) for s in steps] == [9, 9, 6]  # 8 samples x 3 slots in prompt-major thirds
+    assert [int(s.sum()) for s in steps] == [12, 6, 6]  # every prompt's 4 branches in parts [0, 1], [2], [3]
+    assert [s[0, 0].nonzero().flatten().tolist() for s in steps] == [[0, 1], [2], [3]]
     assert torch.equal(sum(s.int() for s in steps), mask.int())
     per_slot = optimizer_steps(mask, "per_sde_step", 1, 2, 1)
     assert len(per_slot) == 6 and all(int(s.sum()) == 4 for s in per_slot)
@@ -179,7 +180,7 @@ def test_flow_grpo_kl_convention_divides_by_sigma_t_squared(lab_world, tmp_path)
 def test_two_ranks_with_per_sample_subsets_and_sample_minibatches(lab_world, tmp_path):
     """The mask and the optimizer steps are drawn for the global batch and sliced: 2 FSDP ranks make the
     same forwards (a rank with nothing to train in a unit still runs it) and, with one sample minibatch,
-    train exactly as 1 rank does; with 3, every step takes each rank's next chunk of its own samples."""
+    train exactly as 1 rank does, with 1 sample minibatch or 3."""
     from test_train import _cli, _flat, _metrics
 
     extra = {"sampler.strategy": "dance_grpo", "sampler.eta": None, "sampler.train_selection": "per_sample",
@@ -193,14 +194,21 @@ def test_two_ranks_with_per_sample_subsets_and_sample_minibatches(lab_world, tmp
         assert x["forward_rows"] == y["forward_rows"]
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
         assert x["reward/digit_alignment"] == pytest.approx(y["reward/digit_alignment"], rel=1e-5)
+    # with 3 sample minibatches too: the split is per prompt, not per rank, so 2 ranks train as 1 (issue 22)
+    four = tmp_path / "four"
     r3 = _cli(_flat(tiny(lab_world, three, iterations=2, checkpoint_every=0, **extra,
                          **{"optim.sample_minibatches": 3})), torchrun=2)
     assert r3.returncode == 0, r3.stderr[-3000:]
-    assert all(m["optimizer_steps"] == 3 and m["grad_norm"] > 0 for m in _metrics(three))
-    # per rank: 2 prompts x 3 samples in chunks of 2; step s = chunk s of rank 0 and of rank 1
-    steps = optimizer_steps(torch.ones(4, 2, 3, dtype=torch.bool), "per_iteration", 1, 3, 1, ranks=2)
-    assert [s[:, 0].flatten().nonzero().flatten().tolist() for s in steps] == [[0, 1, 6, 7], [2, 3, 8, 9],
-                                                                               [4, 5, 10, 11]]
+    r4 = _cli(_flat(tiny(lab_world, four, iterations=2, checkpoint_every=0, **extra,
+                         **{"optim.sample_minibatches": 3})))
+    assert r4.returncode == 0, r4.stderr[-3000:]
+    for x, y in zip(_metrics(four), _metrics(three)):
+        assert x["optimizer_steps"] == y["optimizer_steps"] == 3
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-7)
+    steps = optimizer_steps(torch.ones(4, 2, 3, dtype=torch.bool), "per_iteration", 1, 3, 1)
+    assert [s[:, 0].flatten().nonzero().flatten().tolist() for s in steps] == [[0, 3, 6, 9], [1, 4, 7, 10],
+                                                                               [2, 5, 8, 11]]
 
 
 def test_dance_grpo_scores_the_last_steps_x0_prediction():

@@ -280,3 +280,113 @@ def test_outputs_are_honest_and_grids_readable(lab_world, tmp_path, monkeypatch)
 
     w, h = Image.open(tmp_path / "images" / "iter_000002.png").size
     assert h >= len(seen[0]) * 96 and w >= 4 * 96
+
+
+# issue 22 ------------------------------------------------------------------------------------------
+def test_a_failed_final_export_leaves_nothing_half_written_and_resume_exports_again(lab_world, tmp_path, monkeypatch):
+    import g2rpo.lab.generator as generator
+
+    args = _flat(tiny(lab_world, tmp_path, iterations=2, checkpoint_every=0))
+    real = generator.LabPolicy.save_pretrained
+
+    def full_disk(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "partial").write_text("x")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(generator.LabPolicy, "save_pretrained", full_disk)
+    assert main(args) == 3
+    assert not (tmp_path / "final").exists() and not (tmp_path / "final.tmp").exists()
+    assert (tmp_path / "checkpoints" / "iter_000002" / "COMPLETE").is_file()
+    monkeypatch.setattr(generator.LabPolicy, "save_pretrained", real)
+    assert main(args + ["--resume"]) == 0  # complete, but final/ is missing: exported again
+    assert json.loads((tmp_path / "final" / "g2rpo_export.json").read_text())["iteration"] == 2
+
+
+def test_export_any_checkpoint_and_eval_a_checkpoint(lab_world, tmp_path):
+    from g2rpo.eval import main as eval_main
+    from g2rpo.export import main as export_main
+
+    run(tiny(lab_world, tmp_path / "run", iterations=2, export_final=False))
+    assert export_main([str(tmp_path / "run"), "--iteration", "1"]) == 0
+    exported = tmp_path / "run" / "exports" / "iter_000001"
+    assert json.loads((exported / "g2rpo_export.json").read_text())["iteration"] == 1
+    from g2rpo.lab import load_lab_policy
+
+    load_lab_policy(exported)
+    assert export_main([str(tmp_path / "run"), "--iteration", "7"]) == 2
+    ev = ["--model", str(lab_world), "--prompts", "builtin:lab_test", "--max-prompts", "2", "--samples", "2",
+          "--rewards", "digit_alignment", "--no-base"]
+    assert eval_main(ev + ["--checkpoint", str(tmp_path / "run" / "checkpoints" / "iter_000002"),
+                           "--out", str(tmp_path / "ev")]) == 0
+    assert eval_main(ev + ["--checkpoint", str(tmp_path / "run"), "--iteration", "1", "--out", str(tmp_path / "e1")]) == 0
+
+
+def test_a_deleted_output_dir_stops_the_run(lab_world, tmp_path):
+    import shutil
+
+    trainer = Trainer(load_config(None, tiny(lab_world, tmp_path / "out", iterations=3)), log=QUIET)
+
+    def delete(tr, m):
+        if m["iteration"] == 1:
+            shutil.rmtree(tmp_path / "out")
+
+    with pytest.raises(TrainingError, match="was deleted or replaced"):
+        trainer.run(callback=delete)
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_leaves_no_tmp(lab_world, tmp_path, monkeypatch):
+    import shutil
+
+    import g2rpo.checkpoint as checkpoint
+
+    trainer = Trainer(load_config(None, tiny(lab_world, tmp_path, iterations=2)), log=QUIET)
+    real = checkpoint.dcp.save
+    calls = []
+
+    def flaky(state, checkpoint_id):
+        calls.append(checkpoint_id)
+        if len(calls) == 2:
+            raise RuntimeError("unexpected pos 704 vs 598")
+        return real(state, checkpoint_id=checkpoint_id)
+
+    monkeypatch.setattr(checkpoint.dcp, "save", flaky)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1024))
+    with pytest.raises(TrainingError, match=r"iteration 2: writing checkpoint iter_000002 failed .*no space left"):
+        trainer.run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000001"]
+
+
+@pytest.mark.parametrize("override, msg", [
+    ({"optim": {"lr": 1e38}}, "optim.lr must be <= 1"),
+    ({"sampler": {"shift": 10.0, "eta": 1.25, "num_steps": 8}}, "sampler.eta=1.25 is too large"),
+])
+def test_more_nonsense_is_refused(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, override)
+
+
+def test_g2rpo_keys_are_not_checked_for_trajectory_strategies():
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config([root / "configs" / "lab.yaml", root / "configs" / "methods" / "dance_grpo-official.yaml"],
+                      {"sampler": {"num_steps": 3}})
+    assert cfg.sampler.num_steps == 3
+
+
+def test_unusable_files_found_before_any_model_loads(lab_world, tmp_path, no_model_load):
+    (tmp_path / "p.txt").write_text("a digit one\na picture of a cat\n")
+    with pytest.raises(ConfigError, match="cannot tell which digit the prompt 'a picture of a cat'"):
+        Trainer(load_config(None, tiny(lab_world, tmp_path / "a", **{"data.prompts": str(tmp_path / "p.txt")})),
+                log=QUIET)
+    (tmp_path / "b" / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="metrics.jsonl is not writable"):
+        Trainer(load_config(None, tiny(lab_world, tmp_path / "b")), log=QUIET)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "final").write_text("a file")
+    with pytest.raises(ConfigError, match="final is a file"):
+        Trainer(load_config(None, tiny(lab_world, tmp_path / "c")), log=QUIET)
+
+
+def test_group_size_two_warns(lab_world, tmp_path):
+    with pytest.warns(UserWarning, match="sign-only"):
+        Trainer(load_config(None, tiny(lab_world, tmp_path, **{"sampler.group_size": 2})), log=QUIET).close()

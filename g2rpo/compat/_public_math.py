@@ -14,9 +14,38 @@ import math
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["PRECISIONS", "dance_flux_step", "official_flow_grpo_step"]
+__all__ = ["PRECISIONS", "check_step_inputs", "dance_flux_step", "official_flow_grpo_step"]
 
 PRECISIONS = ("public", "fp32")
+
+
+def check_step_inputs(model_output, latents, sigmas, index, prev_sample, name: str) -> int:
+    """The checks a drop-in step makes before computing (shapes and the index; the schedule's order): a clear
+    ValueError naming the argument instead of a silent broadcast, a 0-d log-prob, an IndexError or NaN. They
+    read shapes and two schedule values; the arithmetic is untouched. Returns the index as an int."""
+    for arg, t in (("model_output", model_output), ("latents", latents), ("sigmas", sigmas)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: {arg} must be a tensor, got {type(t).__name__}")
+    if latents.ndim < 2:
+        raise ValueError(f"{name}: latents must be [B, ...] with a batch dim, got shape {tuple(latents.shape)}")
+    if model_output.shape != latents.shape:
+        raise ValueError(f"{name}: model_output has shape {tuple(model_output.shape)}, latents "
+                         f"{tuple(latents.shape)}: they must be equal (no broadcasting)")
+    if prev_sample is not None and (not isinstance(prev_sample, torch.Tensor) or prev_sample.shape != latents.shape):
+        shape = tuple(prev_sample.shape) if isinstance(prev_sample, torch.Tensor) else type(prev_sample).__name__
+        raise ValueError(f"{name}: prev_sample has shape {shape}, latents {tuple(latents.shape)}: they must be equal")
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"{name}: sigmas must be a 1-D schedule of at least 2 values, got shape {tuple(sigmas.shape)}")
+    if isinstance(index, torch.Tensor) and index.ndim == 0 and not index.is_floating_point():
+        index = int(index)
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise ValueError(f"{name}: index must be an int, got {index!r}")
+    if not 0 <= index < sigmas.numel() - 1:
+        raise ValueError(f"{name}: index must be in 0..{sigmas.numel() - 2} (a step needs a next sigma), got {index}")
+    if not bool(sigmas[index + 1] < sigmas[index]):
+        raise ValueError(f"{name}: the schedule must decrease: sigmas[{index}] = {float(sigmas[index]):g}, "
+                         f"sigmas[{index + 1}] = {float(sigmas[index + 1]):g}")
+    return index
 
 
 def _log_sqrt_2pi() -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..sde import sde_coefficients, sde_transition
-from ._public_math import PRECISIONS, dance_flux_step
+from ._public_math import PRECISIONS, check_step_inputs, dance_flux_step
 
 __all__ = ["flux_step"]
 
@@ -31,6 +31,7 @@ def flux_step(model_output: torch.Tensor, latents: torch.Tensor, eta: float, sig
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    index = check_step_inputs(model_output, latents, sigmas, index, prev_sample, "flux_step")
     if precision == "public":
         if grpo and float(eta) == 0.0:
             raise ValueError("math domain error: eta = 0 gives std_dev_t = 0 (DanceGRPO's math.log(std_dev_t) fails "

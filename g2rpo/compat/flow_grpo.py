@@ -26,6 +26,24 @@ def sde_step_with_logprob(self, model_output: torch.Tensor, timestep, sample: to
     ``sigma_t = noise_level * sqrt(sigma / (1 - sigma))`` (not multiplied by sqrt(dt)) viewed
     ``[B, 1, ..., 1]``; with ``prev_sample`` given it is scored and no noise is drawn.
     """
+    if not isinstance(timestep, torch.Tensor) or timestep.ndim != 1:
+        raise ValueError(f"sde_step_with_logprob: timestep must be a 1-D tensor of one scheduler timestep per row, got "
+                         f"{timestep!r}" if not isinstance(timestep, torch.Tensor) else
+                         f"sde_step_with_logprob: timestep must be 1-D (one per row), got shape {tuple(timestep.shape)}")
+    if sample.ndim < 2 or timestep.numel() != sample.shape[0]:
+        raise ValueError(f"sde_step_with_logprob: {timestep.numel()} timesteps for a sample of shape "
+                         f"{tuple(sample.shape)}: one per row")
+    if model_output.shape != sample.shape:
+        raise ValueError(f"sde_step_with_logprob: model_output has shape {tuple(model_output.shape)}, sample "
+                         f"{tuple(sample.shape)}: they must be equal")
+    if prev_sample is not None and prev_sample.shape != sample.shape:
+        raise ValueError(f"sde_step_with_logprob: prev_sample has shape {tuple(prev_sample.shape)}, sample "
+                         f"{tuple(sample.shape)}: they must be equal")
+    known = self.timesteps.to(timestep.device)
+    missing = [float(t) for t in timestep if not bool((known == t).any())]
+    if missing:
+        raise ValueError(f"sde_step_with_logprob: timestep {missing[0]:g} is not in the scheduler's timesteps "
+                         "(call set_timesteps first, and pass its own values)")
     model_output, sample = model_output.float(), sample.float()
     if prev_sample is not None:
         prev_sample = prev_sample.float()

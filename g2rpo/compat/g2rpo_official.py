@@ -11,7 +11,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..sde import sde_step_with_logprob
-from ._public_math import PRECISIONS, official_flow_grpo_step
+from ._public_math import PRECISIONS, check_step_inputs, official_flow_grpo_step
 
 __all__ = ["flow_grpo_step"]
 
@@ -28,6 +28,7 @@ def flow_grpo_step(model_output: torch.Tensor, latents: torch.Tensor, eta: float
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    index = check_step_inputs(model_output, latents, sigmas, index, prev_sample, "flow_grpo_step")
     if precision == "public":
         return official_flow_grpo_step(model_output, latents, eta, sigmas, index, prev_sample, generator)
     x = latents.float()

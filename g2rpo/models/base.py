@@ -33,6 +33,9 @@ class PolicyAdapter(torch.nn.Module):
     def __init__(self, pipe: Any, height: int, width: int, guidance_scale: float | None,
                  max_sequence_length: int) -> None:
         super().__init__()
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self._pipe = pipe  # tokenizers, encode_prompt, the pipeline's static latent helpers, save_pretrained
         self.height, self.width = int(height), int(width)
         self.guidance_scale = guidance_scale

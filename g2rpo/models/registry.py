@@ -56,6 +56,7 @@ class ModelFamily:
     default_path: str | None = None  # "module:function" (log=...) -> the folder used when model.path is null
     world_rewards: tuple[str, ...] = ()  # rewards that take the model folder as their `world` option
     guidance_note: str = ""  # what guidance_scale means for this family
+    prompt_check: str | None = None  # "module:function"(prompt) raising ValueError for a prompt the family cannot use
     lora_pipeline: str | None = None  # the pipeline whose save_lora_weights format LoRA adapters use (default:
     # ``pipeline``; the lab world's transformer is a Flux one)
     held_out_eval: str | None = None  # "module:function"(policy, folder, steps=) -> {metric: value}, run by the
@@ -81,6 +82,7 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
                 FamilyDefaults(None, None, steps=16, eval_steps=16, guidance_scale=None, max_sequence_length=0),
                 marker="lab_world.json", path_optional=True, default_path="g2rpo.lab.world:build_world",
                 world_rewards=("digit_alignment", "digit_realism"), held_out_eval="g2rpo.lab.world:evaluate_lab",
+                prompt_check="g2rpo.lab.prompts:prompt_label",
                 lora_pipeline="diffusers:FluxPipeline"),
     ModelFamily("flux", "Flux.1", "g2rpo.models.flux:FluxPolicy", _DIFFUSERS + ("text_encoder_2/config.json",),
                 FamilyDefaults(1024, 1024, steps=28, eval_steps=50, guidance_scale=3.5, max_sequence_length=512),

@@ -320,6 +320,8 @@ class RolloutEngine:
         else:
             roots = noise.float().unsqueeze(1)
         P, shape = roots.shape[0], roots.shape[2:]
+        if P == 0:
+            raise ValueError("noise holds no prompt (P = 0): a rollout needs at least one prompt")
         if isinstance(generator, (list, tuple)) and len(generator) != P:
             raise ValueError(f"got {len(generator)} generators for {P} prompts (pass one per prompt or a single one)")
         _check_cond(cond, P)

@@ -31,7 +31,11 @@ from ..schedule import granularity_grid
 from ..sde import SDE_KINDS
 from .plan import Plan, PlanBuilder
 
-__all__ = ["Strategy", "G2RPOStrategy", "TrajectoryStrategy", "STRATEGIES", "STRATEGY_CLASSES", "TRAIN_SELECTIONS",
+#: The largest plan (states per prompt, an upper bound) a strategy builds: far above any GRPO setting, far below
+#: what would spend minutes building before an allocator error.
+MAX_PLAN_STATES = 2_000_000
+
+__all__ = ["MAX_PLAN_STATES", "Strategy", "G2RPOStrategy", "TrajectoryStrategy", "STRATEGIES", "STRATEGY_CLASSES", "TRAIN_SELECTIONS",
            "make_strategy", "strategy_options"]
 
 TRAIN_SELECTIONS = ("per_iteration", "per_sample", "first")
@@ -57,6 +61,10 @@ class Strategy:
             raise ValueError(f"eta must be > 0 for a stochastic rollout, got {self.eta!r}")
         if self.sde_kind not in SDE_KINDS:
             raise ValueError(f"sde_kind must be one of {SDE_KINDS}, got {self.sde_kind!r}")
+        nodes = self.group_size * self.num_steps * self.num_steps  # an upper bound of the plan's states per prompt
+        if nodes > MAX_PLAN_STATES:
+            raise ValueError(f"group_size {self.group_size} x num_steps {self.num_steps}: a plan of up to {nodes:,} "
+                             f"states per prompt is over the {MAX_PLAN_STATES:,} g2rpo builds (GRPO groups are 4-64)")
 
     def plan(self, iteration: int = 0) -> Plan:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -89,6 +97,15 @@ class G2RPOStrategy(Strategy):
             raise ValueError("granularities must not be empty")
         if any(g < 1 for g in self.granularities) or len(set(self.granularities)) != len(self.granularities):
             raise ValueError(f"granularities must be distinct ints >= 1, got {list(self.granularities)}")
+        for e in self.sde_indices:  # two granularities with one continuation would count its rewards twice
+            grids: dict[tuple[int, ...], int] = {}
+            for lam in self.granularities:
+                g = tuple(granularity_grid(self.num_steps, e, lam))
+                if g in grids:
+                    raise ValueError(f"granularities {grids[g]} and {lam} give the same ODE continuation {list(g)} "
+                                     f"after the SDE step at {e} (num_steps {self.num_steps}): the same rewards would "
+                                     "be counted twice; drop one granularity or that SDE index")
+                grids[g] = lam
 
     def plan(self, iteration: int = 0) -> Plan:
         T, G = self.num_steps, self.group_size

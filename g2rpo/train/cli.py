@@ -19,6 +19,7 @@ from ..config import ConfigError, load_config
 from ..distributed import rollout_mode
 from .loop import Trainer
 from .interrupts import Interrupted
+from .setup import export_is_current
 from .update import TrainingError
 
 __all__ = ["main"]
@@ -72,6 +73,11 @@ def _train(cfg) -> int:
         return 2
     try:
         if trainer.complete:
+            final = trainer.out / "final"
+            if cfg.export_final and not export_is_current(final, cfg.iterations):
+                trainer.export(final, cfg.iterations)
+                if trainer.ctx.is_main:
+                    print(f"{final} was missing or incomplete: exported it again from the last checkpoint")
             print(f"run complete: {trainer.out} already holds all {cfg.iterations} iterations "
                   f"(raise iterations=N to continue it)")
             return 0
@@ -80,6 +86,10 @@ def _train(cfg) -> int:
         final_eval = _held_out_eval(trainer) if base_eval is not None and history else None
     except TrainingError as err:
         print(f"training stopped: {err}", file=sys.stderr)
+        return 3
+    except OSError as err:  # a failed export (disk full, final/ not writable): the checkpoints are intact
+        print(f"training stopped: {type(err).__name__}: {err}; the last checkpoint is intact, --resume continues "
+              "(and exports again)", file=sys.stderr)
         return 3
     except Interrupted as err:
         if trainer.ctx.is_main:
@@ -125,5 +135,7 @@ def _print_curve(history: list[dict[str, float]], trainer: Trainer) -> None:
         part = history[lo:lo + window]
         first, last = int(part[0]["iteration"]), int(part[-1]["iteration"])
         print(f"  {first:4d}-{last:<5d}  " + "  ".join(f"{np.mean([m[k] for m in part]):16.4f}" for k in keys))
-    print(f"outputs in {trainer.out} (metrics.jsonl, checkpoints/, final/)")
+    exported = ", final/" if trainer.cfg.export_final and export_is_current(trainer.out / "final",
+                                                                            trainer.cfg.iterations) else ""
+    print(f"outputs in {trainer.out} (metrics.jsonl, checkpoints/{exported})")
 

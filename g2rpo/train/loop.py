@@ -18,7 +18,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..advantage import batch_std, check_finite_rewards, integrate_advantages
-from ..checkpoint import complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import CheckpointWriteError, complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..distributed import DistContext, rollout_mode
 from ..policy import build_rewards
@@ -58,8 +58,14 @@ class Trainer:
             raise ConfigError(f"data.prompts_per_iteration ({cfg.data.prompts_per_iteration}) must be divisible "
                               f"by the number of ranks ({self.ctx.world})")
         prompts = preflight(cfg)
+        if cfg.sampler.group_size == 2:
+            msg = ("sampler.group_size=2: a group of two standardises to advantages of +-0.707 whatever the rewards "
+                   "(a sign-only signal); use 4 or more for a graded one")
+            warnings.warn(msg, stacklevel=2)
+            self.log(f"warning: {msg}")
         self.out = Path(cfg.output_dir)
         self.lock = self._lock()
+        self._out_identity = self._output_identity()
         candidates = complete_checkpoints(self.out)
         if not cfg.resume and candidates:
             if not cfg.overwrite:
@@ -122,6 +128,30 @@ class Trainer:
             raise err or ConfigError(f"output_dir {self.out} is in use by another run (rank 0 could not lock it)")
         return lock
 
+    def _output_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.out)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check_output_dir(self, iteration: int) -> None:
+        """Stop (every rank) when output_dir was deleted or replaced while the run writes into it: metrics and
+        checkpoints would go to deleted files, and the lock would no longer hold."""
+        gone = 0.0
+        if self.ctx.is_main:
+            lock_ok = True
+            if self.lock is not None and self.lock._fd is not None:
+                try:
+                    lock_ok = os.stat(self.lock.path).st_ino == os.fstat(self.lock._fd).st_ino
+                except OSError:
+                    lock_ok = False
+            gone = float(self._output_identity() != self._out_identity or not lock_ok)
+        if float(self.ctx.all_reduce_sum(torch.tensor([gone]))[0]):
+            raise TrainingError(f"iteration {iteration}: output_dir {self.out} was deleted or replaced while the run "
+                                "was writing to it; stopping (its metrics and checkpoints are gone; start a new run "
+                                "or restore the folder and --resume)")
+
     def _resume_changes(self, candidates: list[Path]) -> list[tuple[str, Any, Any]]:
         """Checked before any model loads: refused differences stop the run, allowed ones are listed."""
         for ckpt in candidates:
@@ -145,6 +175,10 @@ class Trainer:
                 self.log(f"warning: {msg}")
                 continue
             self.update.optimizer_steps_done = int(state.get("optimizer_steps_done", 0))
+            written_by = int(state.get("world_size", self.ctx.world))
+            if written_by != self.ctx.world:  # nothing in the update depends on the number of ranks
+                self.log(f"resume: {self.ctx.world} ranks now, {written_by} wrote the checkpoint; the run continues "
+                         "exactly as it would have (prompts, noise and optimizer steps do not depend on the ranks)")
             if self.changes:
                 apply_lr(self.cfg, self.scheduler)
                 self.log("resume: applied config changes: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in self.changes))
@@ -278,9 +312,12 @@ class Trainer:
     def checkpoint(self, iteration: int) -> Path:
         self.update.check_finite_params(iteration, "before writing a checkpoint")  # never save a non-finite state
         extra = {"prompts_consumed": iteration * self.cfg.data.prompts_per_iteration, "config": config_to_dict(self.cfg),
-                 "optimizer_steps_done": self.update.optimizer_steps_done}
-        return save_checkpoint(self.ctx, self.out, iteration, self.module, self.optimizer, self.scheduler, self.ema,
-                               extra)
+                 "optimizer_steps_done": self.update.optimizer_steps_done, "world_size": self.ctx.world}
+        try:
+            return save_checkpoint(self.ctx, self.out, iteration, self.module, self.optimizer, self.scheduler,
+                                   self.ema, extra)
+        except CheckpointWriteError as err:
+            raise TrainingError(f"iteration {iteration}: {err}") from None
 
     def export(self, folder: Path, iteration: int | None = None) -> Path:
         """The trained policy in diffusers' ``save_pretrained`` layout (EMA weights when enabled)."""
@@ -311,6 +348,7 @@ class Trainer:
                         if saved != it or not complete_checkpoints(self.out):
                             self.checkpoint(it)
                         raise Interrupted(it, stop.agreed() or signal.SIGINT) from None
+                    self.check_output_dir(it + 1)
                     if callback is not None:
                         callback(self, m)
                     history.append(m)

@@ -49,6 +49,13 @@ def preflight(cfg: TrainConfig) -> list[str]:
     for sub in ("checkpoints", "final"):
         if (out / sub).exists() and not (out / sub).is_dir():
             raise ConfigError(f"{out / sub} is a file: the run writes a folder there; move the file away")
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        try:
+            with metrics.open("a"):
+                pass
+        except OSError as err:
+            raise ConfigError(f"{metrics} is not writable: {err.strerror or err}") from None
     if cfg.resume:
         stored_config_of(out)  # nothing to resume stops here, before any model loads
     try:  # a real write: permission bits say little to root, read-only mounts, full disks
@@ -59,12 +66,26 @@ def preflight(cfg: TrainConfig) -> list[str]:
     except OSError as err:
         raise ConfigError(f"output_dir {out} is not writable: {err.strerror or err}") from None
     try:
-        return load_prompts(cfg.data.prompts)
+        prompts = load_prompts(cfg.data.prompts)
     except UnicodeDecodeError as err:
         raise ConfigError(f"data.prompts {cfg.data.prompts}: not UTF-8 text (byte {err.start}: "
                           f"{err.object[err.start:err.start + 1]!r})") from None
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"data.prompts: {err}") from None
+    from ..models.registry import family, import_path
+
+    check = family(cfg.model.kind).prompt_check
+    if check is not None:  # the family reads something from every prompt (the lab world: the digit)
+        reader, bad = import_path(check), []
+        for p in dict.fromkeys(prompts):
+            try:
+                reader(p)
+            except ValueError as err:
+                bad.append(str(err))
+        if bad:
+            raise ConfigError(f"data.prompts {cfg.data.prompts}: {len(bad)} prompts the model family cannot read, "
+                              f"e.g. {bad[0]}")
+    return prompts
 
 
 class OutputLock:

@@ -24,7 +24,7 @@ from ..distributed import DistContext, shard_module
 from ..policy import TORCH_DTYPES, load_policy
 
 __all__ = ["EXPORT_MARKER", "PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast",
-           "reference_policy", "update_ema", "ema_decay_at", "export_policy", "seed_of"]
+           "reference_policy", "update_ema", "ema_decay_at", "export_is_current", "export_policy", "seed_of"]
 
 
 @dataclass
@@ -156,6 +156,17 @@ def update_ema(ema: dict[str, torch.Tensor] | None, module: torch.nn.Module, dec
 EXPORT_MARKER = "g2rpo_export.json"
 
 
+def export_is_current(folder: Path, iteration: int) -> bool:
+    """Whether ``folder`` holds a complete export of the policy after ``iteration`` iterations."""
+    import json
+
+    marker = Path(folder) / EXPORT_MARKER
+    try:
+        return json.loads(marker.read_text()).get("iteration") == iteration
+    except (OSError, ValueError):
+        return False
+
+
 def export_policy(cfg: TrainConfig, ctx: DistContext, module: torch.nn.Module, ema: dict[str, torch.Tensor] | None,
                   base_path: Path, folder: Path, iteration: int | None = None) -> Path:
     """The trained policy in diffusers' ``save_pretrained`` layout: the full (unsharded) state, EMA weights
@@ -193,8 +204,12 @@ def export_policy(cfg: TrainConfig, ctx: DistContext, module: torch.nn.Module, e
         def write(target: Path, fill) -> None:
             tmp = target.with_name(target.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            fill(tmp)
-            (tmp / EXPORT_MARKER).write_text(json.dumps(marker))
+            try:
+                fill(tmp)
+                (tmp / EXPORT_MARKER).write_text(json.dumps(marker))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
+                raise
             if target.is_dir():
                 shutil.rmtree(target)
             tmp.rename(target)

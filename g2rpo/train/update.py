@@ -33,25 +33,28 @@ class TrainingError(RuntimeError):
 
 
 def optimizer_steps(mask: torch.Tensor, schedule: str, minibatches: int, sample_minibatches: int,
-                    inner_epochs: int, generator: torch.Generator | None = None, ranks: int = 1,
+                    inner_epochs: int, generator: torch.Generator | None = None,
                     shuffle_samples: bool = False) -> list[torch.Tensor]:
-    """The optimizer steps of one iteration, each the mask ``[P, K, G]`` of the transitions it trains.
+    """The optimizer steps of one iteration, each the mask ``[P, K, G]`` of the transitions it trains (P: every
+    prompt of the iteration, over all ranks).
 
     ``per_iteration``: the trained slots (shuffled when there are several epochs or minibatches) in
-    ``minibatches`` groups; ``per_sde_step``: one group per trained slot, in order. Each group is
-    split further into ``sample_minibatches`` steps: every rank's ``P / ranks * G`` samples (prompt-major)
-    in contiguous chunks, step s taking the s-th chunk of every rank (gradient accumulation over
-    samples on each rank, as DanceGRPO and MixGRPO accumulate). ``shuffle_samples``: each epoch, every
-    rank's samples are permuted before the split (Flow-GRPO's ``torch.randperm``), one permutation for all
-    ranks (drawn from ``generator``, so N ranks train as 1).
+    ``minibatches`` groups; ``per_sde_step``: one group per trained slot, in order. Each group is split further
+    into ``sample_minibatches`` steps, step s taking the s-th contiguous part of EVERY prompt's group of samples
+    (gradient accumulation over samples: DanceGRPO and MixGRPO, one prompt per rank, accumulate exactly so).
+    ``shuffle_samples``: each epoch the P x G samples are permuted before a contiguous split (Flow-GRPO's
+    ``torch.randperm``). Nothing depends on the number of ranks: N ranks train exactly as 1.
     """
     P, K, G = mask.shape
     slots = [k for k in range(K) if bool(mask[:, k].any())]
-    per_rank = (P // ranks) * G
     steps = []
     for _ in range(inner_epochs):
-        order = torch.randperm(per_rank, generator=generator) if shuffle_samples else torch.arange(per_rank)
-        chunks = [torch.cat([c + r * per_rank for r in range(ranks)]) for c in order.tensor_split(sample_minibatches)]
+        if shuffle_samples:
+            order = torch.randperm(P * G, generator=generator)
+            chunks = [c for c in order.tensor_split(sample_minibatches)]
+        else:  # part s of every prompt's branches
+            chunks = [(torch.arange(P)[:, None] * G + part[None, :]).flatten()
+                      for part in torch.arange(G).tensor_split(sample_minibatches)]
         if schedule == "per_sde_step":
             groups = [[k] for k in slots]
         else:
@@ -151,7 +154,7 @@ class PolicyUpdate:
         P, K, G = rollout.log_probs.shape
         lo = self.ctx.rank * P
         global_steps = optimizer_steps(global_mask, cfg.optim.update_schedule, cfg.minibatches,
-                                       cfg.optim.sample_minibatches, cfg.inner_epochs, generator, ranks=world,
+                                       cfg.optim.sample_minibatches, cfg.inner_epochs, generator,
                                        shuffle_samples=cfg.optim.shuffle_samples)
         mask = global_mask[lo:lo + P]
         steps = [s[lo:lo + P] for s in global_steps]
