@@ -359,7 +359,8 @@ def test_a_full_disk_while_checkpointing_is_named_and_leaves_no_tmp(lab_world, t
 
 @pytest.mark.parametrize("override, msg", [
     ({"optim": {"lr": 1e38}}, "optim.lr must be <= 1"),
-    ({"sampler": {"shift": 10.0, "eta": 1.25, "num_steps": 8}}, "sampler.eta=1.25 is too large"),
+    ({"sampler": {"shift": 10.0, "eta": 1.25, "num_steps": 8, "sde_indices": list(range(8)), "granularities": [1]}},
+     "sampler.eta=1.25 is too large"),
 ])
 def test_more_nonsense_is_refused(override, msg):
     with pytest.raises(ConfigError, match=msg):
