@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "gpu" / "run.sh"
-STAGES = ["rollout", "graphs", "ops", "train_step", "ratio", "memory"]
+STAGES = ["ops", "rollout", "ratio", "train_step", "memory", "graphs"]  # in order of value
 def test_run_sh_tiny_on_cpu_writes_every_stage(tmp_path):
     out = tmp_path / "acc"
     r = subprocess.run(["bash", str(RUN), "--device", "cpu", "--tiny", "--out", str(out)], capture_output=True,
@@ -32,10 +32,34 @@ def test_run_sh_tiny_on_cpu_writes_every_stage(tmp_path):
     assert all(f"## {s}: ok" in md for s in STAGES)
 
 
+def test_run_sh_fits_its_budget_and_sends_back_at_most_4_files(tmp_path):
+    """A lent GPU is held 15 minutes (its start included), one command runs at most 10, at most 8 files come back:
+    --budget-s bounds the whole run, stages run in order of value, the rest is reported as not run."""
+    import time
+
+    out, work = tmp_path / "acc", tmp_path / "work"
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", str(RUN), "--device", "cpu", "--tiny", "--budget-s", "60", "--out", str(out),
+                        "--work", str(work)], capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 60, (elapsed, (r.stdout + r.stderr)[-3000:])
+    assert sorted(p.name for p in out.iterdir()) == ["details.tar.gz", "gpu_tests.log", "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["stages"]) == STAGES
+    statuses = [s["status"] for s in report["stages"].values()]
+    assert statuses[0] == "ok"  # the fused ops come first
+    assert all(st in ("ok", "not run", "out of time") for st in statuses), statuses
+    import tarfile
+
+    with tarfile.open(out / "details.tar.gz") as tar:
+        assert "./setup.json" in tar.getnames()
+
+
 def test_run_sh_rejects_bad_arguments(tmp_path):
     for args, msg in ((["--device", "cpu"], "--out DIR is required"),
                       (["--out", str(tmp_path), "--stage", "nope"], "unknown stage nope"),
-                      (["--out", str(tmp_path), "--device", "tpu"], "--device must be cuda or cpu")):
+                      (["--out", str(tmp_path), "--device", "tpu"], "--device must be cuda or cpu"),
+                      (["--out", str(tmp_path), "--budget-s", "ten"], "--budget-s must be a whole number")):
         r = subprocess.run(["bash", str(RUN), *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
 

@@ -30,6 +30,7 @@ import torch
 from g2rpo.testing import PAPER_SETTING as PAPER
 
 STAGES = ("rollout", "graphs", "ops", "train_step", "ratio", "memory")
+STAGE_ORDER = ("ops", "rollout", "ratio", "train_step", "memory", "graphs")  # by value: what a short lease runs first
 
 
 @dataclass
@@ -371,6 +372,7 @@ def write_report(out: Path) -> dict:
         f = out / f"stage_{name}.json"
         report["stages"][name] = (json.loads(f.read_text()) if f.is_file()
                                   else {"status": "not run", "reason": "no result in this folder (--stage ran others)"})
+    report["stages"] = {n: report["stages"][n] for n in STAGE_ORDER}  # in order of value, as run.sh runs them
     (out / "report.json").write_text(json.dumps(report, indent=1))
     lines = ["# g2rpo GPU acceptance report\n", f"device: {report['device']}\n"]
     for key, value in _flatten(setup):
@@ -397,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.report:
         report = write_report(out)
         bad = [n for n, s in report["stages"].items() if s.get("status") not in ("ok", "not run")]
+        skipped = [n for n, s in report["stages"].items() if s.get("status") == "not run"]
+        if skipped:
+            print(f"not run (budget or --stage): {skipped}")
         print(f"report: {out / 'report.json'}" + (f" (not ok: {bad})" if bad else ""))
         return 1 if bad else 0
     if a.device == "cuda" and not torch.cuda.is_available():
