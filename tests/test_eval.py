@@ -89,3 +89,22 @@ def test_eval_refuses_nonsense_counts(lab_world, tmp_path, capsys, args, msg):
         eval_main(["--model", str(lab_world), "--prompts", "builtin:lab_test", "--rewards", "digit_alignment",
                    "--out", str(tmp_path), *args])
     assert err.value.code == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "cut_config"])
+def test_eval_names_a_damaged_export(lab_world, tmp_path, capsys, damage):
+    import shutil
+
+    final = tmp_path / "run" / "final"
+    shutil.copytree(lab_world, final)
+    weights = final / "transformer" / "diffusion_pytorch_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "random":
+        weights.write_bytes(bytes(range(256)) * 64)
+    else:
+        cfg = final / "transformer" / "config.json"
+        cfg.write_text(cfg.read_text()[:40])
+    code = eval_main(["--model", str(lab_world), "--checkpoint", str(tmp_path / "run"), "--prompts", "builtin:lab_test",
+                      "--rewards", "digit_alignment", "--out", str(tmp_path / "ev")])
+    assert code == 2 and "does not load" in capsys.readouterr().err
