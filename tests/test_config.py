@@ -86,7 +86,7 @@ def test_flux_config_names_every_missing_file(capsys):
 
 
 @pytest.mark.parametrize("spelling, value", [("1e-5", 1e-5), ("1E-5", 1e-5), (".5", 0.5), ("1.0e-5", 1e-5),
-                                             ("2", 2.0), ("+.5e-1", 0.05), ("1e-08", 1e-8)])
+                                             ("1", 1.0), ("+.5e-1", 0.05), ("1e-08", 1e-8)])
 def test_numbers_in_every_spelling_in_files_and_overrides(tmp_path, spelling, value):
     """YAML 1.1 reads 1e-5 as a string; numeric fields take every spelling a user writes."""
     f = tmp_path / "c.yaml"
