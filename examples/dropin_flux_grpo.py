@@ -14,6 +14,7 @@ import torch
 from diffusers import FluxPipeline
 
 from g2rpo import integrate_advantages
+from g2rpo.schedule import distinct_sde_indices
 from g2rpo.pipelines import rollout, unit_log_probs
 
 
@@ -45,7 +46,11 @@ def main(argv=None):
     pipe.transformer.to(torch.float32).requires_grad_(True)  # fp32 master weights: lr 2e-6 moves them
     opt = torch.optim.AdamW(pipe.transformer.parameters(), lr=a.lr, weight_decay=1e-4)
     prompts = [s.strip() for s in a.prompts.split(",") if s.strip()]
-    g2rpo_only = {"sde_indices": range(min(8, a.steps - 1))} if a.strategy.startswith("g2rpo") else {}
+    # the first 8 steps (the paper's M), keeping only those after which Lambda {1, 2, 3} gives three different
+    # continuations (at a small T two granularities can share one: the same rewards would count twice)
+    lams = (1, 2, 3) if a.strategy == "g2rpo" else (1,)
+    steps = distinct_sde_indices(a.steps, lams, range(min(8, a.steps - 1)))
+    g2rpo_only = {"sde_indices": steps} if a.strategy.startswith("g2rpo") else {}
     for it in range(a.iterations):
         out = rollout(pipe, prompts, strategy=a.strategy, num_steps=a.steps, group_size=a.group_size,
                       height=a.height, width=a.width, seed=1000 * it, **g2rpo_only)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 # from flow_grpo.diffusers_patch.sd3_sde_with_logprob import sde_step_with_logprob   # Flow-GRPO
 from g2rpo.compat.flow_grpo import sde_step_with_logprob  # g2rpo: the only line that changes
 from g2rpo.pipelines import policy_for, rollout
+from g2rpo.schedule import distinct_sde_indices
 
 
 def flow_grpo_rollout(policy, scheduler, prompt, group_size, steps, generator):
@@ -56,7 +57,8 @@ def main(argv=None):
           f"{a.steps * a.group_size} forward rows")
     print("G2RPO rollout (one batched plan) ...", flush=True)
     out = rollout(pipe, [a.prompt], strategy="g2rpo", num_steps=a.steps, group_size=a.group_size,
-                  sde_indices=range(min(8, a.steps - 1)), height=a.height, width=a.width)
+                  sde_indices=distinct_sde_indices(a.steps, (1, 2, 3), range(min(8, a.steps - 1))),
+                  height=a.height, width=a.width)
     print(f"G2RPO rollout: {out.images.shape[0]} images (K'={out.rollout.reward_shape[1]} SDE steps x "
           f"J={out.rollout.reward_shape[2]} granularities x G={a.group_size}), {out.rollout.forward_rows} forward rows")
     return 0

@@ -178,7 +178,10 @@ class TrainConfig:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    iterations: int = 300
+    iterations: int = 300  # an upper bound when max_cost is set
+    # stop once the run's cumulative cost (forward-row equivalents: forward rows + 3 x rows through forward and
+    # backward, 4 x with gradient checkpointing) reaches this; null: no budget
+    max_cost: float | None = None
     inner_epochs: int = 1
     minibatches: int = 1
     train_batch: int = 64  # max rows per training forward
@@ -214,6 +217,8 @@ class TrainConfig:
         g2rpo_keys = "sde_indices" in takes
         checks = [
             ("iterations", self.iterations >= 1, "must be >= 1"),
+            ("max_cost", self.max_cost is None or (math.isfinite(self.max_cost) and self.max_cost > 0),
+             f"must be a number > 0 or null, got {self.max_cost}"),
             ("inner_epochs", self.inner_epochs >= 1, "must be >= 1"),
             ("minibatches", self.minibatches >= 1, "must be >= 1"),
             ("train_batch", self.train_batch >= 1, "must be >= 1"),

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-__all__ = ["SCHEDULE_PRECISIONS", "sigma_schedule", "granularity_grid", "model_timesteps"]
+__all__ = ["SCHEDULE_PRECISIONS", "distinct_sde_indices", "sigma_schedule", "granularity_grid", "model_timesteps"]
 
 
 def _check_int(name: str, value: object) -> int:
@@ -84,3 +84,10 @@ def model_timesteps(sigmas: torch.Tensor, quantize: bool = False) -> torch.Tenso
     if not quantize:
         return sigmas
     return torch.floor(sigmas.float() * 1000.0).div(1000.0).to(sigmas.dtype)
+
+
+def distinct_sde_indices(num_steps: int, granularities, candidates) -> list[int]:
+    """The SDE indices of ``candidates`` after which every granularity gives its own continuation (at a small T
+    two granularities can share one, which would count the same rewards twice and is refused)."""
+    lams = tuple(granularities)
+    return [e for e in candidates if len({tuple(granularity_grid(num_steps, e, lam)) for lam in lams}) == len(lams)]

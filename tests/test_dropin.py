@@ -80,9 +80,10 @@ def test_dropin_example_runs_every_strategy(flux_dir, strategy, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iteration")]
     assert len(lines) == 2 and "reward" in lines[0]
     forwards = int(re.search(r"(\d+) training forwards", lines[0]).group(1))
-    # 2 prompts, 6 steps, G=3: G2RPO one unit per (prompt, SDE step 0..4); DanceGRPO the shared first state
-    # then one per branch and step; Flow-GRPO (independent noise) one per branch and step; MixGRPO its window
-    expected = {"g2rpo": 10, "g2rpo_no_mgai": 10, "dance_grpo": 2 * (1 + 3 * 5), "flow_grpo": 2 * 3 * 6,
+    # 2 prompts, 6 steps, G=3: G2RPO one unit per (prompt, SDE step 0 or 2: after 1 and 3, two of Lambda {1,2,3}
+    # share a continuation at T = 6), w/o MGAI per (prompt, step 0..4); DanceGRPO the shared first state then one per branch and step; Flow-GRPO
+    # (independent noise) one per branch and step; MixGRPO its window
+    expected = {"g2rpo": 4, "g2rpo_no_mgai": 10, "dance_grpo": 2 * (1 + 3 * 5), "flow_grpo": 2 * 3 * 6,
                 "mix_grpo": 2 * (1 + 3 * 3)}
     assert forwards == expected[strategy]
 

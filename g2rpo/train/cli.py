@@ -73,13 +73,15 @@ def _train(cfg) -> int:
         return 2
     try:
         if trainer.complete:
-            final = trainer.out / "final"
-            if cfg.export_final and not export_is_current(final, cfg.iterations):
-                trainer.export(final, cfg.iterations)
+            final, done = trainer.out / "final", trainer.start_iteration
+            if cfg.export_final and not export_is_current(final, done):
+                trainer.export(final, done)
                 if trainer.ctx.is_main:
                     print(f"{final} was missing or incomplete: exported it again from the last checkpoint")
-            print(f"run complete: {trainer.out} already holds all {cfg.iterations} iterations "
-                  f"(raise iterations=N to continue it)")
+            why = (f"its max_cost budget is spent ({trainer.cost:,.0f} of {cfg.max_cost:,.0f}; raise max_cost to "
+                   "continue it)" if trainer.budget_spent else f"all {cfg.iterations} iterations are done (raise "
+                   "iterations=N to continue it)")
+            print(f"run complete: {trainer.out} holds {done} iterations and {why}")
             return 0
         base_eval = _held_out_eval(trainer, base=True)
         history = trainer.run()
@@ -136,6 +138,6 @@ def _print_curve(history: list[dict[str, float]], trainer: Trainer) -> None:
         first, last = int(part[0]["iteration"]), int(part[-1]["iteration"])
         print(f"  {first:4d}-{last:<5d}  " + "  ".join(f"{np.mean([m[k] for m in part]):16.4f}" for k in keys))
     exported = ", final/" if trainer.cfg.export_final and export_is_current(trainer.out / "final",
-                                                                            trainer.cfg.iterations) else ""
+                                                                            int(history[-1]["iteration"])) else ""
     print(f"outputs in {trainer.out} (metrics.jsonl, checkpoints/{exported})")
 

@@ -26,7 +26,7 @@ from ..prompts import PromptSchedule
 from ..rollout import G2RPOSampler, Rollout, make_strategy
 from .interrupts import Interrupted, RolloutStopped, StopRequest
 from .logs import RunLog, save_prompt_grid, save_video_gif
-from .metrics import REDUCE, advantage_stats
+from .metrics import COST_KEYS, REDUCE, advantage_stats, iteration_cost
 from .update import PolicyUpdate, TrainingError
 from .rundir import OutputLock, preflight, resume_changes, stored_config
 from .setup import apply_lr, autocast, build_optimizer, build_policy, export_policy, seed_of
@@ -95,6 +95,7 @@ class Trainer:
                                     schedule_precision=cfg.sampler.schedule_precision)
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path)
         self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)
+        self.cost_totals: dict[str, float] = {}  # cumulative cost metrics (checkpointed: a budget survives --resume)
         self.start_iteration = self._restore(candidates) if cfg.resume else 0
         self.runlog = RunLog(self.out, cfg, self.ctx.is_main, self.start_iteration, self.log)
         self.stop: StopRequest | None = None  # set while run() holds the signal handlers
@@ -175,6 +176,7 @@ class Trainer:
                 self.log(f"warning: {msg}")
                 continue
             self.update.optimizer_steps_done = int(state.get("optimizer_steps_done", 0))
+            self.cost_totals = dict(state.get("cost_totals", {}))
             written_by = int(state.get("world_size", self.ctx.world))
             if written_by != self.ctx.world:  # nothing in the update depends on the number of ranks
                 self.log(f"resume: {self.ctx.world} ranks now, {written_by} wrote the checkpoint; the run continues "
@@ -188,7 +190,12 @@ class Trainer:
 
     @property
     def complete(self) -> bool:
-        return self.start_iteration >= self.cfg.iterations
+        """All ``iterations`` done, or the ``max_cost`` budget spent."""
+        return self.start_iteration >= self.cfg.iterations or self.budget_spent
+
+    @property
+    def budget_spent(self) -> bool:
+        return self.cfg.max_cost is not None and self.cost >= self.cfg.max_cost
 
     def autocast(self):
         return autocast(self.ctx.device, self.compute_dtype)
@@ -267,12 +274,30 @@ class Trainer:
                 m[f"reward/{name}/lambda{lam}"] = float(rewards[r, :, :, j].mean())
         m.update({**advantage_stats(adv, self.ctx), "forward_rows": float(rollout.forward_rows),
                   "lr": self.scheduler.get_last_lr()[0], "time_rollout": t1 - t0, "time_reward": t2 - t1,
-                  "time_train": t3 - t2, "time_iteration": t3 - t0})
+                  "time_train": t3 - t2, "time_iteration": t3 - t0,
+                  "cost/rollout_rows": float(rollout.forward_rows),
+                  "cost/recompute_rows": float(m.get("recompute_forward_rows", 0.0))})
         m = self.ctx.reduce_metrics(m, REDUCE)
         m["iteration"] = iteration + 1
+        self.account(m)
         if self.cfg.image_every and (iteration + 1) % self.cfg.image_every == 0:
             self.save_grid(iteration + 1)
         return m
+
+    def account(self, m: dict[str, float]) -> None:
+        """Add the iteration's cost to the run's totals (checkpointed) and log both: ``cost/iteration`` and the
+        cumulative ``cost`` in forward-row equivalents (:func:`.metrics.iteration_cost`), ``cost/total/*`` (rows)
+        and ``time_total/*`` (seconds)."""
+        m["cost/iteration"] = iteration_cost(m, self.cfg.model.gradient_checkpointing)
+        self.cost_totals["cost"] = self.cost_totals.get("cost", 0.0) + m["cost/iteration"]
+        for key, total in COST_KEYS.items():
+            self.cost_totals[total] = self.cost_totals.get(total, 0.0) + m[key]
+        m.update(self.cost_totals)
+
+    @property
+    def cost(self) -> float:
+        """The run's cumulative cost so far (forward-row equivalents)."""
+        return self.cost_totals.get("cost", 0.0)
 
     def train_on(self, rollout: Rollout, adv: torch.Tensor, cond: Any, iteration: int, prompts: list[str]) -> dict:
         """The policy update of one iteration: the strategy's trained transitions are drawn for the GLOBAL
@@ -312,7 +337,8 @@ class Trainer:
     def checkpoint(self, iteration: int) -> Path:
         self.update.check_finite_params(iteration, "before writing a checkpoint")  # never save a non-finite state
         extra = {"prompts_consumed": iteration * self.cfg.data.prompts_per_iteration, "config": config_to_dict(self.cfg),
-                 "optimizer_steps_done": self.update.optimizer_steps_done, "world_size": self.ctx.world}
+                 "optimizer_steps_done": self.update.optimizer_steps_done, "world_size": self.ctx.world,
+                 "cost_totals": dict(self.cost_totals)}
         try:
             return save_checkpoint(self.ctx, self.out, iteration, self.module, self.optimizer, self.scheduler,
                                    self.ema, extra)
@@ -335,6 +361,7 @@ class Trainer:
             bar = tqdm(total=cfg.iterations, initial=self.start_iteration, desc="g2rpo", dynamic_ncols=True,
                        file=sys.stdout)
         saved = self.start_iteration  # the iterations the newest checkpoint holds
+        self.final_iteration = cfg.iterations
         try:
             with StopRequest(self.ctx, self.log) as stop:
                 self.stop = stop
@@ -360,16 +387,21 @@ class Trainer:
                         bar.update(1)
                     done = it + 1
                     signum = stop.agreed()
-                    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.iterations \
-                            or signum is not None:
+                    last = done == cfg.iterations or self.budget_spent  # max_cost: stop once the budget is spent
+                    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or last or signum is not None:
                         self.checkpoint(done)
                         saved = done
-                    if signum is not None and done < cfg.iterations:
+                    if last:
+                        if self.budget_spent:
+                            self.log(f"max_cost reached: {self.cost:,.0f} of {cfg.max_cost:,.0f} after iteration {done}")
+                        self.final_iteration = done
+                        break
+                    if signum is not None:
                         raise Interrupted(done, signum)
                 if bar is not None:
                     bar.close()
                 if cfg.export_final and history:
-                    self.export(self.out / "final", cfg.iterations)
+                    self.export(self.out / "final", self.final_iteration)
         finally:
             self.stop = None
             self.sampler.engine.tick_hook = None

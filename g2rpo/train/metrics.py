@@ -9,13 +9,28 @@ import torch
 
 from ..distributed import DistContext
 
-__all__ = ["REDUCE", "UpdateStats", "advantage_stats", "update_metrics"]
+__all__ = ["COST_KEYS", "REDUCE", "UpdateStats", "advantage_stats", "iteration_cost", "update_metrics"]
 
 #: How a metric is reduced over ranks (default: the mean).
 REDUCE = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", "ratio_last_step_max_dev": "max",
           "adv_abs_max": "max", "adv_mean": "max", "adv_std": "max", "forward_rows": "sum", "time_rollout": "max",
           "time_reward": "max", "time_train": "max", "time_iteration": "max", "recompute_forward_rows": "sum",
-          "old_logprob_max_dev": "max"}
+          "old_logprob_max_dev": "max", "cost/rollout_rows": "sum", "cost/recompute_rows": "sum",
+          "cost/train_rows": "sum", "cost/reference_rows": "sum"}
+
+#: The per-iteration cost metrics that accumulate over a run: rows as ``cost/total/<name>``, the phases' seconds
+#: (``time_rollout``, ``time_reward`` = decode + score, ``time_train`` = the update) as ``time_total/<phase>``.
+COST_KEYS = {"cost/rollout_rows": "cost/total/rollout_rows", "cost/recompute_rows": "cost/total/recompute_rows",
+             "cost/train_rows": "cost/total/train_rows", "cost/reference_rows": "cost/total/reference_rows",
+             "time_rollout": "time_total/rollout", "time_reward": "time_total/score", "time_train": "time_total/update"}
+
+
+def iteration_cost(m: dict[str, float], gradient_checkpointing: bool) -> float:
+    """The iteration's cost in forward-row equivalents: every forward row (rollout, recomputed old log-probs,
+    reference) counts 1, every row through forward and backward 3 (4 with gradient checkpointing, which runs
+    the forward again in the backward). Model-independent: multiply by one row's forward FLOPs for FLOPs."""
+    forward = m["cost/rollout_rows"] + m["cost/recompute_rows"] + m["cost/reference_rows"]
+    return forward + (4.0 if gradient_checkpointing else 3.0) * m["cost/train_rows"]
 
 
 @dataclass
@@ -32,6 +47,8 @@ class UpdateStats:
     loss_count: int = 0
     trained_slots: int = 0
     optimizer_steps: int = 0
+    train_rows: int = 0  # rows through forward + backward (one per prompt and source state of each unit)
+    reference_rows: int = 0  # no-grad forwards of the reference policy (the KL term)
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -51,6 +68,7 @@ def update_metrics(stats: UpdateStats, kl: bool) -> dict[str, float]:
     """This rank's update metrics; the same keys on every rank even when it trained nothing."""
     kl_metric = {"kl": float(torch.cat(stats.kls).mean()) if stats.kls else 0.0} if kl else {}
     common = {"grad_norm": float(np.mean(stats.grad_norms)) if stats.grad_norms else 0.0,
+              "cost/train_rows": float(stats.train_rows), "cost/reference_rows": float(stats.reference_rows),
               "trained_steps": float(stats.trained_slots), "optimizer_steps": float(stats.optimizer_steps),
               **stats.extra, **kl_metric}
     if not stats.ratios:  # nothing trained here (e.g. an empty MixGRPO window)

@@ -25,7 +25,7 @@ __all__ = ["RESUMABLE", "OutputLock", "preflight", "resume_base", "resume_change
 
 #: Keys that may differ on ``--resume`` (applied from the resumed iteration on); all others are refused.
 RESUMABLE = (
-    "optim.lr", "optim.schedule", "optim.warmup_iterations", "iterations", "checkpoint_every", "image_every",
+    "optim.lr", "optim.schedule", "optim.warmup_iterations", "iterations", "max_cost", "checkpoint_every", "image_every",
     "export_final", "tensorboard", "wandb", "wandb_project", "progress", "resume", "overwrite", "output_dir",
     "reward_batch", "train_batch", "ops_backend", "dist_timeout_s", "sampler.max_batch", "sampler.cuda_graphs",
     "model.attention_backend", "model.gradient_checkpointing",

@@ -21,7 +21,8 @@ from ..config import TrainConfig
 from ..distributed import DistContext, is_fsdp
 from ..loss import clipped_surrogate, gaussian_kl
 from ..rollout import Rollout
-from ..rollout.scoring import TrainingUnit, recompute_old_logprobs, score_unit, source_rows, work_units
+from ..rollout.scoring import (TrainingUnit, recompute_old_logprobs, score_unit, source_rows, unit_forward_rows,
+                               work_units)
 from .metrics import UpdateStats, update_metrics
 from .setup import PolicySetup, ema_decay_at, reference_policy, update_ema
 
@@ -114,12 +115,15 @@ class PolicyUpdate:
         selected = run.selection(G).to(old_log_probs.device)
         with self.autocast():
             scored = self.score(rollout, run, cond, need_mean=cfg.loss.kl_beta > 0)
+        forward_rows = unit_forward_rows(rollout, run)
+        stats.train_rows += forward_rows
         surrogate = clipped_surrogate(scored.log_prob, old_log_probs[rows, k][selected],
                                       adv[rows, k][selected.to(adv.device)], cfg.loss.clip_range, cfg.loss.adv_clip_max)
         loss = surrogate.loss.sum() / n_total
         if cfg.loss.kl_beta > 0:
             with reference_policy(self.setup, cfg.lora.enabled), self.autocast():
                 reference_mean = self.score(rollout, run, cond, need_mean=True).mean
+            stats.reference_rows += forward_rows
             kl = gaussian_kl(scored.mean, reference_mean, scored.std)
             if cfg.loss.kl_convention == "flow_grpo":  # Flow-GRPO divides by 2 sigma_t^2, not 2 sigma_t^2 |dt|
                 e = int(rollout.step_index[k])
