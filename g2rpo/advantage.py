@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["GROUP_STD_EPS", "batch_std", "group_advantages", "integrate_advantages", "check_finite_rewards"]
+__all__ = ["mgai_diagnostics", "GROUP_STD_EPS", "batch_std", "group_advantages", "integrate_advantages", "check_finite_rewards"]
 
 #: Added to the group's std (DanceGRPO's convention: unbiased std + 1e-8).
 GROUP_STD_EPS = 1e-8
@@ -82,3 +82,42 @@ def integrate_advantages(rewards: torch.Tensor, weights: Sequence[float] | torch
         raise ValueError(f"weights must be finite, got {w.tolist()}")
     adv = group_advantages(rewards, eps, unbiased, std)  # [R, P, K, J, G]
     return torch.einsum("r,rpkjg->pkg", w.to(adv.device), adv)
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last dim (ties broken by position), as float64."""
+    return x.argsort(dim=-1).argsort(dim=-1).double()
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    den = (a.square().sum(-1) * b.square().sum(-1)).sqrt()
+    return torch.where(den > 0, (a * b).sum(-1) / den.clamp_min(1e-300), torch.full_like(den, float("nan")))
+
+
+def mgai_diagnostics(rewards: torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None,
+                     eps: float = GROUP_STD_EPS, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether each granularity carries information, per SDE slot: ``(spearman [K, J], share [K, J])`` from rewards
+    ``[R, P, K, J, G]``.
+
+    ``spearman[k, j]``: the within-group Spearman correlation between granularity j's rewards (the rewards'
+    weighted sum) and the finest granularity's (j = 0), averaged over the prompts whose groups are not flat
+    (NaN when none is); 1 means granularity j ranks the branches as the finest one does. ``share[k, j]``: the
+    share of the summed advantage's variance (Eq. 11) that granularity j adds, ``Cov(A_j, A) / Var(A)``, averaged
+    over prompts; the shares of a slot sum to 1."""
+    R = rewards.shape[0]
+    w = torch.ones(R, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    combined = torch.einsum("r,rpkjg->pkjg", w.to(rewards.device), rewards.double())
+    ranks = _ranks(combined)
+    rho = _corr(ranks, ranks[:, :, :1].expand_as(ranks))  # [P, K, J]
+    flat = (combined.amax(-1) == combined.amin(-1)) | (combined[:, :, :1].amax(-1) == combined[:, :, :1].amin(-1))
+    rho = torch.where(flat, torch.full_like(rho, float("nan")), rho)  # no ranking in a flat group
+    spearman = torch.nanmean(rho, dim=0)
+    adv = torch.einsum("r,rpkjg->pkjg", w.to(rewards.device),
+                       group_advantages(rewards, eps=eps, unbiased=unbiased).double())
+    total = adv.sum(dim=2, keepdim=True)  # [P, K, 1, G]
+    tc = total - total.mean(-1, keepdim=True)
+    cov = ((adv - adv.mean(-1, keepdim=True)) * tc).sum(-1)  # [P, K, J]
+    var = tc.square().sum(-1)  # [P, K, 1]
+    share = torch.where(var > 0, cov / var.clamp_min(1e-300), torch.full_like(cov, float("nan")))
+    return spearman.float(), torch.nanmean(share, dim=0).float()

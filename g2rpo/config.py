@@ -67,6 +67,9 @@ class SamplerConfig:
     eta: float | None = None  # None: the strategy's published default
     sde_indices: list[int] = field(default_factory=lambda: list(range(8)))
     granularities: list[int] = field(default_factory=lambda: [1, 2, 3])
+    # G2RPO: roll out a random subset of this many sde_indices per iteration (drawn from sampler_seed and the
+    # iteration: the same on every rank and after --resume); null: all (the paper)
+    sde_subset: int | None = None
     group_size: int = 12
     max_batch: int = 64
     quantize_timesteps: bool = False
@@ -95,6 +98,7 @@ class SamplerConfig:
 
         return strategy_options(self.strategy, num_steps=self.num_steps, group_size=self.group_size, eta=self.eta,
                                 sde_indices=self.sde_indices, granularities=self.granularities,
+                                sde_subset=self.sde_subset,
                                 **{k: getattr(self, k) for k in TRAJECTORY_OPTIONS})
 
 

@@ -35,3 +35,23 @@ def test_compare_writes_both_families_equal_lr_tables_curves_and_grids(lab_world
     assert (tmp_path / "curves.png").is_file()
     assert (tmp_path / "grids" / "paper.png").is_file() and (tmp_path / "grids" / "official.png").is_file()
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["iterations"] == 2
+
+
+def test_compare_at_equal_compute_runs_every_method_to_the_same_cost(lab_world, tmp_path):
+    from g2rpo.experiments.compare import CHEAPER_VARIANTS
+
+    s = CompareSettings(methods=("dance_grpo", "g2rpo"), families=("paper",), seeds=1, iterations=2,
+                        lr_grid=(1e-4,), eval_every=1, overrides=SMALL, eval_per_class=2, curve_per_class=2,
+                        per_sde_step_variant=False, budget=4000.0,
+                        variants={"g2rpo_subset2": CHEAPER_VARIANTS["g2rpo_subset2"]})
+    res = compare(tmp_path, s, world=lab_world, log=lambda *a: None)
+    runs = [res["grid"]["paper"][m]["0.0001"][0] for m in ("dance_grpo", "g2rpo")] + \
+        [res["variants"]["g2rpo_subset2"]["0.0001"][0]]
+    for r in runs:  # each stopped within one iteration of the budget (eval_every 1: a curve point per iteration)
+        assert r["cost_curve"][-1][0] == r["total_cost"] >= 4000 > r["cost_curve"][-2][0]
+    dance, g2rpo, subset = runs
+    assert dance["iterations_run"] > g2rpo["iterations_run"]  # the cheaper iteration runs more often
+    assert subset["cost_per_iter"] < g2rpo["cost_per_iter"]
+    text = (tmp_path / "tables.md").read_text()
+    assert "Equal compute" in text and "g2rpo_subset2 (variant)" in text
+    assert (tmp_path / "cost_curves.png").is_file()

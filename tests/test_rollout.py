@@ -36,7 +36,7 @@ def _setup(P=2, seed=0):
 @torch.no_grad()
 def test_g2rpo_finals_equal_a_plain_per_branch_loop(model):
     noise, cond = _setup(P=2)
-    sampler = G2RPOSampler(model, num_steps=T, sde_indices=[0, 3, 7, 14], granularities=(1, 2, 3),
+    sampler = G2RPOSampler(model, num_steps=T, sde_indices=[0, 3, 7, 12], granularities=(1, 2, 3),
                            group_size=3, max_batch=17)
     ro = sampler.rollout(noise, cond, generator=torch.Generator().manual_seed(5))
     sig = sigma_schedule(T, 3.0)

@@ -23,12 +23,15 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a training-config override for every run, e.g. --set 'rewards=[{name: my_pkg.rewards:fn}]' "
                         "(a reward by name, module:callable path or entry point)")
+    c.add_argument("--budget", type=float, default=None,
+                   help="train every method to this cumulative cost (forward-row equivalents) instead of --iterations "
+                        "(which stays an upper bound); also runs the cheaper G2RPO variants")
     c.add_argument("--out", required=True)
     return c
 
 
 def run_compare(args: argparse.Namespace, world: Path | None = None) -> None:
-    from .compare import FAMILIES, METHODS, CompareSettings, compare
+    from .compare import CHEAPER_VARIANTS, FAMILIES, METHODS, CompareSettings, compare
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())
@@ -45,7 +48,8 @@ def run_compare(args: argparse.Namespace, world: Path | None = None) -> None:
     settings = CompareSettings(methods=methods, families=families, seeds=args.seeds, iterations=args.iterations,
                                lr_grid=tuple(float(x) for x in args.lr_grid.split(",")),
                                eval_every=args.eval_every, per_sde_step_variant=not args.no_variant,
-                               overrides=overrides)
+                               overrides=overrides, budget=args.budget,
+                               variants=CHEAPER_VARIANTS if args.budget is not None else {})
     compare(args.out, settings, world)
 
 

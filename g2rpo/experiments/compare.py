@@ -38,6 +38,14 @@ IN_DOMAIN = ("digit_alignment", "digit_realism")
 EVAL_STEPS = (16, 8, 4)
 COLS = ("digit_alignment", "digit_realism", "judge_accuracy", "judge_realism", "diversity")
 DIGITS = [str(d) for d in range(10)]  # the grids' row labels
+#: The cheaper G2RPO variants of the equal-compute comparison (issue 21): name -> (preset method, family,
+#: overrides). Each reduces to G2RPO when its option is off.
+CHEAPER_VARIANTS = {
+    "g2rpo_subset2": ("g2rpo", "paper", {"sampler": {"sde_subset": 2}}),  # 2 random steps of M per iteration
+    "g2rpo_x0": ("g2rpo", "paper", {"sampler": {"granularities": [15]}}),  # score the one-step x0 prediction
+    "g2rpo_coarse": ("g2rpo", "paper", {"sampler": {"granularities": [2, 4]}}),  # no lambda = 1 continuation
+    "g2rpo_efficient": ("g2rpo", "efficient", {}),  # configs/methods/g2rpo-efficient.yaml
+}
 PAPER_ORDER = ("g2rpo", "g2rpo_no_mgai", "mix_grpo", "dance_grpo")  # Table 1, best first
 
 
@@ -54,6 +62,10 @@ class CompareSettings:
     lab_scale: dict = field(default_factory=lambda: {"sampler": {"num_steps": 16, "group_size": 8,
                                                                  "sde_indices": [0, 1, 2, 3], "max_batch": 512}})
     overrides: dict = field(default_factory=dict)  # applied to every run after lab_scale (smoke tests)
+    # train every run to this cumulative cost (forward-row equivalents; iterations is then an upper bound)
+    budget: float | None = None
+    # extra rows: name -> (preset method, preset family, overrides), e.g. the cheaper G2RPO variants
+    variants: dict = field(default_factory=dict)
     eval_per_class: int = 20  # final evaluation: held-out prompts x classes, at 16, 8, 4 steps
     curve_per_class: int = 10  # curve points: training prompts
 
@@ -87,14 +99,17 @@ def _deep_update(base: dict, extra: dict) -> dict:
 
 def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, out: Path, eval_every: int = 8,
                family: str = "paper", overrides: dict | None = None, judge=None, rewards=None,
-               eval_per_class: int = 20, curve_per_class: int = 10) -> dict:
-    """Train one method (its ``family`` preset over the lab config) from the base model; returns curves,
-    timings, the mean clip fraction and final evaluations."""
+               eval_per_class: int = 20, curve_per_class: int = 10, budget: float | None = None) -> dict:
+    """Train one method (its ``family`` preset over the lab config) from the base model; returns curves (score
+    against iterations, cumulative cost and seconds), timings, the mean clip fraction and final evaluations.
+    ``budget``: train to that cumulative cost (``max_cost``; ``iterations`` is then an upper bound)."""
     judge = judge or load_judge(world)
     rewards = rewards or load_rewards(world)
     o = {"model": {"path": str(world)}, "optim": {"lr": lr}, "iterations": iterations, "seed": 42 + seed,
          "sampler_seed": 1223627 + seed, "output_dir": str(out), "overwrite": True, "checkpoint_every": 0,
          "export_final": False, "progress": False, "tensorboard": False, "image_every": 0}
+    if budget is not None:
+        o["max_cost"] = float(budget)
     o = _deep_update(_deep_update(LAB_WORLD, o), overrides or {})
     cfg = load_config([default_config_path(), preset_path(method, family)], o)
     trainer = Trainer(cfg, log=lambda *a, **k: None)
@@ -105,23 +120,28 @@ def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, 
                                 judge=judge, rewards=rewards)
 
     curve = [(0, _score(evaluate(16, False, curve_per_class)))]
-    times, rows, clips, opt_steps = [], [], [], []
+    cost_curve = [(0.0, 0.0, curve[0][1])]  # (cumulative cost, cumulative seconds, score)
+    times, rows, clips, opt_steps, costs = [], [], [], [], []
 
     def callback(tr, m):
         times.append(m["time_iteration"])
         rows.append(m["forward_rows"])
         clips.append(m["clip_frac"])
         opt_steps.append(m["optimizer_steps"])
+        costs.append(m["cost/iteration"])
         it = int(m["iteration"])
-        if it % eval_every == 0 or it == iterations:
+        if it % eval_every == 0 or it == iterations or tr.budget_spent:
             curve.append((it, _score(evaluate(16, False, curve_per_class))))
+            cost_curve.append((m["cost"], float(np.sum(times)), curve[-1][1]))
 
     trainer.run(callback=callback)
     final = {str(s): evaluate(s, True, eval_per_class) for s in EVAL_STEPS}
     result = {"method": method, "family": family, "seed": seed, "lr": lr, "curve": curve,
               "sec_per_iter": float(np.mean(times)), "forward_rows_per_iter": float(np.mean(rows)),
               "clip_frac": float(np.mean(clips)), "optimizer_steps_per_iter": float(np.mean(opt_steps)),
-              "train_score": curve[-1][1], "final": final, "_grid": _grid_images(trainer)}
+              "train_score": curve[-1][1], "final": final, "_grid": _grid_images(trainer),
+              "cost_curve": cost_curve, "cost_per_iter": float(np.mean(costs)), "iterations_run": len(costs),
+              "total_cost": float(np.sum(costs))}
     return result
 
 
@@ -148,8 +168,10 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
     t_start = time.perf_counter()
     base_eval = _evaluate_base(world, judge, rewards, settings.eval_per_class, settings.curve_per_class)
     overrides = _deep_update(settings.lab_scale, settings.overrides)
+    # with a budget every run trains to the same cost: iterations is only an upper bound
+    iterations = settings.iterations if settings.budget is None else 10 * settings.iterations
     kw = dict(eval_every=settings.eval_every, overrides=overrides, judge=judge, rewards=rewards,
-              eval_per_class=settings.eval_per_class, curve_per_class=settings.curve_per_class)
+              eval_per_class=settings.eval_per_class, curve_per_class=settings.curve_per_class, budget=settings.budget)
     # grid[family][method][lr] = [run per seed]
     grid: dict[str, dict[str, dict[str, list[dict]]]] = {}
     images: dict[str, dict[str, torch.Tensor]] = {}
@@ -161,7 +183,7 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
             for lr in settings.lr_grid:
                 per_lr[f"{lr:g}"] = []
                 for seed in range(settings.seeds):
-                    r = run_method(world, method, seed, lr, settings.iterations,
+                    r = run_method(world, method, seed, lr, iterations,
                                    out / "runs" / f"{family}_{method}_lr{lr:g}_s{seed}", family=family, **kw)
                     per_lr[f"{lr:g}"].append(r)
                 log(f"[{time.perf_counter() - t_start:6.0f}s] {family:8s} {method:14s} lr {lr:g}: train score "
@@ -170,26 +192,38 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
             lr_choice[family][method] = best
             images[family][method] = per_lr[f"{best:g}"][0]["_grid"]
             grid[family][method] = per_lr
+    cheaper: dict[str, dict[str, list[dict]]] = {}  # name -> lr -> runs per seed
+    for name, (base_method, family, extra) in settings.variants.items():
+        cheaper[name] = {}
+        for lr in settings.lr_grid:
+            cheaper[name][f"{lr:g}"] = [run_method(world, base_method, seed, lr, iterations,
+                                                   out / "runs" / f"variant_{name}_lr{lr:g}_s{seed}", family=family,
+                                                   **dict(kw, overrides=_deep_update(overrides, extra)))
+                                        for seed in range(settings.seeds)]
+            log(f"[{time.perf_counter() - t_start:6.0f}s] variant {name} lr {lr:g}: train score "
+                f"{np.mean([r['train_score'] for r in cheaper[name][f'{lr:g}']]):.4f}")
     variant: dict[str, list[dict]] = {}
     if settings.per_sde_step_variant and "paper" in lr_choice:
         for method in (m for m in ("g2rpo_no_mgai", "g2rpo") if m in settings.methods):
             lr = lr_choice["paper"][method]
             over = _deep_update(overrides, {"optim": {"update_schedule": "per_sde_step"}})
-            variant[method] = [run_method(world, method, seed, lr, settings.iterations,
+            variant[method] = [run_method(world, method, seed, lr, iterations,
                                           out / "runs" / f"paper_sde_{method}_s{seed}", family="paper",
                                           **dict(kw, overrides=over)) for seed in range(settings.seeds)]
             log(f"[{time.perf_counter() - t_start:6.0f}s] paper+per_sde_step {method}: train score "
                 f"{np.mean([r['train_score'] for r in variant[method]]):.4f}")
-    for runs in [v for f in grid.values() for m in f.values() for v in m.values()] + list(variant.values()):
+    for runs in [v for f in grid.values() for m in f.values() for v in m.values()] + list(variant.values()) + [
+            v for per_lr in cheaper.values() for v in per_lr.values()]:
         for r in runs:
             r.pop("_grid", None)
     results = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
                "world": str(world), "base": base_eval, "lr_choice": lr_choice, "grid": grid,
-               "per_sde_step_variant": variant, "total_seconds": time.perf_counter() - t_start}
+               "per_sde_step_variant": variant, "variants": cheaper, "total_seconds": time.perf_counter() - t_start}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     base_images = _base_grid(world)
     _write_figures(out, results, images, base_images)
-    (out / "tables.md").write_text(tables_markdown(results))
+    (out / "tables.md").write_text(budget_markdown(results) + "\n" + tables_markdown(results))
+    _write_cost_figures(out, results)
     log(f"comparison written to {out} in {results['total_seconds']:.0f} s")
     return results
 
@@ -253,6 +287,71 @@ def _table1(lines: list[str], base: dict, runs: dict[str, list[dict]], lr_of) ->
                        f"{np.mean([r['optimizer_steps_per_iter'] for r in rs]):.0f} | "
                        f"{np.mean([r['sec_per_iter'] for r in rs]):.2f} | "
                        f"{np.mean([r['forward_rows_per_iter'] for r in rs]):.0f} |")
+
+
+def _judge(r: dict) -> float:
+    return r["final"]["16"]["judge_accuracy"]
+
+
+def budget_markdown(results: dict) -> str:
+    """The equal-compute view: every method and variant at the same cumulative cost (its best lr per family on
+    seed 0's training score, as the equal-iteration tables choose), with what that cost bought."""
+    budget = results["settings"].get("budget")
+    if budget is None:
+        return ""
+    rows = []
+    for family, methods in results["grid"].items():
+        for method, per_lr in methods.items():
+            lr = results["lr_choice"][family][method]
+            rows.append((f"{method} ({family})", lr, per_lr[f"{lr:g}"]))
+    for name, per_lr in results.get("variants", {}).items():
+        lr = max(per_lr, key=lambda k: per_lr[k][0]["train_score"])
+        rows.append((f"{name} (variant)", float(lr), per_lr[lr]))
+    rows.sort(key=lambda r: -np.mean([_judge(x) for x in r[2]]))
+    lines = [f"## Equal compute: every run to a cumulative cost of {budget:,.0f} forward-row equivalents\n",
+             "Best lr per row (seed 0's training score); mean ± std over seeds; judge accuracy on the held-out "
+             "paraphrases at 16 ODE steps; the in-domain score on the training prompts.\n",
+             "| method | lr | iterations run | cost / iteration | judge accuracy | in-domain score (train prompts) |",
+             "|---|---|---|---|---|---|"]
+    for label, lr, runs in rows:
+        lines.append(f"| {label} | {lr:g} | {np.mean([r['iterations_run'] for r in runs]):.1f} | "
+                     f"{np.mean([r['cost_per_iter'] for r in runs]):,.0f} | {_mean_std([_judge(r) for r in runs])} | "
+                     f"{_mean_std([r['train_score'] for r in runs])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_cost_figures(out: Path, results: dict) -> None:
+    """Curves of the training-prompt score against cumulative cost and seconds, and the cost-vs-judge frontier."""
+    if results["settings"].get("budget") is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = []
+    for family, methods in results["grid"].items():
+        for method, per_lr in methods.items():
+            series.append((f"{method} ({family})", per_lr[f"{results['lr_choice'][family][method]:g}"]))
+    for name, per_lr in results.get("variants", {}).items():
+        series.append((name, per_lr[max(per_lr, key=lambda k: per_lr[k][0]["train_score"])]))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    for label, runs in series:
+        curve = np.array(runs[0]["cost_curve"])
+        axes[0].plot(curve[:, 0], curve[:, 2], label=label, marker=".")
+        axes[1].plot(curve[:, 1], curve[:, 2], label=label, marker=".")
+        axes[2].scatter([np.mean([r["cost_per_iter"] for r in runs])], [np.mean([_judge(r) for r in runs])])
+        axes[2].annotate(label, (np.mean([r["cost_per_iter"] for r in runs]), np.mean([_judge(r) for r in runs])),
+                         fontsize=7)
+    axes[0].set(xlabel="cumulative cost (forward-row equivalents)", ylabel="in-domain score, training prompts",
+                title="score vs cost (seed 0)")
+    axes[1].set(xlabel="seconds (2 CPU cores)", ylabel="in-domain score, training prompts", title="score vs time")
+    axes[2].set(xlabel="cost per iteration", ylabel="judge accuracy at the equal budget",
+                title="cost per iteration vs judge accuracy (mean over seeds)")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "cost_curves.png", dpi=100)
+    plt.close(fig)
 
 
 def tables_markdown(results: dict) -> str:

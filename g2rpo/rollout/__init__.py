@@ -58,7 +58,7 @@ class G2RPOSampler:
     def plan(self, iteration: int = 0) -> Plan:
         """The (cached) plan of this iteration."""
         s = self.strategy
-        key = tuple(s.sde_steps(iteration)) if isinstance(s, TrajectoryStrategy) else ()
+        key = tuple(s.sde_steps(iteration)) if hasattr(s, "sde_steps") else ()
         if key not in self._plans:
             self._plans[key] = s.plan(iteration)
         return self._plans[key]

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..schedule import granularity_grid
@@ -81,6 +82,10 @@ class G2RPOStrategy(Strategy):
 
     sde_indices: tuple[int, ...] = tuple(range(8))
     granularities: tuple[int, ...] = (1, 2, 3)
+    # a cheaper G2RPO (issue 21): each iteration rolls out a random subset of this many of the sde_indices, drawn
+    # from (subset_seed, iteration), so every rank and a resumed run draw the same; None: all of them (G2RPO)
+    sde_subset: int | None = None
+    subset_seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,6 +102,10 @@ class G2RPOStrategy(Strategy):
             raise ValueError("granularities must not be empty")
         if any(g < 1 for g in self.granularities) or len(set(self.granularities)) != len(self.granularities):
             raise ValueError(f"granularities must be distinct ints >= 1, got {list(self.granularities)}")
+        if self.sde_subset is not None and (isinstance(self.sde_subset, bool) or not isinstance(self.sde_subset, int)
+                                            or not 1 <= self.sde_subset <= len(self.sde_indices)):
+            raise ValueError(f"sde_subset must be an int in 1..{len(self.sde_indices)} (the number of sde_indices) or "
+                             f"None, got {self.sde_subset!r}")
         for e in self.sde_indices:  # two granularities with one continuation would count its rewards twice
             grids: dict[tuple[int, ...], int] = {}
             for lam in self.granularities:
@@ -117,15 +126,25 @@ class G2RPOStrategy(Strategy):
             node = b.ode(node, t)
             b.anchor[t] = node
             anchor.append(node)
-        for k, e in enumerate(self.sde_indices):
+        steps = self.sde_steps(iteration)
+        for k, e in enumerate(steps):
             b.source_slot(anchor[e])
             for g in range(G):
                 branch = b.sde(anchor[e])
                 b.transitions[(k, g)] = branch
                 for j, lam in enumerate(self.granularities):
                     b.finals[(k, j, g)] = b.ode_path(branch, granularity_grid(T, e, lam))
-        K = len(self.sde_indices)
-        return b.build(K, len(self.granularities), G, adv_slot_of=list(range(K)), step_index=list(self.sde_indices))
+        K = len(steps)
+        return b.build(K, len(self.granularities), G, adv_slot_of=list(range(K)), step_index=steps)
+
+    def sde_steps(self, iteration: int = 0) -> list[int]:
+        """The SDE steps rolled out at this iteration: all of ``sde_indices``, or with ``sde_subset`` a sorted
+        random subset drawn from ``(subset_seed, iteration)`` alone (the same on every rank and after a resume)."""
+        if self.sde_subset is None or self.sde_subset >= len(self.sde_indices):
+            return list(self.sde_indices)
+        rng = np.random.default_rng([int(self.subset_seed), int(iteration)])
+        picked = rng.choice(len(self.sde_indices), size=self.sde_subset, replace=False)
+        return sorted(self.sde_indices[i] for i in picked)
 
 
 @dataclass(frozen=True)
@@ -279,6 +298,9 @@ def strategy_options(name: str, *, num_steps: int, group_size: int, eta: float |
         opts["sde_indices"] = tuple(sde_indices)
     if granularities is not None and "granularities" in takes and name != "g2rpo_no_mgai":
         opts["granularities"] = tuple(granularities)
+    if "sde_subset" not in takes:  # G2RPO's cheaper variant: only G2RPO strategies take it
+        options.pop("sde_subset", None)
+        options.pop("subset_seed", None)
     opts.update({k: v for k, v in options.items() if v is not None})
     return opts
 

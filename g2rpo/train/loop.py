@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..advantage import batch_std, check_finite_rewards, integrate_advantages
+from ..advantage import batch_std, check_finite_rewards, integrate_advantages, mgai_diagnostics
 from ..checkpoint import CheckpointWriteError, complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..distributed import DistContext, rollout_mode
@@ -87,7 +87,10 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(cfg, self.params)
         self.ema = ({n: p.detach().clone().float() for n, p in self.module.named_parameters() if p.requires_grad}
                     if cfg.ema_decay is not None else None)
-        strategy = make_strategy(cfg.sampler.strategy, **cfg.sampler.strategy_options())
+        options = cfg.sampler.strategy_options()
+        if "sde_subset" in options:  # the subset of M is drawn from the sampler seed and the iteration
+            options["subset_seed"] = cfg.sampler_seed
+        strategy = make_strategy(cfg.sampler.strategy, **options)
         self.shift = self._shift(strategy)
         self.sampler = G2RPOSampler(self.policy, shift=self.shift, max_batch=cfg.sampler.max_batch,
                                     strategy=strategy, quantize_timesteps=cfg.sampler.quantize_timesteps,
@@ -268,6 +271,7 @@ class Trainer:
         _fault_point(iteration, "train")
         m = self.train_on(rollout, adv, cond, iteration, prompts)
         t3 = time.perf_counter()
+        m.update(self._mgai(rewards, rollout))
         for r, (name, _, _) in enumerate(self.rewards):
             m[f"reward/{name}"] = float(rewards[r].mean())
             for j, lam in enumerate(rollout.granularities):
@@ -298,6 +302,22 @@ class Trainer:
     def cost(self) -> float:
         """The run's cumulative cost so far (forward-row equivalents)."""
         return self.cost_totals.get("cost", 0.0)
+
+    def _mgai(self, rewards: torch.Tensor, rollout: Rollout) -> dict[str, float]:
+        """MGAI diagnostics per SDE step e and granularity (:func:`g2rpo.advantage.mgai_diagnostics`):
+        ``mgai/e{e}/lambda{lam}/spearman`` against the finest granularity and ``.../var_share`` of the summed
+        advantage's variance. Only with several granularities."""
+        if rewards.shape[3] < 2:
+            return {}
+        a = self.cfg.advantage
+        spearman, share = mgai_diagnostics(rewards, [w for _, _, w in self.rewards], eps=a.eps, unbiased=a.unbiased)
+        out = {}
+        for k, e in enumerate(rollout.step_index.tolist()):
+            for j, lam in enumerate(rollout.granularities):
+                if j:
+                    out[f"mgai/e{e}/lambda{lam}/spearman"] = float(spearman[k, j])
+                out[f"mgai/e{e}/lambda{lam}/var_share"] = float(share[k, j])
+        return out
 
     def train_on(self, rollout: Rollout, adv: torch.Tensor, cond: Any, iteration: int, prompts: list[str]) -> dict:
         """The policy update of one iteration: the strategy's trained transitions are drawn for the GLOBAL
