@@ -19,9 +19,9 @@ VARIANTS = {  # name -> strategy and options (the paper's setting unless changed
     "G2RPO (paper)": ("g2rpo", {}),
     "G2RPO Lambda {1,2}": ("g2rpo", {"granularities": (1, 2)}),
     "G2RPO w/o MGAI": ("g2rpo_no_mgai", {}),
-    "G2RPO coarse {2,4}": ("g2rpo", {"granularities": (2, 4)}),
+    "G2RPO coarse {2,4} (g2rpo-efficient)": ("g2rpo", {"granularities": (2, 4)}),
     "G2RPO x0 scoring": ("g2rpo", {"granularities": (15,)}),
-    "G2RPO subset 2 of M (g2rpo-efficient)": ("g2rpo", {"sde_subset": 2}),
+    "G2RPO subset 2 of M": ("g2rpo", {"sde_subset": 2}),
     "DanceGRPO": ("dance_grpo", {}),
     "MixGRPO": ("mix_grpo", {}),
 }
