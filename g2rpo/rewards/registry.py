@@ -11,8 +11,8 @@ A reward in a config (``rewards: [{name: ..., options: {...}}]``), in ``python -
 
 The callable is one of
 
-* a **scoring function** ``fn(images, prompts, **options) -> [N]`` (two positional parameters without
-  defaults; the options are passed as keywords on every call);
+* a **scoring function** ``fn(images, prompts, **options) -> [N]`` (the options do not fill its required
+  parameters, ``images`` and ``prompts`` do; the options are passed as keywords on every call);
 * a **class** or **builder** ``(**options) -> reward``: the reward has ``score(images, prompts)``, or
   is itself callable as ``(images, prompts)``.
 
@@ -44,6 +44,8 @@ BUILTIN_REWARDS = {
     "pickscore": "g2rpo.rewards.clip_models:load_pickscore",
     "imagereward": "g2rpo.rewards.imagereward:load_imagereward",
     "unified_reward": "g2rpo.rewards.unified_reward:load_unified_reward",
+    "remote": "g2rpo.rewards.remote:remote_reward",
+    "vlm_judge": "g2rpo.rewards.remote:vlm_judge",
     "digit_alignment": "g2rpo.lab.rewards:build_alignment",
     "digit_realism": "g2rpo.lab.rewards:build_realism",
 }
@@ -112,17 +114,25 @@ def resolve_reward(name: str) -> Callable[..., Any]:
                      f"(e.g. my_pkg.rewards:brightness), or an entry point of group {ENTRY_POINT_GROUP}")
 
 
-def _is_scoring_function(obj: Callable[..., Any]) -> bool:
-    """Not a class, and two positional parameters without defaults: ``fn(images, prompts, ...)``."""
+def _is_scoring_function(obj: Callable[..., Any], options: dict[str, Any]) -> bool:
+    """Not a class, and called as ``fn(images, prompts, **options)``: the options alone do not fill its required
+    parameters, two positional arguments more do. (A builder's required parameters are all options.)"""
     if inspect.isclass(obj):
         return False
     try:
-        params = inspect.signature(obj).parameters.values()
+        sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return False
-    required = [p for p in params if p.default is p.empty
-                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(required) >= 2
+    try:
+        sig.bind(**options)
+        return False  # the options fill it: a builder
+    except TypeError:
+        pass
+    try:
+        sig.bind(None, None, **options)
+        return True
+    except TypeError:
+        return False
 
 
 class CallableReward:
@@ -142,7 +152,7 @@ class CallableReward:
 def make_reward(name: str, **options: Any) -> RewardModel:
     """Build a reward by name, entry point or ``module:callable`` path, with its options."""
     obj = resolve_reward(name)
-    if _is_scoring_function(obj):
+    if _is_scoring_function(obj, options):
         fn = functools.partial(obj, **options) if options else obj
         return CallableReward(fn, name)
     try:

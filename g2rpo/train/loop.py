@@ -22,6 +22,7 @@ from ..checkpoint import CheckpointWriteError, complete_checkpoints, load_checkp
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..distributed import DistContext, rollout_mode
 from ..policy import build_rewards
+from ..rewards.remote import RemoteRewardError
 from ..prompts import PromptSchedule
 from ..rollout import G2RPOSampler, Rollout, make_strategy
 from .interrupts import Interrupted, RolloutStopped, StopRequest
@@ -230,8 +231,13 @@ class Trainer:
         parts: list[list[torch.Tensor]] = [[] for _ in self.rewards]
         for lo in range(0, flat.shape[0], step):
             images = self.policy.decode(flat[lo:lo + step])
-            for r, (_, model, _) in enumerate(self.rewards):
-                parts[r].append(model.score(images, per_image[lo:lo + step]).float().to(self.ctx.device))
+            for r, (name, model, _) in enumerate(self.rewards):
+                try:
+                    scores = model.score(images, per_image[lo:lo + step])
+                except RemoteRewardError as err:  # a served reward is down: stop cleanly, the checkpoint is intact
+                    raise TrainingError(f"iteration {iteration + 1}: reward {name}: {err}; the last checkpoint is "
+                                        "intact (--resume once the server is back)") from None
+                parts[r].append(scores.float().to(self.ctx.device))
         rewards = torch.stack([torch.cat(p).reshape(P, Kf, J, G) for p in parts])
         try:
             check_finite_rewards(rewards, [n for n, _, _ in self.rewards])
@@ -272,6 +278,10 @@ class Trainer:
         m = self.train_on(rollout, adv, cond, iteration, prompts)
         t3 = time.perf_counter()
         m.update(self._mgai(rewards, rollout))
+        for name, model, _ in self.rewards:  # a VLM judge's unparseable answers (scored its fallback)
+            fallbacks = getattr(getattr(model, "model", model), "fallbacks", None)
+            if fallbacks is not None:
+                m[f"reward_fallbacks/{name}"] = float(fallbacks)
         for r, (name, _, _) in enumerate(self.rewards):
             m[f"reward/{name}"] = float(rewards[r].mean())
             for j, lam in enumerate(rollout.granularities):

@@ -49,6 +49,7 @@ def preflight(cfg: TrainConfig) -> list[str]:
     for sub in ("checkpoints", "final"):
         if (out / sub).exists() and not (out / sub).is_dir():
             raise ConfigError(f"{out / sub} is a file: the run writes a folder there; move the file away")
+    check_served_rewards(cfg.rewards)
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         try:
@@ -86,6 +87,29 @@ def preflight(cfg: TrainConfig) -> list[str]:
             raise ConfigError(f"data.prompts {cfg.data.prompts}: {len(bad)} prompts the model family cannot read, "
                               f"e.g. {bad[0]}")
     return prompts
+
+
+def check_served_rewards(rewards) -> None:
+    """Before any model loads: every served reward's server answers its health check and serves that reward."""
+    from ..rewards.remote import RemoteRewardError, check_health
+
+    for i, spec in enumerate(rewards):
+        o = spec.options
+        try:
+            if spec.name == "remote":
+                url = str(o.get("url", "")).rstrip("/")
+                health = check_health(f"{url}/health", float(o.get("timeout_s", 10.0)))
+                if o.get("reward") not in health.get("rewards", []):
+                    raise ConfigError(f"rewards[{i}] (remote): {url} serves {health.get('rewards')}, not "
+                                      f"{o.get('reward')!r}")
+            elif spec.name == "vlm_judge":
+                url = str(o.get("base_url", "")).rstrip("/")
+                served = [m.get("id") for m in check_health(f"{url}/models", float(o.get("timeout_s", 10.0)))
+                          .get("data", [])]
+                if o.get("model") not in served:
+                    raise ConfigError(f"rewards[{i}] (vlm_judge): {url} serves models {served}, not {o.get('model')!r}")
+        except RemoteRewardError as err:
+            raise ConfigError(f"rewards[{i}] ({spec.name}): the server does not answer: {err}") from None
 
 
 class OutputLock:

@@ -1,0 +1,146 @@
+"""Rewards computed elsewhere: ``remote`` (a ``g2rpo.rewards.serve`` server) and ``vlm_judge`` (any server of the
+OpenAI chat API: vLLM, SGLang, or ``g2rpo.rewards.serve --judge``). Both behave as in-process rewards:
+``score(images, prompts) -> [N]``.
+
+    rewards: [{name: remote, options: {url: http://host:8001, reward: hps, timeout_s: 60, retries: 3}}]
+    rewards: [{name: vlm_judge, options: {base_url: http://host:8000/v1, model: UnifiedReward-qwen-7b}}]
+
+Requests go in chunks (``chunk_size`` images), several in flight at once (``max_in_flight``), each with a timeout,
+retried with exponential backoff on connection errors, timeouts and 5xx answers; a 4xx is not retried (the
+request is wrong). When the retries are spent, :class:`RemoteRewardError` names the url and the last error (the
+trainer then stops, naming the iteration; the last checkpoint is intact). The judge's answer is parsed as
+in-process UnifiedReward parses it (the same template, the same ``Final Score:`` parser); an answer without a
+score is asked again (``parse_retries`` times), then scored ``fallback_score`` (NaN by default: the trainer stops
+on it) and counted in ``fallbacks``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .unified_reward import DEFAULT_TEMPLATE, parse_final_score
+from .wire import encode_images, png_data_url
+
+__all__ = ["RemoteReward", "RemoteRewardError", "VLMJudge", "check_health", "remote_reward", "vlm_judge"]
+
+TEMPLATES = {"unified_reward": DEFAULT_TEMPLATE}
+
+
+class RemoteRewardError(RuntimeError):
+    """A served reward could not be reached or answered with an error, after the retries."""
+
+
+def _request(method: str, url: str, timeout_s: float, retries: int, backoff_s: float, client=None, **kw):
+    """One HTTP request with retries on connection errors, timeouts and 5xx; the response's JSON. ``client``: an
+    ``httpx.Client`` whose connections are kept alive between requests."""
+    import httpx
+
+    last = None
+    for attempt in range(retries + 1):
+        try:
+            r = (client or httpx).request(method, url, timeout=timeout_s, **kw)
+            if r.status_code < 400:
+                return r.json()
+            detail = r.text[:500]
+            if r.status_code < 500:  # the request itself is wrong: retrying cannot help
+                raise RemoteRewardError(f"{url} answered {r.status_code}: {detail}")
+            last = f"{r.status_code}: {detail}"
+        except httpx.HTTPError as err:  # connection refused, reset, timeout
+            last = f"{type(err).__name__}: {err}"
+        if attempt < retries:
+            time.sleep(backoff_s * 2 ** attempt)
+    raise RemoteRewardError(f"{url} failed after {retries + 1} attempts: {last}")
+
+
+def check_health(url: str, timeout_s: float = 10.0) -> dict:
+    """``GET url/health`` (a g2rpo reward server) or ``GET base_url/models`` (an OpenAI-compatible server)."""
+    return _request("GET", url, timeout_s, 0, 0.0)
+
+
+class RemoteReward:
+    """A reward served by ``python -m g2rpo.rewards.serve``."""
+
+    def __init__(self, url: str, reward: str, timeout_s: float = 60.0, retries: int = 3, chunk_size: int = 32,
+                 max_in_flight: int = 4, image_format: str = "raw", backoff_s: float = 0.5) -> None:
+        if chunk_size < 1 or max_in_flight < 1 or retries < 0 or timeout_s <= 0:
+            raise ValueError("remote: chunk_size and max_in_flight must be >= 1, retries >= 0, timeout_s > 0")
+        self.url, self.reward, self.name = url.rstrip("/"), reward, f"remote:{reward}"
+        self.timeout_s, self.retries, self.chunk, self.backoff_s = timeout_s, retries, chunk_size, backoff_s
+        self.format = image_format
+        self.pool = ThreadPoolExecutor(max_workers=max_in_flight)
+        import httpx
+
+        self.client = httpx.Client(limits=httpx.Limits(max_connections=max_in_flight))  # kept-alive connections
+
+    def _chunk(self, images: torch.Tensor, prompts: list[str]) -> list[float]:
+        body = {"reward": self.reward, "prompts": prompts, "images": encode_images(images, self.format)}
+        scores = _request("POST", f"{self.url}/score", self.timeout_s, self.retries, self.backoff_s, self.client,
+                          json=body)["scores"]
+        if len(scores) != len(prompts):
+            raise RemoteRewardError(f"{self.url}: {len(scores)} scores for {len(prompts)} images")
+        return scores
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        prompts = list(prompts)
+        jobs = [self.pool.submit(self._chunk, images[lo:lo + self.chunk], prompts[lo:lo + self.chunk])
+                for lo in range(0, images.shape[0], self.chunk)]
+        return torch.tensor([s for j in jobs for s in j.result()], dtype=torch.float32)
+
+
+class VLMJudge:
+    """A VLM judge behind the OpenAI chat API, asked as in-process UnifiedReward asks (the same template and
+    parser): one conversation per image (an image part, then the template's text), temperature 0."""
+
+    def __init__(self, base_url: str, model: str, template: str = "unified_reward", max_tokens: int = 256,
+                 timeout_s: float = 120.0, retries: int = 3, max_in_flight: int = 8, parse_retries: int = 1,
+                 fallback_score: float = float("nan"), backoff_s: float = 0.5, api_key: str | None = None) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url, self.model, self.name = base_url.rstrip("/"), model, f"vlm_judge:{model}"
+        self.template = TEMPLATES.get(template, template)
+        if "{prompt}" not in self.template:
+            raise ValueError(f"vlm_judge: template must be one of {sorted(TEMPLATES)} or contain {{prompt}}")
+        self.max_tokens, self.timeout_s, self.retries, self.backoff_s = max_tokens, timeout_s, retries, backoff_s
+        self.parse_retries, self.fallback_score = parse_retries, float(fallback_score)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.pool = ThreadPoolExecutor(max_workers=max_in_flight)
+        import httpx
+
+        self.client = httpx.Client(limits=httpx.Limits(max_connections=max_in_flight))
+        self.fallbacks = 0  # answers without a score, scored fallback_score (the trainer logs it)
+
+    def _answer(self, image: torch.Tensor, prompt: str) -> str:
+        """The judge's answer for one image (the template's text after the image, temperature 0)."""
+        body = {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": png_data_url(image)}},
+                    {"type": "text", "text": self.template.format(prompt=prompt)}]}]}
+        return _request("POST", self.url, self.timeout_s, self.retries, self.backoff_s, self.client, json=body,
+                        headers=self.headers)["choices"][0]["message"]["content"] or ""
+
+    def _ask(self, image: torch.Tensor, prompt: str) -> float:
+        for _ in range(self.parse_retries + 1):
+            score = parse_final_score(self._answer(image, prompt))
+            if score == score:  # not NaN
+                return score
+        self.fallbacks += 1
+        return self.fallback_score
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        jobs = [self.pool.submit(self._ask, images[i], p) for i, p in enumerate(prompts)]
+        return torch.tensor([j.result() for j in jobs], dtype=torch.float32)
+
+
+def remote_reward(url: str, reward: str, **options) -> RemoteReward:
+    """The ``remote`` reward (registered built-in)."""
+    return RemoteReward(url, reward, **options)
+
+
+def vlm_judge(base_url: str, model: str, **options) -> VLMJudge:
+    """The ``vlm_judge`` reward (registered built-in)."""
+    return VLMJudge(base_url, model, **options)
