@@ -70,6 +70,10 @@ class SamplerConfig:
     # G2RPO: roll out a random subset of this many sde_indices per iteration (drawn from sampler_seed and the
     # iteration: the same on every rank and after --resume); null: all (the paper)
     sde_subset: int | None = None
+    # G2RPO: stop evaluating a granularity whose within-group Spearman correlation with the finest one (mean over
+    # the SDE steps, mgai/.../spearman) stays above this for auto_granularity_window iterations in a row; null: never
+    auto_granularity_threshold: float | None = None
+    auto_granularity_window: int = 8
     group_size: int = 12
     max_batch: int = 64
     quantize_timesteps: bool = False
@@ -232,6 +236,15 @@ class TrainConfig:
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0 (0: only at the end)"),
             ("image_every", self.image_every >= 0, "must be >= 0"),
             ("sampler.max_batch", s.max_batch >= 1, "must be >= 1"),
+            ("sampler.auto_granularity_threshold", s.auto_granularity_threshold is None or
+             -1.0 <= s.auto_granularity_threshold <= 1.0, "must be a correlation in [-1, 1] or null"),
+            ("sampler.auto_granularity_window", s.auto_granularity_window >= 1, "must be >= 1"),
+            ("sampler.sde_subset", s.sde_subset is None or g2rpo_keys,
+             f"is a G2RPO option (a subset of sde_indices); strategy {s.strategy!r} has no sde_indices"),
+            ("sampler.auto_granularity_threshold", s.auto_granularity_threshold is None or
+             len(s.strategy_options().get("granularities", ())) >= 2,
+             f"drops granularities of a G2RPO plan with several; strategy {s.strategy!r} with granularities "
+             f"{list(s.strategy_options().get('granularities', ()))} has none to drop"),
             ("sampler.noise_dtype", s.noise_dtype in ("float32", "bfloat16"),
              f"must be float32 or bfloat16, got {s.noise_dtype!r}"),
             ("sampler.schedule_precision", s.schedule_precision in ("float64", "float32"),

@@ -134,3 +134,16 @@ def test_a_method_preset_alone_says_what_it_combined_with():
     assert cfg.model.kind == "lab" and cfg.sampler.strategy == "dance_grpo"
     assert cfg.rewards[0].name == "digit_alignment" and cfg.output_dir == "runs/lab"  # the embedded default's
     assert len(notes) == 1 and "method preset" in notes[0] and "lab.yaml" in notes[0]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["sampler.strategy=flow_grpo", "sampler.sde_subset=2"], "sampler.sde_subset is a G2RPO option"),
+    (["sampler.strategy=g2rpo_no_mgai", "sampler.auto_granularity_threshold=0.9"],
+     "sampler.auto_granularity_threshold drops granularities"),
+    (["sampler.granularities=[1]", "sampler.auto_granularity_threshold=0.9"], "has none to drop"),
+    (["sampler.auto_granularity_threshold=1.5"], r"must be a correlation in \[-1, 1\]"),
+])
+def test_cheaper_g2rpo_options_are_not_silently_ignored(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+    assert load_config(None, ["sampler.sde_subset=2", "sampler.auto_granularity_threshold=0.9"])

@@ -62,3 +62,30 @@ def test_max_cost_stops_within_one_iteration_and_holds_across_resume(lab_world, 
     metrics = _metrics(out)
     assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[-1]["cost"] == pytest.approx(4 * per_iteration)  # the cumulative cost survived the resume
+
+
+def test_auto_granularity_drops_a_redundant_granularity_and_resume_keeps_it_dropped(lab_world, tmp_path):
+    """sampler.auto_granularity_threshold: a granularity whose Spearman correlation with the finest stays above
+    the threshold for the window stops being rolled out (fewer rows); the choice is checkpointed."""
+    auto = {"sampler.granularities": [1, 2, 4], "sampler.auto_granularity_threshold": -1.0,
+            "sampler.auto_granularity_window": 2}
+    hist = Trainer(load_config(None, tiny(lab_world, tmp_path / "a", iterations=4, **auto)), log=QUIET).run()
+    assert [h["mgai/active_granularities"] for h in hist] == [3, 1, 1, 1]  # dropped after 2 iterations above -1
+    assert hist[2]["cost/rollout_rows"] < hist[1]["cost/rollout_rows"]
+    lam2 = lambda m: [k for k in m if k.startswith("reward/") and k.endswith("/lambda2")]  # noqa: E731
+    assert lam2(hist[1]) and not lam2(hist[2])
+    plain = Trainer(load_config(None, tiny(lab_world, tmp_path / "p", iterations=1,
+                                           **{"sampler.granularities": [1]})), log=QUIET).run()
+    assert hist[2]["cost/rollout_rows"] == plain[0]["cost/rollout_rows"]  # exactly G2RPO with Lambda = {1}
+    never = {**auto, "sampler.auto_granularity_threshold": 1.0}  # a correlation is never above 1: plain G2RPO
+    off = Trainer(load_config(None, tiny(lab_world, tmp_path / "n", iterations=3, **never)), log=QUIET).run()
+    full = Trainer(load_config(None, tiny(lab_world, tmp_path / "f", iterations=3,
+                                          **{"sampler.granularities": [1, 2, 4]})), log=QUIET).run()
+    rewards = lambda hs: [{k: v for k, v in h.items() if k.startswith("reward/")} for h in hs]  # noqa: E731
+    assert rewards(off) == rewards(full) and all(h["mgai/active_granularities"] == 3 for h in off)
+    out = tmp_path / "r"
+    assert main(_flat(tiny(lab_world, out, iterations=2, **auto))) == 0
+    assert main([f"output_dir={out}", "--resume", "iterations=4"]) == 0
+    resumed = _metrics(out)
+    assert [m["mgai/active_granularities"] for m in resumed] == [3, 1, 1, 1]
+    assert [m["cost/rollout_rows"] for m in resumed] == [h["cost/rollout_rows"] for h in hist]

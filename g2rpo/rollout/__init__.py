@@ -55,6 +55,13 @@ class G2RPOSampler:
     def sigmas(self) -> torch.Tensor:
         return self.engine.sigmas
 
+    def set_strategy(self, strategy: Strategy) -> None:
+        """Roll out with another strategy from now on (same number of steps): the plans are rebuilt."""
+        if strategy.num_steps != self.strategy.num_steps:
+            raise ValueError(f"the new strategy has {strategy.num_steps} steps, the engine {self.strategy.num_steps}")
+        self.strategy = strategy
+        self._plans.clear()
+
     def plan(self, iteration: int = 0) -> Plan:
         """The (cached) plan of this iteration."""
         s = self.strategy

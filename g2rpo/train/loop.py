@@ -100,6 +100,9 @@ class Trainer:
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path)
         self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)
         self.cost_totals: dict[str, float] = {}  # cumulative cost metrics (checkpointed: a budget survives --resume)
+        # sampler.auto_granularity_threshold: the granularities still evaluated and each one's streak of iterations
+        # above the threshold (checkpointed)
+        self.auto_granularities: dict[str, Any] = {"active": list(getattr(strategy, "granularities", ())), "streak": {}}
         self.start_iteration = self._restore(candidates) if cfg.resume else 0
         self.runlog = RunLog(self.out, cfg, self.ctx.is_main, self.start_iteration, self.log)
         self.stop: StopRequest | None = None  # set while run() holds the signal handlers
@@ -181,6 +184,9 @@ class Trainer:
                 continue
             self.update.optimizer_steps_done = int(state.get("optimizer_steps_done", 0))
             self.cost_totals = dict(state.get("cost_totals", {}))
+            if "auto_granularities" in state:
+                self.auto_granularities = state["auto_granularities"]
+                self._apply_granularities()
             written_by = int(state.get("world_size", self.ctx.world))
             if written_by != self.ctx.world:  # nothing in the update depends on the number of ranks
                 self.log(f"resume: {self.ctx.world} ranks now, {written_by} wrote the checkpoint; the run continues "
@@ -294,6 +300,7 @@ class Trainer:
         m = self.ctx.reduce_metrics(m, REDUCE)
         m["iteration"] = iteration + 1
         self.account(m)
+        self._auto_granularity(m, rollout)  # on the reduced metrics: every rank decides alike
         if self.cfg.image_every and (iteration + 1) % self.cfg.image_every == 0:
             self.save_grid(iteration + 1)
         return m
@@ -312,6 +319,38 @@ class Trainer:
     def cost(self) -> float:
         """The run's cumulative cost so far (forward-row equivalents)."""
         return self.cost_totals.get("cost", 0.0)
+
+    def _apply_granularities(self) -> None:
+        """Roll out with the granularities still active (after an automatic drop, or restored on resume)."""
+        import dataclasses
+
+        active = tuple(self.auto_granularities["active"])
+        strategy = self.sampler.strategy
+        if active and tuple(getattr(strategy, "granularities", active)) != active:
+            self.sampler.set_strategy(dataclasses.replace(strategy, granularities=active))
+
+    def _auto_granularity(self, m: dict[str, float], rollout: Rollout) -> None:
+        """sampler.auto_granularity_threshold: a granularity whose mean Spearman correlation with the finest stays
+        above the threshold for the window stops being evaluated (its continuations are no longer rolled out)."""
+        s = self.cfg.sampler
+        if s.auto_granularity_threshold is None:
+            return
+        state, dropped = self.auto_granularities, []
+        m["mgai/active_granularities"] = float(len(state["active"]))
+        for lam in rollout.granularities[1:]:
+            values = [v for k, v in m.items() if k.startswith("mgai/e") and k.endswith(f"/lambda{lam}/spearman")
+                      and v == v]
+            key = str(lam)
+            high = bool(values) and sum(values) / len(values) > s.auto_granularity_threshold
+            state["streak"][key] = state["streak"].get(key, 0) + 1 if high else 0
+            if state["streak"][key] >= s.auto_granularity_window:
+                dropped.append(lam)
+        if dropped:
+            state["active"] = [g for g in state["active"] if g not in dropped]
+            self._apply_granularities()
+            self.log(f"auto granularity: dropped {dropped} (Spearman with the finest above "
+                     f"{s.auto_granularity_threshold} for {s.auto_granularity_window} iterations); now {state['active']}")
+            m["mgai/active_granularities"] = float(len(state["active"]))
 
     def _mgai(self, rewards: torch.Tensor, rollout: Rollout) -> dict[str, float]:
         """MGAI diagnostics per SDE step e and granularity (:func:`g2rpo.advantage.mgai_diagnostics`):
@@ -368,7 +407,7 @@ class Trainer:
         self.update.check_finite_params(iteration, "before writing a checkpoint")  # never save a non-finite state
         extra = {"prompts_consumed": iteration * self.cfg.data.prompts_per_iteration, "config": config_to_dict(self.cfg),
                  "optimizer_steps_done": self.update.optimizer_steps_done, "world_size": self.ctx.world,
-                 "cost_totals": dict(self.cost_totals)}
+                 "cost_totals": dict(self.cost_totals), "auto_granularities": self.auto_granularities}
         try:
             return save_checkpoint(self.ctx, self.out, iteration, self.module, self.optimizer, self.scheduler,
                                    self.ema, extra)
