@@ -73,6 +73,9 @@ class SamplerConfig:
     # G2RPO: stop evaluating a granularity whose within-group Spearman correlation with the finest one (mean over
     # the SDE steps, mgai/.../spearman) stays above this for auto_granularity_window iterations in a row; null: never
     auto_granularity_threshold: float | None = None
+    # G2RPO: each later SDE step branches from the state its predecessor's first branch reaches (shared
+    # continuations, BranchGRPO-style) instead of from a separate anchor ODE trajectory; false: the paper
+    chain_sources: bool = False
     auto_granularity_window: int = 8
     group_size: int = 12
     max_batch: int = 64
@@ -102,7 +105,7 @@ class SamplerConfig:
 
         return strategy_options(self.strategy, num_steps=self.num_steps, group_size=self.group_size, eta=self.eta,
                                 sde_indices=self.sde_indices, granularities=self.granularities,
-                                sde_subset=self.sde_subset,
+                                sde_subset=self.sde_subset, chain_sources=self.chain_sources,
                                 **{k: getattr(self, k) for k in TRAJECTORY_OPTIONS})
 
 
@@ -241,6 +244,8 @@ class TrainConfig:
             ("sampler.auto_granularity_window", s.auto_granularity_window >= 1, "must be >= 1"),
             ("sampler.sde_subset", s.sde_subset is None or g2rpo_keys,
              f"is a G2RPO option (a subset of sde_indices); strategy {s.strategy!r} has no sde_indices"),
+            ("sampler.chain_sources", not s.chain_sources or g2rpo_keys,
+             f"is a G2RPO option (chained SDE sources); strategy {s.strategy!r} has no sde_indices"),
             ("sampler.auto_granularity_threshold", s.auto_granularity_threshold is None or
              len(s.strategy_options().get("granularities", ())) >= 2,
              f"drops granularities of a G2RPO plan with several; strategy {s.strategy!r} with granularities "

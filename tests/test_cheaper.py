@@ -79,3 +79,39 @@ def test_mgai_diagnostics():
     flat = torch.zeros(1, 2, 1, 2, 4)
     spearman, share = mgai_diagnostics(flat)
     assert torch.isnan(spearman).all() and torch.isnan(share).all()
+
+
+def test_chain_sources_branch_later_steps_from_the_first_branch_and_count_the_rows_they_run():
+    """Shared continuations across k: step e' branches from the state its predecessor's first branch reaches on
+    the finest continuation; the anchor trajectory's rows after the first SDE step are not run."""
+    model = Counting()
+    sampler, ros = _rollout(model, chain_sources=True, sde_indices=(0, 1, 2, 5))
+    assert model.rows == sum(ro.forward_rows for ro in ros)  # rows counted = rows run
+    ro = ros[0]
+    assert ro.anchor is None
+    assert torch.equal(ro.x_k[:, 1], ro.x_next[:, 0, 0]) and torch.equal(ro.x_k[:, 2], ro.x_next[:, 1, 0])
+    # e = 2 -> e' = 5 on the first (lambda = 1) continuation of branch 0: three ODE steps from x_next[:, 2, 0]
+    sig = sampler.sigmas.float()
+    cond = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    x = ro.x_next[:, 2, 0]
+    for t in (3, 4):
+        x = x + (sig[t + 1] - sig[t]) * model.model(x, sig[t].expand(2), cond)
+    assert torch.allclose(ro.x_k[:, 3], x, atol=1e-5)
+    _, plain = _rollout(Counting(), sde_indices=(0, 1, 2, 5))
+    assert plain[0].forward_rows - ro.forward_rows == 2 * 15  # the anchor's 15 ODE rows after index 0, per prompt
+    # without lambda = 1 the chain takes the coarsest path it can share: x0 scoring (lambda 15) then one step
+    _, x0 = _rollout(Counting(), chain_sources=True, sde_indices=(0, 3), granularities=(15,))
+    _, x0_plain = _rollout(Counting(), sde_indices=(0, 3), granularities=(15,))
+    assert x0[0].forward_rows < x0_plain[0].forward_rows
+
+
+def test_chain_sources_off_or_one_step_is_exactly_g2rpo():
+    _, plain = _rollout(Counting())
+    _, off = _rollout(Counting(), chain_sources=False)
+    for a, b in zip(plain, off):
+        assert torch.equal(a.finals, b.finals) and a.forward_rows == b.forward_rows
+    _, single = _rollout(Counting(), sde_indices=(3,))
+    _, chained = _rollout(Counting(), sde_indices=(3,), chain_sources=True)
+    for a, b in zip(single, chained):  # one SDE step: the same states and draws (other batch shapes: rounding)
+        assert torch.allclose(a.finals, b.finals, atol=1e-5) and torch.allclose(a.log_probs, b.log_probs, atol=1e-4)
+        assert a.forward_rows - b.forward_rows == 2 * (16 - 1 - 3)

@@ -138,6 +138,7 @@ def test_a_method_preset_alone_says_what_it_combined_with():
 
 @pytest.mark.parametrize("overrides, match", [
     (["sampler.strategy=flow_grpo", "sampler.sde_subset=2"], "sampler.sde_subset is a G2RPO option"),
+    (["sampler.strategy=mix_grpo", "sampler.chain_sources=true"], "sampler.chain_sources is a G2RPO option"),
     (["sampler.strategy=g2rpo_no_mgai", "sampler.auto_granularity_threshold=0.9"],
      "sampler.auto_granularity_threshold drops granularities"),
     (["sampler.granularities=[1]", "sampler.auto_granularity_threshold=0.9"], "has none to drop"),

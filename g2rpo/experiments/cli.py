@@ -26,6 +26,8 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--budget", type=float, default=None,
                    help="train every method to this cumulative cost (forward-row equivalents) instead of --iterations "
                         "(which stays an upper bound); also runs the cheaper G2RPO variants")
+    c.add_argument("--variants", default=None,
+                   help="with --budget: the cheaper G2RPO variants to run, comma-separated (default: all; 'none')")
     c.add_argument("--out", required=True)
     return c
 
@@ -45,11 +47,19 @@ def run_compare(args: argparse.Namespace, world: Path | None = None) -> None:
         load_config(None, overrides)  # refused before any run starts
     except ConfigError as err:
         sys.exit(f"--set: {err}")
+    variants = CHEAPER_VARIANTS if args.budget is not None else {}
+    if args.variants is not None:
+        names = [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "none"]
+        wrong = [v for v in names if v not in CHEAPER_VARIANTS]
+        if wrong or args.budget is None:
+            sys.exit(f"--variants: unknown {wrong}; choose from {list(CHEAPER_VARIANTS)}" if wrong
+                     else "--variants needs --budget (the variants are compared at equal cost)")
+        variants = {v: CHEAPER_VARIANTS[v] for v in names}
     settings = CompareSettings(methods=methods, families=families, seeds=args.seeds, iterations=args.iterations,
                                lr_grid=tuple(float(x) for x in args.lr_grid.split(",")),
                                eval_every=args.eval_every, per_sde_step_variant=not args.no_variant,
                                overrides=overrides, budget=args.budget,
-                               variants=CHEAPER_VARIANTS if args.budget is not None else {})
+                               variants=variants)
     compare(args.out, settings, world)
 
 

@@ -45,6 +45,12 @@ CHEAPER_VARIANTS = {
     "g2rpo_x0": ("g2rpo", "paper", {"sampler": {"granularities": [15]}}),  # score the one-step x0 prediction
     "g2rpo_coarse": ("g2rpo", "paper", {"sampler": {"granularities": [2, 4]}}),  # no lambda = 1 continuation
     "g2rpo_efficient": ("g2rpo", "efficient", {}),  # configs/methods/g2rpo-efficient.yaml
+    # later SDE steps branch from the previous step's first branch (shared continuations across k)
+    "g2rpo_chain": ("g2rpo", "paper", {"sampler": {"chain_sources": True}}),
+    "g2rpo_coarse_chain": ("g2rpo", "paper", {"sampler": {"granularities": [2, 4], "chain_sources": True}}),
+    # stop evaluating a granularity that ranks the branches like the finest (Spearman > 0.8 for 4 iterations)
+    "g2rpo_auto": ("g2rpo", "paper", {"sampler": {"auto_granularity_threshold": 0.8,
+                                                  "auto_granularity_window": 4}}),
 }
 PAPER_ORDER = ("g2rpo", "g2rpo_no_mgai", "mix_grpo", "dance_grpo")  # Table 1, best first
 

@@ -86,6 +86,10 @@ class G2RPOStrategy(Strategy):
     # from (subset_seed, iteration), so every rank and a resumed run draw the same; None: all of them (G2RPO)
     sde_subset: int | None = None
     subset_seed: int = 0
+    # shared continuations across k (issue 21, BranchGRPO's shared prefixes): each later SDE step branches from the
+    # state its predecessor's first branch reaches on its finest continuation, instead of from a separate anchor ODE
+    # trajectory; the states on that path are computed once for both. False: the anchor trajectory (G2RPO)
+    chain_sources: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,23 +123,38 @@ class G2RPOStrategy(Strategy):
     def plan(self, iteration: int = 0) -> Plan:
         T, G = self.num_steps, self.group_size
         b = PlanBuilder(T)
-        node = b.root()
-        b.anchor[0] = node
-        anchor = [node]
-        for t in range(1, T + 1):
-            node = b.ode(node, t)
-            b.anchor[t] = node
-            anchor.append(node)
         steps = self.sde_steps(iteration)
+        node = b.root()
+        if self.chain_sources:  # the ODE from the noise to the first SDE step only; later sources are chained
+            source = b.ode_path(node, list(range(steps[0] + 1)))
+        else:  # the anchor ODE trajectory (its final latent is the rollout's `anchor`)
+            b.anchor[0] = node
+            anchor = [node]
+            for t in range(1, T + 1):
+                node = b.ode(node, t)
+                b.anchor[t] = node
+                anchor.append(node)
         for k, e in enumerate(steps):
-            b.source_slot(anchor[e])
+            if not self.chain_sources:
+                source = anchor[e]
+            b.source_slot(source)
+            first = None
             for g in range(G):
-                branch = b.sde(anchor[e])
+                branch = b.sde(source)
+                first = branch if first is None else first
                 b.transitions[(k, g)] = branch
                 for j, lam in enumerate(self.granularities):
                     b.finals[(k, j, g)] = b.ode_path(branch, granularity_grid(T, e, lam))
+            if self.chain_sources and k + 1 < len(steps):
+                source = b.ode_path(first, self.chain_path(e, steps[k + 1]))
         K = len(steps)
         return b.build(K, len(self.granularities), G, adv_slot_of=list(range(K)), step_index=steps)
+
+    def chain_path(self, e: int, e_next: int) -> list[int]:
+        """``chain_sources``: the grid indices from the branch at ``e + 1`` to the next SDE step ``e_next``, on
+        the first granularity's continuation grid (shared with it), then one step to ``e_next`` if it is off it."""
+        path = [i for i in granularity_grid(self.num_steps, e, self.granularities[0]) if i <= e_next]
+        return path if path[-1] == e_next else path + [e_next]
 
     def sde_steps(self, iteration: int = 0) -> list[int]:
         """The SDE steps rolled out at this iteration: all of ``sde_indices``, or with ``sde_subset`` a sorted
@@ -298,9 +317,9 @@ def strategy_options(name: str, *, num_steps: int, group_size: int, eta: float |
         opts["sde_indices"] = tuple(sde_indices)
     if granularities is not None and "granularities" in takes and name != "g2rpo_no_mgai":
         opts["granularities"] = tuple(granularities)
-    if "sde_subset" not in takes:  # G2RPO's cheaper variant: only G2RPO strategies take it
-        options.pop("sde_subset", None)
-        options.pop("subset_seed", None)
+    if "sde_subset" not in takes:  # G2RPO's cheaper variants: only G2RPO strategies take them
+        for key in ("sde_subset", "subset_seed", "chain_sources"):
+            options.pop(key, None)
     opts.update({k: v for k, v in options.items() if v is not None})
     return opts
 
