@@ -18,6 +18,10 @@ LATENT_ELEMENTS = {  # per row, at the given resolution
     "SD3.5 720x720 (16 x 90 x 90)": 16 * 90 * 90,
     "Wan2.1 480x832, 81 frames (16 x 21 x 60 x 104)": 16 * 21 * 60 * 104,
     "Wan2.1 512x512, 33 frames (16 x 9 x 64 x 64)": 16 * 9 * 64 * 64,
+    "Wan2.2 A14B 480x832, 33 frames (16 x 9 x 60 x 104)": 16 * 9 * 60 * 104,
+    "Wan2.2 TI2V-5B 704x1280, 33 frames (48 x 9 x 44 x 80)": 48 * 9 * 44 * 80,
+    # the 20-channel condition (mask + image latents) is one row per prompt, shared by the group
+    "Wan I2V 480x832, 53 frames (16 x 14 x 60 x 104, + 20-channel condition per prompt)": 16 * 14 * 60 * 104,
 }
 
 

@@ -43,6 +43,11 @@ class ModelConfig:
     width: int | None = None
     max_sequence_length: int | None = None
     num_frames: int | None = None  # video families: frames per sample
+    # Wan 2.2 A14B (two experts): the low-noise expert's (transformer_2) guidance; null: guidance_scale, as WanPipeline
+    guidance_scale_2: float | None = None
+    # Wan 2.2 A14B: which experts train: auto (those that own the trained SDE steps), transformer (high noise),
+    # transformer_2 (low noise; also "high" / "low") or both; the others stay frozen
+    train_experts: str = "auto"
     text_encoder_out_layers: list[int] = field(default_factory=lambda: [10, 20, 30])  # FLUX.2: Mistral-3 layers
     gradient_checkpointing: bool = False
     cfg_detach_uncond: bool = False  # CFG families: no gradient through the negative branch (Flow-GRPO's SD3 training)
@@ -57,6 +62,10 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: [
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
         "proj_mlp", "proj_out"])
+
+
+#: model.train_experts values: auto, both, or an expert by component name or noise level.
+TRAIN_EXPERTS = ("auto", "both", "transformer", "transformer_2", "high", "low")
 
 
 @dataclass
@@ -293,6 +302,8 @@ class TrainConfig:
              f"must be constant or flow_grpo, got {self.ema_schedule!r}"),
             ("model.kind", self.model.kind in FAMILIES, f"must be one of {', '.join(FAMILIES)}"),
             ("model.num_frames", self.model.num_frames is None or self.model.num_frames >= 1, "must be >= 1"),
+            ("model.train_experts", self.model.train_experts in TRAIN_EXPERTS,
+             f"must be one of {', '.join(TRAIN_EXPERTS)}, got {self.model.train_experts!r}"),
             ("model.height", self.model.height is None or self.model.height >= 1, "must be >= 1"),
             ("model.width", self.model.width is None or self.model.width >= 1, "must be >= 1"),
             ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"),
@@ -302,6 +313,13 @@ class TrainConfig:
             ("ops_backend", self.ops_backend in ("auto", "torch", "triton", "cpp", "cuda"),
              "must be auto, torch, triton, cpp or cuda"),
         ]
+        if self.model.kind in FAMILIES:  # a family option set for a family without it is an error, never dropped
+            takes = FAMILIES[self.model.kind].options
+            for key, value in (("num_frames", self.model.num_frames), ("guidance_scale_2", self.model.guidance_scale_2),
+                               ("train_experts", None if self.model.train_experts == "auto" else 1)):
+                if value is not None and key not in takes:
+                    raise ConfigError(f"model.{key} does not apply to model.kind {self.model.kind!r} (only to "
+                                      f"{', '.join(n for n, f in FAMILIES.items() if key in f.options)})")
         finite = math.isfinite
         checks += [
             ("seed", self.seed >= 0, f"must be >= 0, got {self.seed}"),

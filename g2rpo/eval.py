@@ -67,7 +67,8 @@ def trained_transformer_folder(checkpoint: str | Path, iteration: int | None = N
 
 def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: torch.dtype, height: int | None = None,
                      width: int | None = None, guidance_scale: float | None = None, num_frames: int | None = None,
-                     text_encoder_out_layers: list[int] | None = None, iteration: int | None = None):
+                     text_encoder_out_layers: list[int] | None = None, iteration: int | None = None,
+                     guidance_scale_2: float | None = None):
     """``(family, policy)``: the base policy from ``model`` (a local folder or a Hugging Face id), with the
     transformer of ``checkpoint`` swapped in when given. Unset settings take the family's defaults."""
     from .hub import resolve_path
@@ -76,11 +77,12 @@ def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: to
     model = resolve_path(model, "--model", diffusers=True)
     fam = family_of_folder(model)
     policy = load_family(fam.name, model, dtype, height=height, width=width, guidance_scale=guidance_scale,
-                         num_frames=num_frames, text_encoder_out_layers=text_encoder_out_layers)
+                         num_frames=num_frames, text_encoder_out_layers=text_encoder_out_layers,
+                         guidance_scale_2=guidance_scale_2)
     if checkpoint is not None:
         folder = trained_transformer_folder(checkpoint, iteration)
         try:
-            trained = type(policy.transformer).from_pretrained(folder / "transformer", torch_dtype=dtype)
+            trained = policy.load_transformers(folder, dtype)
         except (OSError, ValueError, RuntimeError, KeyError) as err:  # a truncated / random / cut file
             raise ValueError(f"--checkpoint {checkpoint}: {folder / 'transformer'} does not load "
                              f"({type(err).__name__}: {str(err)[:300]})") from None
@@ -131,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder-layers", default=None, help="FLUX.2: Mistral-3 hidden layers, e.g. 10,20,30")
     p.add_argument("--shift", type=float, default=None, help="default: the family's")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the family's")
+    p.add_argument("--guidance-scale-2", type=float, default=None,
+                   help="Wan 2.2 A14B: the low-noise expert's guidance (default: --guidance-scale, as WanPipeline)")
     p.add_argument("--rewards", required=True, help="comma-separated reward names, module:callable paths or "
                                                     "entry points")
     p.add_argument("--reward-options", default=None, help="YAML: {reward name: {option: value}}")
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models.registry import family
     from .prompts import load_prompts
     from .rewards import FrameAggregated, make_reward
+    from .rewards.registry import takes_prompt_file
     from .yaml_numbers import load_yaml
 
     ctx = DistContext.init()
@@ -176,11 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         prompts = load_prompts(args.prompts)
         layers = [int(x) for x in args.text_encoder_layers.split(",")] if args.text_encoder_layers else None
         settings = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+                        guidance_scale_2=args.guidance_scale_2,
                         num_frames=args.num_frames, text_encoder_out_layers=layers)
         fam, trained = load_eval_policy(args.model, args.checkpoint, dtype, iteration=args.iteration, **settings)
         policies = {}
         if args.checkpoint is not None and not args.no_base:
             policies["base"] = load_eval_policy(args.model, None, dtype, **settings)[1]
+        if fam.prompt_images:  # image-to-video: every prompt's conditioning image, checked before generation
+            from .prompts import load_prompt_images
+
+            images = load_prompt_images(args.prompts)
+            for policy in (*policies.values(), trained):
+                policy.set_prompt_images(images)
         label = args.label or str(args.checkpoint or args.model)
         policies[label] = trained
         options = load_yaml(Path(args.reward_options).read_text()) if args.reward_options else {}
@@ -191,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             opts = reward_options(name, (options or {}).get(name, {}), f"--rewards {name}")
             if name in fam.world_rewards:
                 opts.setdefault("world", str(model_root))
+            if takes_prompt_file(name):  # e.g. first_frame: the prompts' conditioning images
+                opts.setdefault("prompt_file", args.prompts)
             try:
                 rewards.append((name, FrameAggregated(make_reward(name, **opts))))
             except TypeError as err:  # a required option (a checkpoint path, ...) is missing

@@ -21,6 +21,7 @@ _ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?$")
 USUAL_REWARD_REPOS: dict[str, dict[str, str]] = {
     "hps": {"checkpoint": "xswu/HPSv2/HPS_v2.1_compressed.pt"},
     "clip": {"model_dir": "apple/DFN5B-CLIP-ViT-H-14-378"},
+    "first_frame": {"model_dir": "apple/DFN5B-CLIP-ViT-H-14-378"},
     "pickscore": {"model_dir": "yuvalkirstain/PickScore_v1", "processor_dir": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
     "imagereward": {"model_dir": "THUDM/ImageReward", "vocab": "google-bert/bert-base-uncased/vocab.txt"},
     "unified_reward": {"model_dir": "CodeGoat24/UnifiedReward-qwen-7b"},

@@ -10,8 +10,9 @@ import torch
 from .config import ModelConfig, RewardSpec
 from .hub import PATH_OPTIONS, HubError, resolve_path, reward_options, with_usual_repos
 from .rewards import FrameAggregated, RewardModel, make_reward
+from .rewards.registry import takes_prompt_file
 
-__all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths"]
+__all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths", "resolve_trained_experts"]
 
 def check_paths(model: ModelConfig, rewards: list[RewardSpec]) -> None:
     """Before anything loads: every file the config names must exist, locally or as a Hugging Face id
@@ -69,11 +70,52 @@ def load_policy(cfg: ModelConfig, log=print) -> LoadedPolicy:
         raise ValueError(f"model.path must point to a local {fam.title} folder or a Hugging Face id")
     policy = load_family(cfg.kind, path, TORCH_DTYPES[cfg.dtype], height=cfg.height, width=cfg.width,
                          guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length,
-                         num_frames=cfg.num_frames, text_encoder_out_layers=cfg.text_encoder_out_layers)
+                         num_frames=cfg.num_frames, text_encoder_out_layers=cfg.text_encoder_out_layers,
+                         guidance_scale_2=cfg.guidance_scale_2)
     return LoadedPolicy(policy, path)
 
 
-def build_rewards(specs: list[RewardSpec], model_cfg: ModelConfig, model_path: Path) -> list[tuple[str, RewardModel, float]]:
+#: model.train_experts aliases by noise level.
+EXPERT_ALIASES = {"high": "transformer", "low": "transformer_2"}
+
+
+def resolve_trained_experts(cfg, policy, log=print) -> tuple[str, ...]:
+    """Set and return the experts ``policy`` trains (``model.train_experts`` of a :class:`TrainConfig`): ``auto``
+    takes those that own the SDE steps the strategy can train (their sigma on the sampler's schedule). A trained
+    SDE step owned by a frozen expert is an error: no gradient could reach it. One-transformer families train it."""
+    from .rollout.strategies import make_strategy
+    from .schedule import model_timesteps, sigma_schedule
+
+    names = policy.expert_names()
+    choice = EXPERT_ALIASES.get(cfg.model.train_experts, cfg.model.train_experts)
+    if len(names) == 1:
+        if choice not in ("auto", "both", names[0]):
+            raise ValueError(f"model.train_experts={cfg.model.train_experts}: this model has one transformer")
+        policy.set_trained_experts(names)
+        return names
+    s = cfg.sampler
+    strategy = make_strategy(s.strategy, **s.strategy_options())
+    steps = sorted({e for it in range(cfg.iterations) for e in strategy.sde_steps(it)})
+    sig = sigma_schedule(s.num_steps, s.shift, s.schedule_precision)
+    seen = model_timesteps(sig, s.quantize_timesteps)  # the noise level the model is given (and routed by)
+    owner = {e: policy.expert_of_sigma(float(seen[e])) for e in steps}
+    trained = (tuple(n for n in names if n in owner.values()) if choice == "auto"
+               else names if choice == "both" else (choice,))
+    frozen = {e: o for e, o in owner.items() if o not in trained}
+    if frozen:
+        raise ValueError(f"model.train_experts={cfg.model.train_experts}: the SDE steps {sorted(frozen)} (sigma "
+                         f"{', '.join(f'{float(sig[e]):.3f}' for e in sorted(frozen))}) are predicted by the frozen "
+                         f"{', '.join(sorted(set(frozen.values())))}; train it too (auto or both) or keep sampler."
+                         f"sde_indices on {', '.join(trained)}")
+    policy.set_trained_experts(trained)
+    by = {n: [e for e in steps if owner[e] == n] for n in names}
+    log(f"Wan 2.2 experts: trained {', '.join(trained)}; SDE steps by expert: "
+        + "; ".join(f"{n} {by[n]}" for n in names))
+    return trained
+
+
+def build_rewards(specs: list[RewardSpec], model_cfg: ModelConfig, model_path: Path,
+                  prompt_file: str | None = None) -> list[tuple[str, RewardModel, float]]:
     """``[(name, model, weight)]``; a family's world rewards (the lab's) default to the policy's folder."""
     from .models.registry import family
 
@@ -83,5 +125,7 @@ def build_rewards(specs: list[RewardSpec], model_cfg: ModelConfig, model_path: P
         options = reward_options(spec.name, spec.options, f"rewards ({spec.name})")
         if spec.name in world_rewards:
             options.setdefault("world", str(model_path))
+        if prompt_file is not None and takes_prompt_file(spec.name):  # e.g. first_frame: the conditioning images
+            options.setdefault("prompt_file", prompt_file)
         out.append((spec.name, FrameAggregated(make_reward(spec.name, **options), spec.frames), spec.weight))
     return out

@@ -1,5 +1,9 @@
 """Prompt files: ``.txt`` (one prompt per line), ``.jsonl`` / ``.json`` (HPSv2 style: strings or
-objects with a ``prompt`` or ``caption`` field), or ``builtin:lab`` / ``builtin:lab_test``.
+objects with a ``prompt`` or ``caption`` field), ``.csv`` (a ``prompt`` column), or ``builtin:lab`` /
+``builtin:lab_test``.
+
+Image-to-video prompt files (``.jsonl``, ``.json`` or ``.csv``) also name a conditioning ``image`` per prompt and
+optionally a ``last_image``, paths relative to the file's folder: :func:`load_prompt_images` reads and checks them.
 
 :class:`PromptSchedule` gives every iteration its global prompt list: the dataset is
 reshuffled each epoch with the training seed, so iteration ``i`` always sees the same
@@ -9,11 +13,13 @@ prompts whatever the number of ranks, and resuming needs only ``i``.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BUILTIN_PROMPTS", "builtin_prompt_path", "load_prompts", "PromptSchedule"]
+__all__ = ["BUILTIN_PROMPTS", "ImagePrompt", "builtin_prompt_path", "load_prompt_images", "load_prompts",
+           "PromptSchedule"]
 
 #: The built-in prompt sets (``builtin:NAME``): text files shipped in ``g2rpo/data/prompts/``.
 BUILTIN_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts"
@@ -38,29 +44,101 @@ def _from_item(item: object, where: str) -> str:
     raise ValueError(f"{where}: expected a string or an object with a 'prompt'/'caption' field, got {item!r}")
 
 
-def load_prompts(spec: str) -> list[str]:
-    """Read prompts from a file or a ``builtin:`` name; a missing or empty source raises."""
-    if spec.startswith("builtin:"):
-        path = builtin_prompt_path(spec.split(":", 1)[1])
-    else:
-        path = Path(spec)
+def _path_of(spec: str) -> Path:
+    path = builtin_prompt_path(spec.split(":", 1)[1]) if spec.startswith("builtin:") else Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
+    return path
+
+
+def _records(path: Path) -> list[tuple[str, object]]:
+    """``(where, item)`` for every entry of a structured prompt file (.jsonl, .json, .csv)."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        prompts = [_from_item(json.loads(line), f"{path}:{i + 1}") for i, line in enumerate(text.splitlines())
-                   if line.strip()]
-    elif path.suffix == ".json":
+        out = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    out.append((f"{path}:{i + 1}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{i + 1}: not JSON ({err.msg})") from None
+        return out
+    if path.suffix == ".json":
         data = json.loads(text)
         if not isinstance(data, list):
             raise ValueError(f"{path}: a .json prompt file must hold a list")
-        prompts = [_from_item(item, f"{path}[{i}]") for i, item in enumerate(data)]
+        return [(f"{path}[{i}]", item) for i, item in enumerate(data)]
+    if path.suffix == ".csv":
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(text))
+        if "prompt" not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: a .csv prompt file needs a 'prompt' column, got {reader.fieldnames}")
+        return [(f"{path}:{i + 2}", {k: v for k, v in row.items() if v not in (None, "")})
+                for i, row in enumerate(reader)]
+    raise ValueError(f"{path}: not a structured prompt file (.jsonl, .json or .csv)")
+
+
+def load_prompts(spec: str) -> list[str]:
+    """Read prompts from a file or a ``builtin:`` name; a missing or empty source raises."""
+    path = _path_of(spec)
+    if path.suffix in (".jsonl", ".json", ".csv"):
+        prompts = [_from_item(item, where) for where, item in _records(path)]
     else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """An image-to-video prompt's conditioning image and optional last image."""
+
+    image: Path
+    last_image: Path | None = None
+
+
+def _check_image(path: Path, where: str) -> Path:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.verify()  # reads the whole file: a truncated or corrupt image fails here, before any model loads
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{where}: unreadable image {path}: {err}") from None
+    return path
+
+
+def load_prompt_images(spec: str) -> dict[str, ImagePrompt]:
+    """``{prompt: ImagePrompt}`` from an image-to-video prompt file (``.jsonl`` / ``.json`` objects or ``.csv`` rows
+    with ``prompt``, ``image`` and optionally ``last_image``; paths relative to the file's folder). Every image is
+    opened and verified; a prompt without an image, a missing or unreadable image, or one prompt given two
+    different images raise, naming the line."""
+    path = _path_of(spec)
+    if path.suffix not in (".jsonl", ".json", ".csv"):
+        raise ValueError(f"{path}: image-to-video prompts need a .jsonl, .json or .csv file with 'prompt' and "
+                         "'image' fields (a text file has no images)")
+    out: dict[str, ImagePrompt] = {}
+    for where, item in _records(path):
+        prompt = _from_item(item, where).strip()
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not item["image"].strip():
+            raise ValueError(f"{where}: image-to-video prompts need an 'image' field (a path), got {item!r}")
+        image = _check_image(path.parent / item["image"].strip(), where)
+        last = item.get("last_image")
+        last = _check_image(path.parent / last.strip(), where) if isinstance(last, str) and last.strip() else None
+        entry = ImagePrompt(image, last)
+        if out.get(prompt, entry) != entry:
+            raise ValueError(f"{where}: prompt {prompt!r} is given two different images ({out[prompt].image} and "
+                             f"{image}); image-to-video prompts must be distinct per image")
+        out[prompt] = entry
+    if not out:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return out
 
 
 class PromptSchedule:

@@ -7,15 +7,17 @@ import numpy as np
 import torch
 
 
-def train_and_eval(kind, model_dir, tmp_path, tiny_open_clip, model_args, eval_args, frames=None, train_args=()):
+def train_and_eval(kind, model_dir, tmp_path, tiny_open_clip, model_args, eval_args, frames=None, train_args=(),
+                   prompts=None):
     from g2rpo.eval import main as eval_main
     from g2rpo.train import main as train_main
 
     name, state = tiny_open_clip
     ckpt = tmp_path / "hps.pt"
     torch.save({"state_dict": state}, ckpt)
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red cube\na blue sphere on grass\n")
+    if prompts is None:
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("a red cube\na blue sphere on grass\n")
     out = tmp_path / "run"
     reward = f"{{name: hps, options: {{checkpoint: {ckpt}, model_name: {name}}}" + (f", frames: {frames}" if frames else "")
     args = [f"model.kind={kind}", f"model.path={model_dir}", "model.dtype=float32", *model_args,

@@ -56,7 +56,7 @@ def test_shipped_configs_validate(name):
 
 
 @pytest.mark.parametrize("name, kind", [("wan_t2v_hps", "wan"), ("qwen_image_hps", "qwen_image"),
-                                        ("flux2_hps", "flux2")])
+                                        ("flux2_hps", "flux2"), ("wan22_t2v_hps", "wan"), ("wan_i2v_hps", "wan_i2v")])
 def test_shipped_model_family_configs_validate_and_cite_sources(name, kind):
     import re
     from pathlib import Path

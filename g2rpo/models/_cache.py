@@ -17,6 +17,10 @@ class PromptEmbeddingCache:
     def __init__(self) -> None:
         self._rows: dict[str, dict[str, torch.Tensor]] = {}
 
+    def clear(self) -> None:
+        """Forget every row (what a prompt is conditioned on changed)."""
+        self._rows.clear()
+
     def __call__(self, prompts: list[str], encode: Callable[[list[str]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         for p in dict.fromkeys(prompts):
             if p not in self._rows:  # one prompt per call: a prompt's embedding never depends on its batch

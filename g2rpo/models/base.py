@@ -81,14 +81,40 @@ class PolicyAdapter(torch.nn.Module):
         return self.guidance_scale is not None and float(self.guidance_scale) > 1.0
 
     def classifier_free(self, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                        t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        t: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One doubled batch ``run([x; x], [t; t])`` whose first half holds the negative rows and the
-        second the prompt's; returns ``(neg + g (pos - neg), neg, pos)`` in fp32 (as the pipelines combine)."""
+        second the prompt's; returns ``(neg + g (pos - neg), neg, pos)`` in fp32 (as the pipelines combine);
+        ``g`` is ``scale`` or the guidance scale."""
         v = run(torch.cat([x, x]), torch.cat([t, t])).float()
         neg, pos = v.chunk(2)
         if self.detach_uncond:
             neg = neg.detach()
-        return neg + float(self.guidance_scale) * (pos - neg), neg, pos
+        g = float(self.guidance_scale if scale is None else scale)
+        return neg + g * (pos - neg), neg, pos
+
+    # ---- experts (Wan 2.2's two transformers; one for every other family) -------------------------
+    def expert_names(self) -> tuple[str, ...]:
+        """The transformers of the pipeline, by their component names."""
+        return ("transformer",)
+
+    def expert_of_sigma(self, sigma: float) -> str:
+        """The expert that predicts the velocity at noise level ``sigma``."""
+        return "transformer"
+
+    def set_trained_experts(self, names: Sequence[str]) -> None:
+        """Train only these experts (the others stay frozen); a single-transformer family trains its one."""
+        if tuple(names) != ("transformer",):
+            raise ValueError(f"{type(self).__name__} has the one transformer; cannot train {list(names)}")
+
+    def load_transformers(self, folder, dtype: torch.dtype) -> torch.nn.Module:
+        """The trained module as saved in an export ``folder`` (the pipeline layout), for :meth:`set_transformer`."""
+        from pathlib import Path
+
+        return type(self.transformer).from_pretrained(Path(folder) / "transformer", torch_dtype=dtype)
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        """The trained modules holding LoRA adapters, by the pipeline component each is saved for."""
+        return {"transformer": self.transformer}
 
     # ---- the schedule's shift ----------------------------------------------------------------------
     @property

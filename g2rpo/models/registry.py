@@ -61,6 +61,8 @@ class ModelFamily:
     # ``pipeline``; the lab world's transformer is a Flux one)
     held_out_eval: str | None = None  # "module:function"(policy, folder, steps=) -> {metric: value}, run by the
     # trainer's CLI on the base and the trained policy
+    prompt_images: bool = False  # every prompt names a conditioning image (image-to-video): the prompt file is read
+    # with g2rpo.prompts.load_prompt_images and given to the policy's set_prompt_images
 
     @property
     def pipeline_settings(self) -> bool:
@@ -103,8 +105,14 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
     ModelFamily("wan", "Wan text-to-video", "g2rpo.models.wan:WanPolicy", _DIFFUSERS,
                 FamilyDefaults(480, 832, steps=50, eval_steps=50, guidance_scale=5.0, max_sequence_length=512,
                                num_frames=81),
-                "diffusers:WanPipeline", ("WanPipeline",), options=("num_frames",),
+                "diffusers:WanPipeline", ("WanPipeline",), options=("num_frames", "guidance_scale_2", "train_experts"),
                 guidance_note="classifier-free guidance"),
+    ModelFamily("wan_i2v", "Wan image-to-video", "g2rpo.models.wan_i2v:WanI2VPolicy", _DIFFUSERS,
+                FamilyDefaults(480, 832, steps=50, eval_steps=50, guidance_scale=5.0, max_sequence_length=512,
+                               num_frames=81),
+                "diffusers:WanImageToVideoPipeline", ("WanImageToVideoPipeline",),
+                options=("num_frames", "guidance_scale_2", "train_experts"),
+                guidance_note="classifier-free guidance", prompt_images=True),
 )}
 #: The family of the embedded default config (the CPU lab world).
 DEFAULT_FAMILY = "lab"
@@ -170,7 +178,7 @@ def settings(fam: ModelFamily, **given: Any) -> dict[str, Any]:
             continue
         if key in ("height", "width", "max_sequence_length", "guidance_scale") and not fam.pipeline_settings:
             continue  # the family sets these itself
-        if key in ("num_frames", "text_encoder_out_layers") and key not in fam.options:
+        if key in ("num_frames", "text_encoder_out_layers", "guidance_scale_2") and key not in fam.options:
             continue
         out[key] = tuple(value) if isinstance(value, list) else value
     return out

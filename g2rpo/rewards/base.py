@@ -39,7 +39,8 @@ class WeightedRewards:
 
 class FrameAggregated:
     """Any image reward applied to videos ``[N, C, F, H, W]`` frame by frame and reduced over the frames
-    (``mean`` by default, ``min`` or ``max``); images ``[N, C, H, W]`` pass through unchanged."""
+    (``mean`` by default, ``min`` or ``max``); images ``[N, C, H, W]``, and any input of a reward marked
+    ``video_reward = True`` (which scores a video as a whole), pass through unchanged."""
 
     def __init__(self, model: RewardModel, frames: str = "mean") -> None:
         if frames not in FRAME_REDUCTIONS:
@@ -49,7 +50,7 @@ class FrameAggregated:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if images.ndim != 5:
+        if images.ndim != 5 or getattr(self.model, "video_reward", False):  # a video reward scores videos whole
             return self.model.score(images, prompts)
         n, c, f = images.shape[:3]
         frames = images.transpose(1, 2).reshape(n * f, c, *images.shape[3:])

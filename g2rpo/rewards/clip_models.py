@@ -20,7 +20,7 @@ import torch
 
 from ._images import check_batch, to_pil
 
-__all__ = ["OpenClipScore", "PickScore"]
+__all__ = ["OpenClipScore", "PickScore", "open_clip_model"]
 
 
 class _BatchedModelReward:
@@ -81,9 +81,10 @@ def load_hps(checkpoint: str, model_name: str = "ViT-H-14", device=None, batch_s
     return OpenClipScore(model, preprocess, open_clip.get_tokenizer(model_name), "hps", device, batch_size)
 
 
-def load_clip_score(model_dir: str | None = None, model_name: str | None = None, checkpoint: str | None = None,
-                    device=None, batch_size: int = 32) -> OpenClipScore:
-    """CLIP score from ``model_dir`` (open_clip ``local-dir:`` layout) or ``model_name`` + ``checkpoint``."""
+def open_clip_model(model_dir: str | None = None, model_name: str | None = None, checkpoint: str | None = None,
+                    what: str = "clip reward"):
+    """``(model, preprocess, tokenizer)`` of an open_clip model from ``model_dir`` (the ``local-dir:`` layout) or
+    ``model_name`` + ``checkpoint``; never silently random."""
     import open_clip
 
     if model_dir is not None:
@@ -93,15 +94,20 @@ def load_clip_score(model_dir: str | None = None, model_name: str | None = None,
             model, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{d}")
         except RuntimeError as err:
             raise FileNotFoundError(
-                f"clip reward: no weights loaded from {d}: open_clip looks for open_clip_model.safetensors, "
+                f"{what}: no weights loaded from {d}: open_clip looks for open_clip_model.safetensors, "
                 f"open_clip_pytorch_model.bin or .pth (a .pt file is ignored) ({err})") from None
-        tokenizer = open_clip.get_tokenizer(f"local-dir:{d}")
-    elif model_name is not None and checkpoint is not None:
+        return model, preprocess, open_clip.get_tokenizer(f"local-dir:{d}")
+    if model_name is not None and checkpoint is not None:
         ckpt = _require(checkpoint, "CLIP checkpoint")
         model, preprocess = open_clip.create_model_from_pretrained(model_name, pretrained=str(ckpt))
-        tokenizer = open_clip.get_tokenizer(model_name)
-    else:
-        raise ValueError("clip reward: give model_dir, or model_name and checkpoint")
+        return model, preprocess, open_clip.get_tokenizer(model_name)
+    raise ValueError(f"{what}: give model_dir, or model_name and checkpoint")
+
+
+def load_clip_score(model_dir: str | None = None, model_name: str | None = None, checkpoint: str | None = None,
+                    device=None, batch_size: int = 32) -> OpenClipScore:
+    """CLIP score from ``model_dir`` (open_clip ``local-dir:`` layout) or ``model_name`` + ``checkpoint``."""
+    model, preprocess, tokenizer = open_clip_model(model_dir, model_name, checkpoint)
     return OpenClipScore(model, preprocess, tokenizer, "clip", device, batch_size)
 
 

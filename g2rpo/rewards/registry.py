@@ -41,6 +41,7 @@ ENTRY_POINT_GROUP = "g2rpo.rewards"
 BUILTIN_REWARDS = {
     "hps": "g2rpo.rewards.clip_models:load_hps",
     "clip": "g2rpo.rewards.clip_models:load_clip_score",
+    "first_frame": "g2rpo.rewards.first_frame:load_first_frame",
     "pickscore": "g2rpo.rewards.clip_models:load_pickscore",
     "imagereward": "g2rpo.rewards.imagereward:load_imagereward",
     "unified_reward": "g2rpo.rewards.unified_reward:load_unified_reward",
@@ -112,6 +113,16 @@ def resolve_reward(name: str) -> Callable[..., Any]:
         return _import(name, f"reward {name!r}")
     raise ValueError(f"unknown reward {name!r}; known: {known_rewards()}, or a module:callable path "
                      f"(e.g. my_pkg.rewards:brightness), or an entry point of group {ENTRY_POINT_GROUP}")
+
+
+def takes_prompt_file(name: str) -> bool:
+    """Whether reward ``name``'s builder takes a ``prompt_file`` option (the run's prompt file is then its
+    default: a reward that reads each prompt's conditioning image)."""
+    try:
+        obj = resolve_reward(name)
+        return "prompt_file" in inspect.signature(obj).parameters
+    except (ValueError, TypeError):
+        return False
 
 
 def _is_scoring_function(obj: Callable[..., Any], options: dict[str, Any]) -> bool:

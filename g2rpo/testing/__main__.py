@@ -25,8 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("family", choices=sorted(BUILDERS))
     t.add_argument("out")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--variant", default=None, help="wan: 2.1, 2.2 (two experts) or ti2v; wan_i2v: 2.1 or 2.2")
     args = p.parse_args(argv)
-    pipe = BUILDERS[args.family](seed=args.seed)
+    try:
+        pipe = BUILDERS[args.family](seed=args.seed, **({"variant": args.variant} if args.variant else {}))
+    except (TypeError, ValueError) as err:
+        p.error(f"--variant {args.variant}: {err}")
     pipe.save_pretrained(args.out)
     print(f"saved a tiny {type(pipe).__name__} to {args.out}")
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FLUX_DEV_TRANSFORMER", "TINY_FLUX_TRANSFORMER", "random_flux_velocity", "tiny_clip_tokenizer", "tiny_flux_pipeline", "tiny_flux2_pipeline", "tiny_qwen_image_pipeline", "tiny_wan_pipeline",
+__all__ = ["FLUX_DEV_TRANSFORMER", "TINY_FLUX_TRANSFORMER", "random_flux_velocity", "tiny_clip_tokenizer", "tiny_flux_pipeline", "tiny_flux2_pipeline", "tiny_qwen_image_pipeline", "tiny_wan_pipeline", "tiny_wan_i2v_pipeline",
            "tiny_qwen_vl_judge", "tiny_sd3_pipeline", "tiny_t5_tokenizer"]
 
 
@@ -107,24 +107,84 @@ def tiny_sd3_pipeline(seed: int = 0):
         text_encoder_3=_t5(tok3, seed=seed), tokenizer_3=tok3, transformer=transformer)
 
 
-def tiny_wan_pipeline(seed: int = 0):
+def _tiny_wan_transformer(in_channels: int = 4, image_dim: int | None = None):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                 in_channels=in_channels, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32,
+                                 num_layers=1, rope_max_seq_len=32, image_dim=image_dim)
+
+
+def _tiny_wan_vae(temporal: bool = False):
+    """4 latent channels; 2x spatial and no temporal compression, or (``temporal``: what image-to-video needs, whose
+    pipeline frames 1 + 4k) 4x spatial and 4x temporal as Wan's own VAE."""
+    from diffusers import AutoencoderKLWan
+
+    stats = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
+    if temporal:
+        return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
+                                temperal_downsample=[True, True], scale_factor_temporal=4, scale_factor_spatial=4,
+                                **stats)
+    return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                            scale_factor_temporal=1, scale_factor_spatial=2, **stats)
+
+
+def tiny_wan_pipeline(seed: int = 0, variant: str = "2.1"):
     """A WanPipeline (text-to-video) with one block of width 16, a 2x spatial / 1x temporal VAE with
-    4 latent channels, and a tiny UMT5 (16x16 videos, any number of frames)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    4 latent channels, and a tiny UMT5 (16x16 videos, any number of frames). ``variant``: ``"2.1"`` (one
+    transformer), ``"2.2"`` (Wan 2.2 A14B's layout: a second, differently initialised ``transformer_2`` and
+    ``boundary_ratio`` 0.875, inside a short schedule's timesteps) or ``"ti2v"`` (Wan 2.2 TI2V-5B's
+    ``expand_timesteps``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
+    if variant not in ("2.1", "2.2", "ti2v"):
+        raise ValueError(f"variant must be 2.1, 2.2 or ti2v, got {variant!r}")
     tok = tiny_t5_tokenizer()
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=1,
                                                num_heads=4, relative_attention_num_buckets=8))
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
-                           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0],
-                           scale_factor_temporal=1, scale_factor_spatial=2)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
-                                        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32,
-                                        num_layers=1, rope_max_seq_len=32)
+    vae = _tiny_wan_vae()
+    transformer = _tiny_wan_transformer()
+    extra = {}
+    if variant == "2.2":
+        extra = {"transformer_2": _tiny_wan_transformer(), "boundary_ratio": 0.875}
+    elif variant == "ti2v":
+        extra = {"expand_timesteps": True}
     return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer, **extra)
+
+
+def tiny_wan_i2v_pipeline(seed: int = 0, variant: str = "2.1"):
+    """A WanImageToVideoPipeline on :func:`tiny_wan_pipeline`'s parts with a 4x spatial, 4x temporal VAE (16x16
+    videos of 1 + 4k frames), its transformer taking the latents, the frame mask (4 channels: the temporal factor)
+    and the image latents (4 + 4 + 4 channels).
+    ``variant``: ``"2.1"`` (Wan 2.1 I2V: a tiny CLIP vision image encoder whose penultimate states the transformer
+    takes, ``image_dim`` 32) or ``"2.2"`` (Wan 2.2 I2V A14B: no image encoder, a ``transformer_2`` and
+    ``boundary_ratio`` 0.9)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    if variant not in ("2.1", "2.2"):
+        raise ValueError(f"variant must be 2.1 or 2.2, got {variant!r}")
+    tok = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                               num_heads=4, relative_attention_num_buckets=8))
+    vae = _tiny_wan_vae(temporal=True)
+    parts: dict = {}
+    if variant == "2.1":
+        parts["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=37,
+                                                                  num_hidden_layers=2, num_attention_heads=4,
+                                                                  image_size=32, patch_size=8))
+        parts["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32,
+                                                                                              "width": 32})
+        parts["transformer"] = _tiny_wan_transformer(in_channels=12, image_dim=32)
+    else:
+        parts.update(transformer=_tiny_wan_transformer(in_channels=12),
+                     transformer_2=_tiny_wan_transformer(in_channels=12), boundary_ratio=0.9)
+    return WanImageToVideoPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae,
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **parts)
 
 
 def _tiny_qwen_vl(seed: int = 0):

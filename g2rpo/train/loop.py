@@ -97,7 +97,7 @@ class Trainer:
                                     strategy=strategy, quantize_timesteps=cfg.sampler.quantize_timesteps,
                                     ops_backend=cfg.ops_backend, cuda_graphs=cfg.sampler.cuda_graphs,
                                     schedule_precision=cfg.sampler.schedule_precision)
-        self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path)
+        self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path, prompt_file=cfg.data.prompts)
         self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)
         self.cost_totals: dict[str, float] = {}  # cumulative cost metrics (checkpointed: a budget survives --resume)
         # sampler.auto_granularity_threshold: the granularities still evaluated and each one's streak of iterations

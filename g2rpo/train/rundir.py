@@ -75,6 +75,13 @@ def preflight(cfg: TrainConfig) -> list[str]:
         raise ConfigError(f"data.prompts: {err}") from None
     from ..models.registry import family, import_path
 
+    if family(cfg.model.kind).prompt_images:  # image-to-video: every image exists and opens, before any model loads
+        from ..prompts import load_prompt_images
+
+        try:
+            load_prompt_images(cfg.data.prompts)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"data.prompts: {err}") from None
     check = family(cfg.model.kind).prompt_check
     if check is not None:  # the family reads something from every prompt (the lab world: the digit)
         reader, bad = import_path(check), []

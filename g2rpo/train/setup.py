@@ -21,7 +21,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 from ..distributed import DistContext, shard_module
-from ..policy import TORCH_DTYPES, load_policy
+from ..policy import TORCH_DTYPES, load_policy, resolve_trained_experts
 
 __all__ = ["EXPORT_MARKER", "PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast",
            "reference_policy", "update_ema", "ema_decay_at", "export_is_current", "export_policy", "seed_of"]
@@ -41,6 +41,16 @@ def build_policy(cfg: TrainConfig, ctx: DistContext, log=print) -> PolicySetup:
     loaded = load_policy(cfg.model, log=log)
     policy = loaded.policy.to(ctx.device)
     policy.requires_grad_(False)
+    try:
+        resolve_trained_experts(cfg, policy, log=log if ctx.is_main else lambda *a, **k: None)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    from ..models.registry import family
+
+    if family(cfg.model.kind).prompt_images:  # image-to-video: each prompt's conditioning image (checked in preflight)
+        from ..prompts import load_prompt_images
+
+        policy.set_prompt_images(load_prompt_images(cfg.data.prompts))
     module = policy.transformer
     dtype = TORCH_DTYPES[cfg.model.dtype]
     policy.compute_dtype = dtype  # the same input dtypes (timestep too) in rollout and training
@@ -186,7 +196,8 @@ def export_policy(cfg: TrainConfig, ctx: DistContext, module: torch.nn.Module, e
     if ctx.is_main:
         folder = Path(folder)
         fresh = load_policy(cfg.model, log=lambda *a, **k: None).policy
-        adapter = None
+        resolve_trained_experts(cfg, fresh, log=lambda *a, **k: None)
+        adapters = {}  # pipeline component -> (LoRA state, its config)
         if cfg.lora.enabled:
             from peft import LoraConfig
             from peft.utils import get_peft_model_state_dict
@@ -195,10 +206,11 @@ def export_policy(cfg: TrainConfig, ctx: DistContext, module: torch.nn.Module, e
                                                      target_modules=list(cfg.lora.target_modules)))
         fresh.transformer.load_state_dict(full, strict=True)
         if cfg.lora.enabled:
-            adapter = (get_peft_model_state_dict(fresh.transformer),
-                       fresh.transformer.peft_config["default"].to_dict())
-            fresh.transformer.fuse_lora()
-            fresh.transformer.unload_lora()
+            for component, lora_module in fresh.lora_modules().items():
+                adapters[component] = (get_peft_model_state_dict(lora_module),
+                                       lora_module.peft_config["default"].to_dict())
+                lora_module.fuse_lora()
+                lora_module.unload_lora()
         marker = {"iteration": iteration, "ema": ema is not None, "lora_fused": cfg.lora.enabled}
 
         def write(target: Path, fill) -> None:
@@ -221,11 +233,12 @@ def export_policy(cfg: TrainConfig, ctx: DistContext, module: torch.nn.Module, e
                 shutil.copytree(rewards, tmp / "rewards")
 
         write(folder, fill_model)
-        if adapter is not None:
-            from ..models.registry import family
+        for component, adapter in adapters.items():  # Wan 2.2's transformer_2: <folder>_lora_transformer_2,
+            from ..models.registry import family  # loaded with pipe.load_lora_weights(..., load_into_transformer_2=True)
 
             pipe_cls = family(cfg.model.kind).lora_pipeline_class()
-            write(folder.with_name(folder.name + "_lora"), lambda tmp: pipe_cls.save_lora_weights(
+            suffix = "_lora" if component == "transformer" else f"_lora_{component}"
+            write(folder.with_name(folder.name + suffix), lambda tmp, adapter=adapter: pipe_cls.save_lora_weights(
                 tmp, transformer_lora_layers=adapter[0], transformer_lora_adapter_metadata=adapter[1]))
     ctx.barrier()
     return folder

@@ -1,0 +1,108 @@
+"""Wan image-to-video (diffusers' ``WanImageToVideoPipeline``: Wan 2.1 I2V / FLF2V with a CLIP image encoder, Wan 2.2
+I2V A14B with two experts) behind the engine protocol.
+
+Each prompt comes with a conditioning image and optionally a last image (:func:`g2rpo.prompts.load_prompt_images`,
+given to the policy by :meth:`WanI2VPolicy.set_prompt_images`). What the pipeline computes from them once per call
+is computed here once per prompt, with the text embeddings, and shared by the whole group:
+
+* ``condition [1, C_mask + C, F', h, w]``: the frame mask and the VAE latents of the video ``[image, zeros..,
+  (last image)]``, normalised, exactly as ``WanImageToVideoPipeline.prepare_latents`` builds them (it is called);
+* ``image_embeds [1, n, tokens, D]`` (Wan 2.1, whose transformer has ``image_dim``): the image encoder's
+  penultimate hidden states of the image (and the last image: ``n = 2``), as ``encode_image``.
+
+The transformer sees ``cat([x, condition], channels)`` and ``encoder_hidden_states_image`` (the ``n`` images of a
+row in order, as the pipeline passes them). Everything else (two experts, guidance, decoding) is
+:class:`~g2rpo.models.wan.WanPolicy`'s. Wan 2.2 TI2V-5B's image-to-video (``expand_timesteps``: the first latent
+frame replaced by the condition) is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ._vae import checked_folder
+from .wan import WanPolicy
+
+__all__ = ["WanI2VPolicy"]
+
+
+class WanI2VPolicy(WanPolicy):
+    """Wan image-to-video: :class:`WanPolicy` with each prompt's image condition."""
+
+    def __init__(self, pipe, *args, **kwargs) -> None:
+        super().__init__(pipe, *args, **kwargs)
+        if self.expand_timesteps:
+            raise ValueError("Wan 2.2 TI2V-5B image-to-video (expand_timesteps) is not supported; its text-to-video "
+                             "is (model.kind: wan)")
+        self.image_encoder = pipe.image_encoder
+        self.uses_image_embeds = pipe.transformer.config.image_dim is not None
+        if self.uses_image_embeds and pipe.image_encoder is None:
+            raise ValueError("this Wan image-to-video transformer takes image embeddings (image_dim) but the "
+                             "pipeline has no image_encoder")
+        self.prompt_images: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, **settings) -> WanI2VPolicy:
+        """Wan image-to-video from a local diffusers ``WanImageToVideoPipeline`` folder."""
+        from diffusers import WanImageToVideoPipeline
+
+        pipe = WanImageToVideoPipeline.from_pretrained(checked_folder(path, "wan_i2v"), torch_dtype=dtype)
+        pipe.vae.to(torch.float32)  # as WanPolicy: the VAE (encoding the condition too) in fp32
+        if pipe.image_encoder is not None:
+            pipe.image_encoder.to(torch.float32)
+        return cls(pipe, **settings)
+
+    def set_prompt_images(self, images: Mapping) -> None:
+        """``{prompt: ImagePrompt}``: the conditioning image (and last image) of every prompt this policy sees."""
+        images = dict(images)
+        if self.uses_image_embeds and self._pipe.transformer.config.get("pos_embed_seq_len") is None:
+            with_last = [p for p, e in images.items() if e.last_image is not None]
+            if with_last:
+                raise ValueError(f"prompt {with_last[0]!r} names a last image, which this Wan 2.1 image-to-video "
+                                 "transformer cannot take (no pos_embed_seq_len: it is not an FLF2V model); use a "
+                                 "Wan 2.1 FLF2V or Wan 2.2 I2V model, or drop last_image")
+        self.prompt_images = images
+        self._cache.clear()
+
+    def encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        out = super().encode_batch(prompts)
+        conds = [self._condition(p) for p in prompts]
+        out["condition"] = torch.cat([c for c, _ in conds])
+        if self.uses_image_embeds:
+            out["image_embeds"] = torch.cat([e for _, e in conds])
+        return out
+
+    @torch.no_grad()
+    def _condition(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from PIL import Image
+
+        entry = self.prompt_images.get(prompt)
+        if entry is None:
+            raise KeyError(f"image-to-video: no conditioning image for prompt {prompt!r} (prompt files name one per "
+                           "prompt: {\"prompt\": ..., \"image\": ...})")
+        pipe = self._pipe
+        device = self.text_device(self.vae)
+        image = Image.open(entry.image).convert("RGB")
+        last = Image.open(entry.last_image).convert("RGB") if entry.last_image is not None else None
+        embeds = None
+        if self.uses_image_embeds:
+            embeds = pipe.encode_image(image if last is None else [image, last], device).float().unsqueeze(0)
+        pre = lambda im: pipe.video_processor.preprocess(im, height=self.height, width=self.width).to(  # noqa: E731
+            device, dtype=torch.float32)
+        _, frames, h, w = self.latent_shape
+        placeholder = torch.zeros(1, *self.latent_shape, device=device)  # no noise is drawn here
+        _, condition = pipe.prepare_latents(pre(image), 1, self.latent_channels, self.height, self.width,
+                                            self.num_frames, torch.float32, device, None, placeholder,
+                                            None if last is None else pre(last))
+        return condition.float(), embeds
+
+    def model_input(self, x: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([x, cond["condition"].to(x.device, x.dtype)], dim=1)
+
+    def transformer_kwargs(self, cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.uses_image_embeds:
+            return {}
+        e = cond["image_embeds"]  # [B, n, tokens, D] -> the pipeline's [B * n, tokens, D]
+        return {"encoder_hidden_states_image": e.reshape(-1, *e.shape[2:])}
