@@ -22,6 +22,8 @@ VARIANTS = {  # name -> strategy and options (the paper's setting unless changed
     "G2RPO coarse {2,4} (g2rpo-efficient)": ("g2rpo", {"granularities": (2, 4)}),
     "G2RPO x0 scoring": ("g2rpo", {"granularities": (15,)}),
     "G2RPO subset 2 of M": ("g2rpo", {"sde_subset": 2}),
+    "G2RPO chained sources": ("g2rpo", {"chain_sources": True}),
+    "G2RPO coarse {2,4} + chained sources": ("g2rpo", {"granularities": (2, 4), "chain_sources": True}),
     "DanceGRPO": ("dance_grpo", {}),
     "MixGRPO": ("mix_grpo", {}),
 }
