@@ -166,3 +166,74 @@ def test_train_and_eval_end_to_end_on_tiny_wan22(variant, wan22_dir, ti2v_dir, t
                                                                  getattr(final, name).parameters()))
                  for name in ("transformer", "transformer_2")}
         assert moved == {"transformer": True, "transformer_2": False}  # steps 0, 1 at T=4 are high-noise steps
+
+
+def test_two_ranks_shard_both_experts_and_match_one_rank(wan22_dir, tmp_path):
+    """FSDP2 over the two-expert module (one expert trained, one frozen in the same root group): 2 ranks give one
+    rank's losses and weights, and the export holds both experts."""
+    import json
+    from pathlib import Path
+
+    from test_train import _cli
+
+    def run(out, ranks):
+        args = ["model.kind=wan", f"model.path={wan22_dir}", "model.dtype=float32", "model.height=16",
+                "model.width=16", "model.num_frames=3", "model.guidance_scale=4.0", "model.max_sequence_length=16",
+                "rewards=[{name: 'family_e2e:brightness'}]", f"data.prompts={prompts}",
+                "data.prompts_per_iteration=2", f"sampler.num_steps={T}", "sampler.sde_indices=[1, 2]",
+                "sampler.granularities=[1]", "sampler.group_size=3", "iterations=2", "checkpoint_every=1",
+                "progress=false", "tensorboard=false", f"output_dir={out}", "optim.lr=1e-3"]
+        r = _cli(args, env_extra={"PYTHONPATH": str(Path(__file__).parent)}, torchrun=ranks)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], r.stdout
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue sphere on grass\n")
+    one, log = run(tmp_path / "one", None)
+    assert "trained transformer, transformer_2" in log  # steps 1 and 2 sit on either side of the boundary
+    two, _ = run(tmp_path / "two", 2)
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    from diffusers import WanPipeline
+
+    p1 = WanPipeline.from_pretrained(tmp_path / "one" / "final", torch_dtype=torch.float32)
+    p2 = WanPipeline.from_pretrained(tmp_path / "two" / "final", torch_dtype=torch.float32)
+    for name in ("transformer", "transformer_2"):
+        worst = max((a - b).abs().max().item() for a, b in zip(getattr(p1, name).parameters(),
+                                                                getattr(p2, name).parameters()))
+        assert worst < 1e-4, (name, worst)
+
+
+def test_lora_on_both_experts_exports_an_adapter_per_expert(wan22_dir, tmp_path):
+    """LoRA on Wan 2.2's two experts: `final_lora/` (transformer) and `final_lora_transformer_2/` load with
+    WanPipeline.load_lora_weights (the second with load_into_transformer_2) and fuse to the fused export."""
+    from diffusers import WanPipeline
+
+    from g2rpo.train import main as train_main
+
+    (tmp_path / "p.txt").write_text("a red cube\na blue sphere\n")
+    out = tmp_path / "run"
+    assert train_main(["model.kind=wan", f"model.path={wan22_dir}", "model.dtype=float32", "model.height=16",
+                       "model.width=16", "model.num_frames=3", "model.guidance_scale=1.0",
+                       "model.max_sequence_length=16", "rewards=[{name: 'family_e2e:brightness'}]",
+                       f"data.prompts={tmp_path / 'p.txt'}", "data.prompts_per_iteration=2", f"sampler.num_steps={T}",
+                       "sampler.sde_indices=[1, 2]", "sampler.granularities=[1]", "sampler.group_size=3",
+                       "iterations=1", "lora.enabled=true", "lora.rank=4", "lora.alpha=8",
+                       "lora.target_modules=[to_q, to_k, to_v, to_out.0]", "optim.lr=0.05", "progress=false",
+                       "tensorboard=false", f"output_dir={out}"]) == 0
+    assert (out / "final_lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "final_lora_transformer_2" / "pytorch_lora_weights.safetensors").is_file()
+    fused = WanPipeline.from_pretrained(out / "final", torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(wan22_dir, torch_dtype=torch.float32)
+    before = {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()} for n in ("transformer",
+                                                                                            "transformer_2")}
+    pipe.load_lora_weights(out / "final_lora", adapter_name="high")
+    pipe.load_lora_weights(out / "final_lora_transformer_2", adapter_name="low", load_into_transformer_2=True)
+    pipe.fuse_lora(components=["transformer", "transformer_2"])
+    pipe.unload_lora_weights()
+    for n in ("transformer", "transformer_2"):
+        got, want = getattr(pipe, n).state_dict(), getattr(fused, n).state_dict()
+        assert any(not torch.equal(before[n][k], want[k]) for k in want), n  # training moved both experts
+        for k in want:
+            assert torch.allclose(got[k], want[k], atol=1e-5), (n, k)
