@@ -166,6 +166,10 @@ def test_train_and_eval_end_to_end_on_tiny_wan22(variant, wan22_dir, ti2v_dir, t
                                                                  getattr(final, name).parameters()))
                  for name in ("transformer", "transformer_2")}
         assert moved == {"transformer": True, "transformer_2": False}  # steps 0, 1 at T=4 are high-noise steps
+        from g2rpo.train import main as train_main
+
+        assert train_main([f"output_dir={out}", "--resume", "iterations=3"]) == 0  # the checkpoint holds both
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_two_ranks_shard_both_experts_and_match_one_rank(wan22_dir, tmp_path):
