@@ -65,6 +65,14 @@ def trained_transformer_folder(checkpoint: str | Path, iteration: int | None = N
             from None
 
 
+def eval_family(model: str | Path):
+    """The family of ``--model`` (a local folder or a Hugging Face id), read from its files alone."""
+    from .hub import resolve_path
+    from .models.registry import family_of_folder
+
+    return family_of_folder(resolve_path(model, "--model", diffusers=True))
+
+
 def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: torch.dtype, height: int | None = None,
                      width: int | None = None, guidance_scale: float | None = None, num_frames: int | None = None,
                      text_encoder_out_layers: list[int] | None = None, iteration: int | None = None,
@@ -183,16 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         settings = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale,
                         guidance_scale_2=args.guidance_scale_2,
                         num_frames=args.num_frames, text_encoder_out_layers=layers)
+        images = None
+        if eval_family(args.model).prompt_images:  # image-to-video: every image checked before any model loads
+            from .prompts import load_prompt_images
+
+            images = load_prompt_images(args.prompts)
         fam, trained = load_eval_policy(args.model, args.checkpoint, dtype, iteration=args.iteration, **settings)
         policies = {}
         if args.checkpoint is not None and not args.no_base:
             policies["base"] = load_eval_policy(args.model, None, dtype, **settings)[1]
-        if fam.prompt_images:  # image-to-video: every prompt's conditioning image, checked before generation
-            from .prompts import load_prompt_images
-
-            images = load_prompt_images(args.prompts)
-            for policy in (*policies.values(), trained):
-                policy.set_prompt_images(images)
+        for policy in (*policies.values(), trained) if images is not None else ():
+            policy.set_prompt_images(images)
         label = args.label or str(args.checkpoint or args.model)
         policies[label] = trained
         options = load_yaml(Path(args.reward_options).read_text()) if args.reward_options else {}

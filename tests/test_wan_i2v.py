@@ -86,7 +86,7 @@ def test_the_condition_is_computed_once_per_prompt_and_shared_by_the_group(folde
     assert not torch.equal(cond["condition"][0], cond["condition"][1])  # each prompt's own image
 
 
-def test_prompt_files_name_images_and_bad_ones_stop_before_any_model_loads(folders, tmp_path):
+def test_prompt_files_name_images_and_bad_ones_stop_before_any_model_loads(folders, tmp_path, monkeypatch, capsys):
     from g2rpo.train import main
 
     (tmp_path / "img").mkdir()
@@ -114,10 +114,19 @@ def test_prompt_files_name_images_and_bad_ones_stop_before_any_model_loads(folde
     (tmp_path / "dup.jsonl").write_text('{"prompt": "a", "image": "img/a.png"}\n{"prompt": "a", "image": "img/c.png"}\n')
     with pytest.raises(ValueError, match="given two different images"):
         load_prompt_images(str(tmp_path / "dup.jsonl"))
-    for name in ("missing.jsonl", "plain.txt"):  # the CLI stops on the prompts (exit 2) before the model loads
+    from g2rpo.eval import main as eval_main
+
+    loads = []
+    monkeypatch.setattr(WanI2VPolicy, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    for name in ("missing.jsonl", "plain.txt"):  # train and eval stop on the prompts (exit 2), no model loaded
         code = main(["model.kind=wan_i2v", f"model.path={folders['2.2']}", f"data.prompts={tmp_path / name}",
-                     f"output_dir={tmp_path / 'run'}", "rewards=[{name: hps, options: {checkpoint: x.pt}}]"])
+                     f"output_dir={tmp_path / 'run'}", "rewards=[{name: 'family_e2e:brightness'}]"])
         assert code == 2
+        assert ("image not found" if name == "missing.jsonl" else "a text file has no images") in capsys.readouterr().err
+        assert eval_main(["--model", str(folders["2.2"]), "--prompts", str(tmp_path / name), "--rewards", "hps",
+                          "--out", str(tmp_path / "ev")]) == 2
+        assert ("image not found" if name == "missing.jsonl" else "a text file has no images") in capsys.readouterr().err
+    assert loads == []
 
 
 @torch.no_grad()
