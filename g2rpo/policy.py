@@ -12,7 +12,7 @@ from .hub import PATH_OPTIONS, HubError, resolve_path, reward_options, with_usua
 from .rewards import FrameAggregated, RewardModel, make_reward
 from .rewards.registry import takes_prompt_file
 
-__all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths", "resolve_trained_experts"]
+__all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths", "plan_trained_experts", "resolve_trained_experts"]
 
 def check_paths(model: ModelConfig, rewards: list[RewardSpec]) -> None:
     """Before anything loads: every file the config names must exist, locally or as a Hugging Face id
@@ -79,26 +79,25 @@ def load_policy(cfg: ModelConfig, log=print) -> LoadedPolicy:
 EXPERT_ALIASES = {"high": "transformer", "low": "transformer_2"}
 
 
-def resolve_trained_experts(cfg, policy, log=print) -> tuple[str, ...]:
-    """Set and return the experts ``policy`` trains (``model.train_experts`` of a :class:`TrainConfig`): ``auto``
-    takes those that own the SDE steps the strategy can train (their sigma on the sampler's schedule). A trained
-    SDE step owned by a frozen expert is an error: no gradient could reach it. One-transformer families train it."""
+def plan_trained_experts(cfg, names: tuple[str, ...], expert_of_sigma) -> tuple[tuple[str, ...], dict[str, list[int]]]:
+    """``(trained experts, {expert: SDE steps it owns})`` for a :class:`TrainConfig` (``model.train_experts``) and a
+    model with experts ``names`` routed by ``expert_of_sigma(sigma)``: ``auto`` takes those that own the SDE steps
+    the strategy can train over the run (their sigma as the model sees it). A trained SDE step owned by a frozen
+    expert raises ValueError: no gradient could reach it. A one-transformer model trains it."""
     from .rollout.strategies import make_strategy
     from .schedule import model_timesteps, sigma_schedule
 
-    names = policy.expert_names()
     choice = EXPERT_ALIASES.get(cfg.model.train_experts, cfg.model.train_experts)
     if len(names) == 1:
         if choice not in ("auto", "both", names[0]):
             raise ValueError(f"model.train_experts={cfg.model.train_experts}: this model has one transformer")
-        policy.set_trained_experts(names)
-        return names
+        return names, {}
     s = cfg.sampler
     strategy = make_strategy(s.strategy, **s.strategy_options())
     steps = sorted({e for it in range(cfg.iterations) for e in strategy.sde_steps(it)})
     sig = sigma_schedule(s.num_steps, s.shift, s.schedule_precision)
     seen = model_timesteps(sig, s.quantize_timesteps)  # the noise level the model is given (and routed by)
-    owner = {e: policy.expert_of_sigma(float(seen[e])) for e in steps}
+    owner = {e: expert_of_sigma(float(seen[e])) for e in steps}
     trained = (tuple(n for n in names if n in owner.values()) if choice == "auto"
                else names if choice == "both" else (choice,))
     frozen = {e: o for e, o in owner.items() if o not in trained}
@@ -107,10 +106,17 @@ def resolve_trained_experts(cfg, policy, log=print) -> tuple[str, ...]:
                          f"{', '.join(f'{float(sig[e]):.3f}' for e in sorted(frozen))}) are predicted by the frozen "
                          f"{', '.join(sorted(set(frozen.values())))}; train it too (auto or both) or keep sampler."
                          f"sde_indices on {', '.join(trained)}")
+    return trained, {n: [e for e in steps if owner[e] == n] for n in names}
+
+
+def resolve_trained_experts(cfg, policy, log=print) -> tuple[str, ...]:
+    """Set and return the experts ``policy`` trains (:func:`plan_trained_experts`); logs which, and the SDE steps
+    each owns, for a model with several."""
+    names = policy.expert_names()
+    trained, by = plan_trained_experts(cfg, names, policy.expert_of_sigma)
     policy.set_trained_experts(trained)
-    by = {n: [e for e in steps if owner[e] == n] for n in names}
-    log(f"Wan 2.2 experts: trained {', '.join(trained)}; SDE steps by expert: "
-        + "; ".join(f"{n} {by[n]}" for n in names))
+    if len(names) > 1:
+        log(f"experts: trained {', '.join(trained)}; SDE steps by expert: " + "; ".join(f"{n} {by[n]}" for n in names))
     return trained
 
 

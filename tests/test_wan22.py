@@ -248,3 +248,25 @@ def test_lora_on_both_experts_exports_an_adapter_per_expert(wan22_dir, tmp_path)
         assert any(not torch.equal(before[n][k], want[k]) for k in want), n  # training moved both experts
         for k in want:
             assert torch.allclose(got[k], want[k], atol=1e-5), (n, k)
+
+
+def test_a_frozen_expert_owning_a_trained_step_stops_before_any_model_loads(wan22_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    from g2rpo.models.wan import WanPolicy, experts_of_folder
+    from g2rpo.train import main
+
+    names, route = experts_of_folder(wan22_dir)  # read from the folder's files: routes as the loaded policy does
+    policy = load_policy("wan", wan22_dir, dtype=torch.float32, **SIZE)
+    sigmas = [1.0, 0.9375, 0.876, 0.875, 0.8749, 0.5, 0.0]
+    assert [route(s) for s in sigmas] == [policy.expert_of_sigma(s) for s in sigmas]
+    assert route(0.8749, True) == "transformer" and route(0.8749) == "transformer_2"  # integer timesteps round
+    loads = []
+    monkeypatch.setattr(WanPolicy, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    code = main(["model.kind=wan", f"model.path={wan22_dir}", "model.train_experts=low", f"data.prompts={prompts}",
+                 f"sampler.num_steps={T}", "sampler.sde_indices=[1, 2]", "sampler.granularities=[1]",
+                 "rewards=[{name: 'family_e2e:brightness'}]", f"output_dir={tmp_path / 'run'}"])
+    assert code == 2 and loads == []
+    assert "the SDE steps [1]" in capsys.readouterr().err
+    assert experts_of_folder(tmp_path) is None  # not a diffusers folder: nothing to read

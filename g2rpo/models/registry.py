@@ -61,6 +61,9 @@ class ModelFamily:
     # ``pipeline``; the lab world's transformer is a Flux one)
     held_out_eval: str | None = None  # "module:function"(policy, folder, steps=) -> {metric: value}, run by the
     # trainer's CLI on the base and the trained policy
+    # "module:function"(folder) -> (expert names, route(sigma, integer_timesteps) -> name) or None: a folder holding
+    # several experts split by noise level, read from its files before any model loads (Wan 2.2 A14B)
+    experts_of_folder: str | None = None
     prompt_images: bool = False  # every prompt names a conditioning image (image-to-video): the prompt file is read
     # with g2rpo.prompts.load_prompt_images and given to the policy's set_prompt_images
 
@@ -106,13 +109,14 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
                 FamilyDefaults(480, 832, steps=50, eval_steps=50, guidance_scale=5.0, max_sequence_length=512,
                                num_frames=81),
                 "diffusers:WanPipeline", ("WanPipeline",), options=("num_frames", "guidance_scale_2", "train_experts"),
-                guidance_note="classifier-free guidance"),
+                guidance_note="classifier-free guidance", experts_of_folder="g2rpo.models.wan:experts_of_folder"),
     ModelFamily("wan_i2v", "Wan image-to-video", "g2rpo.models.wan_i2v:WanI2VPolicy", _DIFFUSERS,
                 FamilyDefaults(480, 832, steps=50, eval_steps=50, guidance_scale=5.0, max_sequence_length=512,
                                num_frames=81),
                 "diffusers:WanImageToVideoPipeline", ("WanImageToVideoPipeline",),
                 options=("num_frames", "guidance_scale_2", "train_experts"),
-                guidance_note="classifier-free guidance", prompt_images=True),
+                guidance_note="classifier-free guidance", prompt_images=True,
+                experts_of_folder="g2rpo.models.wan:experts_of_folder"),
 )}
 #: The family of the embedded default config (the CPU lab world).
 DEFAULT_FAMILY = "lab"

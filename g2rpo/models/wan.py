@@ -21,17 +21,48 @@ one(s), the other stays frozen. Wan 2.2 TI2V-5B (``expand_timesteps``): the time
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from ._vae import checked_folder, decode_in_chunks, latent_stats
 from .base import PolicyAdapter
 
-__all__ = ["EXPERTS", "WanExperts", "WanPolicy", "load_wan_policy"]
+__all__ = ["EXPERTS", "WanExperts", "WanPolicy", "expert_for", "experts_of_folder", "load_wan_policy"]
 
 #: Wan 2.2 A14B's experts by their pipeline component names: high noise, low noise.
 EXPERTS = ("transformer", "transformer_2")
+
+
+def expert_for(sigma: float, boundary: float, integer_timesteps: bool = False) -> str:
+    """The expert ``WanPipeline`` runs at noise level ``sigma``: ``transformer`` when the timestep (``1000 sigma``
+    in fp32, rounded when the model is fed integers) is ``>= boundary``, else ``transformer_2``."""
+    t = float(torch.tensor(float(sigma), dtype=torch.float32) * 1000.0)
+    if integer_timesteps:
+        t = float(round(t))
+    return EXPERTS[0] if t >= boundary else EXPERTS[1]
+
+
+def experts_of_folder(folder) -> tuple[tuple[str, ...], Callable[[float, bool], str]] | None:
+    """From a diffusers Wan folder's files alone (before any model loads): ``(EXPERTS, route(sigma,
+    integer_timesteps))`` when it holds two experts split at ``boundary_ratio x num_train_timesteps``, else None."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    second = index.get("transformer_2")
+    if index.get("boundary_ratio") is None or not isinstance(second, list) or second[0] is None:
+        return None
+    try:
+        steps = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("num_train_timesteps", 1000)
+    except (OSError, ValueError):
+        steps = 1000  # FlowMatchEulerDiscreteScheduler's default
+    boundary = float(index["boundary_ratio"]) * steps
+    return EXPERTS, lambda sigma, integer=False: expert_for(sigma, boundary, integer)
 
 
 class WanExperts(torch.nn.Module):
@@ -141,10 +172,7 @@ class WanPolicy(PolicyAdapter):
         """As ``WanPipeline``: ``transformer`` at timesteps ``1000 sigma >= boundary``, else ``transformer_2``."""
         if self.experts is None:
             return "transformer"
-        t = float(torch.tensor(float(sigma), dtype=torch.float32) * 1000.0)
-        if self.integer_timesteps:
-            t = float(round(t))
-        return EXPERTS[0] if t >= self.experts.boundary else EXPERTS[1]
+        return expert_for(sigma, self.experts.boundary, self.integer_timesteps)
 
     def set_trained_experts(self, names: Sequence[str]) -> None:
         names = tuple(dict.fromkeys(names))

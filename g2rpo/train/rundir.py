@@ -75,7 +75,18 @@ def preflight(cfg: TrainConfig) -> list[str]:
         raise ConfigError(f"data.prompts: {err}") from None
     from ..models.registry import family, import_path
 
-    if family(cfg.model.kind).prompt_images:  # image-to-video: every image exists and opens, before any model loads
+    fam = family(cfg.model.kind)
+    if fam.experts_of_folder is not None and cfg.model.path and Path(cfg.model.path).is_dir():
+        split = import_path(fam.experts_of_folder)(cfg.model.path)  # several experts: which ones train, from files
+        if split is not None:
+            from ..policy import plan_trained_experts
+
+            names, route = split
+            try:
+                plan_trained_experts(cfg, names, lambda sigma: route(sigma, cfg.sampler.quantize_timesteps))
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+    if fam.prompt_images:  # image-to-video: every image exists and opens, before any model loads
         from ..prompts import load_prompt_images
 
         try:
