@@ -32,7 +32,7 @@ def _image(path, seed):
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan_i2v")
     out = {}
-    for variant in ("2.1", "2.2"):
+    for variant in ("2.1", "flf2v", "2.2"):
         tiny_wan_i2v_pipeline(seed=0, variant=variant).save_pretrained(root / variant)
         out[variant] = root / variant
     out["first"], out["last"] = _image(root / "first.png", 0), _image(root / "last.png", 1)
@@ -57,11 +57,11 @@ def _pipeline_latents(folder, noise, image, last=None, **call):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("variant, guidance, last", [("2.1", 1.0, False), ("2.1", 4.0, False),
+@pytest.mark.parametrize("variant, guidance, last", [("2.1", 1.0, False), ("2.1", 4.0, False), ("flf2v", 4.0, True),
                                                      ("2.2", 4.0, False), ("2.2", 4.0, True), ("2.2", 1.0, True)])
 def test_wan_i2v_ode_equals_the_image_to_video_pipeline(folders, variant, guidance, last):
     policy = load_policy("wan_i2v", folders[variant], dtype=torch.float32, guidance_scale=guidance, **SIZE)
-    assert isinstance(policy, WanI2VPolicy) and policy.uses_image_embeds == (variant == "2.1")
+    assert isinstance(policy, WanI2VPolicy) and policy.uses_image_embeds == (variant != "2.2")
     last_image = folders["last"] if last else None
     policy.set_prompt_images({PROMPT: ImagePrompt(folders["first"], last_image)})
     noise = policy.prepare_latents(1, torch.Generator().manual_seed(0))
@@ -168,3 +168,12 @@ def test_train_and_eval_end_to_end_on_tiny_wan_i2v(variant, folders, tmp_path, t
                                   ["--height", "16", "--width", "16", "--num-frames", "5"], frames="min",
                                   train_args=[rewards], prompts=prompts)
     assert all(np.isfinite(m["reward/first_frame"]) for m in metrics)
+
+
+def test_a_last_image_needs_a_model_that_takes_one(folders):
+    policy = load_policy("wan_i2v", folders["2.1"], dtype=torch.float32, guidance_scale=1.0, **SIZE)
+    with pytest.raises(ValueError, match="not an FLF2V model"):
+        policy.set_prompt_images({PROMPT: ImagePrompt(folders["first"], folders["last"])})
+    flf2v = load_policy("wan_i2v", folders["flf2v"], dtype=torch.float32, guidance_scale=1.0, **SIZE)
+    flf2v.set_prompt_images({PROMPT: ImagePrompt(folders["first"], folders["last"])})
+    assert flf2v.encode_prompts([PROMPT])["image_embeds"].shape[:2] == (1, 2)  # both images, one row

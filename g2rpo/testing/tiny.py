@@ -107,12 +107,13 @@ def tiny_sd3_pipeline(seed: int = 0):
         text_encoder_3=_t5(tok3, seed=seed), tokenizer_3=tok3, transformer=transformer)
 
 
-def _tiny_wan_transformer(in_channels: int = 4, image_dim: int | None = None):
+def _tiny_wan_transformer(in_channels: int = 4, image_dim: int | None = None, pos_embed_seq_len: int | None = None):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
                                  in_channels=in_channels, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32,
-                                 num_layers=1, rope_max_seq_len=32, image_dim=image_dim)
+                                 num_layers=1, rope_max_seq_len=32, image_dim=image_dim,
+                                 pos_embed_seq_len=pos_embed_seq_len)
 
 
 def _tiny_wan_vae(temporal: bool = False):
@@ -160,26 +161,28 @@ def tiny_wan_i2v_pipeline(seed: int = 0, variant: str = "2.1"):
     videos of 1 + 4k frames), its transformer taking the latents, the frame mask (4 channels: the temporal factor)
     and the image latents (4 + 4 + 4 channels).
     ``variant``: ``"2.1"`` (Wan 2.1 I2V: a tiny CLIP vision image encoder whose penultimate states the transformer
-    takes, ``image_dim`` 32) or ``"2.2"`` (Wan 2.2 I2V A14B: no image encoder, a ``transformer_2`` and
-    ``boundary_ratio`` 0.9)."""
+    takes, ``image_dim`` 32), ``"flf2v"`` (Wan 2.1 FLF2V: the same with the first and last images' 2 x 17 tokens
+    position-embedded, ``pos_embed_seq_len`` 34) or ``"2.2"`` (Wan 2.2 I2V A14B: no image encoder, a
+    ``transformer_2`` and ``boundary_ratio`` 0.9)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-    if variant not in ("2.1", "2.2"):
-        raise ValueError(f"variant must be 2.1 or 2.2, got {variant!r}")
+    if variant not in ("2.1", "flf2v", "2.2"):
+        raise ValueError(f"variant must be 2.1, flf2v or 2.2, got {variant!r}")
     tok = tiny_t5_tokenizer()
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=1,
                                                num_heads=4, relative_attention_num_buckets=8))
     vae = _tiny_wan_vae(temporal=True)
     parts: dict = {}
-    if variant == "2.1":
+    if variant in ("2.1", "flf2v"):
         parts["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=37,
                                                                   num_hidden_layers=2, num_attention_heads=4,
                                                                   image_size=32, patch_size=8))
         parts["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32,
                                                                                               "width": 32})
-        parts["transformer"] = _tiny_wan_transformer(in_channels=12, image_dim=32)
+        parts["transformer"] = _tiny_wan_transformer(in_channels=12, image_dim=32,
+                                                     pos_embed_seq_len=34 if variant == "flf2v" else None)
     else:
         parts.update(transformer=_tiny_wan_transformer(in_channels=12),
                      transformer_2=_tiny_wan_transformer(in_channels=12), boundary_ratio=0.9)
