@@ -21,7 +21,8 @@ _LAZY = {
     "Flux2Policy": ".flux2", "load_flux2_policy": ".flux2",
     "QwenImagePolicy": ".qwen_image", "load_qwen_image_policy": ".qwen_image",
     "SD3Policy": ".sd3", "load_sd3_policy": ".sd3",
-    "WanPolicy": ".wan", "load_wan_policy": ".wan",
+    "WanPolicy": ".wan", "WanExperts": ".wan", "load_wan_policy": ".wan",
+    "WanI2VPolicy": ".wan_i2v",
 }
 
 __all__ = ["FAMILIES", "ModelFamily", "family", "family_of_folder", "family_of_pipeline", "load_family", "load_policy",
