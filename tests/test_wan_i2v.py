@@ -32,7 +32,7 @@ def _image(path, seed):
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan_i2v")
     out = {}
-    for variant in ("2.1", "flf2v", "2.2"):
+    for variant in ("2.1", "flf2v", "2.2", "ti2v"):
         tiny_wan_i2v_pipeline(seed=0, variant=variant).save_pretrained(root / variant)
         out[variant] = root / variant
     out["first"], out["last"] = _image(root / "first.png", 0), _image(root / "last.png", 1)
@@ -58,17 +58,23 @@ def _pipeline_latents(folder, noise, image, last=None, **call):
 
 @torch.no_grad()
 @pytest.mark.parametrize("variant, guidance, last", [("2.1", 1.0, False), ("2.1", 4.0, False), ("flf2v", 4.0, True),
-                                                     ("2.2", 4.0, False), ("2.2", 4.0, True), ("2.2", 1.0, True)])
+                                                     ("2.2", 4.0, False), ("2.2", 4.0, True), ("2.2", 1.0, True),
+                                                     ("ti2v", 1.0, False), ("ti2v", 4.0, False)])
 def test_wan_i2v_ode_equals_the_image_to_video_pipeline(folders, variant, guidance, last):
     policy = load_policy("wan_i2v", folders[variant], dtype=torch.float32, guidance_scale=guidance, **SIZE)
-    assert isinstance(policy, WanI2VPolicy) and policy.uses_image_embeds == (variant != "2.2")
+    assert isinstance(policy, WanI2VPolicy) and policy.uses_image_embeds == (variant in ("2.1", "flf2v"))
     last_image = folders["last"] if last else None
     policy.set_prompt_images({PROMPT: ImagePrompt(folders["first"], last_image)})
     noise = policy.prepare_latents(1, torch.Generator().manual_seed(0))
     ref = _pipeline_latents(folders[variant], noise, folders["first"], last_image, guidance_scale=guidance)
     assert torch.allclose(_ode(policy, noise), ref, atol=2e-5, rtol=1e-5)
     cond = policy.encode_prompts([PROMPT])["condition"]
-    policy.model_input = lambda x, c: torch.cat([x, torch.zeros_like(cond).expand(x.shape[0], *cond.shape[1:])], 1)
+    if variant == "ti2v":  # the image frame is the condition's, its tokens at timestep 0
+        assert torch.allclose(ref[:, :, :1], cond, atol=1e-6)
+        policy.model_input = lambda x, c: x
+    else:
+        policy.model_input = lambda x, c: torch.cat([x, torch.zeros_like(cond).expand(x.shape[0], *cond.shape[1:])],
+                                                    1)
     assert not torch.allclose(_ode(policy, noise), ref, atol=1e-3)  # without the image condition: no match
 
 
@@ -151,13 +157,13 @@ def test_first_frame_reward_is_the_clip_similarity_to_the_conditioning_image(fol
         reward.score(videos[:1], ["unknown"])
 
 
-@pytest.mark.parametrize("variant", ["2.1", "2.2"])
+@pytest.mark.parametrize("variant", ["2.1", "2.2", "ti2v"])
 def test_train_and_eval_end_to_end_on_tiny_wan_i2v(variant, folders, tmp_path, tiny_open_clip):
     name, state = tiny_open_clip
     ckpt = tmp_path / "clip.pt"
     torch.save({"state_dict": state}, ckpt)
     prompts = tmp_path / "p.jsonl"
-    last = {"last_image": str(folders["first"])} if variant == "2.2" else {}  # Wan 2.1 I2V takes no last image
+    last = {"last_image": str(folders["first"])} if variant == "2.2" else {}  # Wan 2.1 I2V, TI2V: no last image
     prompts.write_text(json.dumps({"prompt": "a red cube", "image": str(folders["first"])}) + "\n"
                        + json.dumps({"prompt": "a blue sphere on grass", "image": str(folders["last"]), **last}) + "\n")
     rewards = (f"rewards=[{{name: hps, options: {{checkpoint: {ckpt}, model_name: {name}}}, frames: min}}, "
@@ -174,6 +180,9 @@ def test_a_last_image_needs_a_model_that_takes_one(folders):
     policy = load_policy("wan_i2v", folders["2.1"], dtype=torch.float32, guidance_scale=1.0, **SIZE)
     with pytest.raises(ValueError, match="not an FLF2V model"):
         policy.set_prompt_images({PROMPT: ImagePrompt(folders["first"], folders["last"])})
+    ti2v = load_policy("wan_i2v", folders["ti2v"], dtype=torch.float32, guidance_scale=1.0, **SIZE)
+    with pytest.raises(ValueError, match="TI2V-5B .* does not take"):
+        ti2v.set_prompt_images({PROMPT: ImagePrompt(folders["first"], folders["last"])})
     flf2v = load_policy("wan_i2v", folders["flf2v"], dtype=torch.float32, guidance_scale=1.0, **SIZE)
     flf2v.set_prompt_images({PROMPT: ImagePrompt(folders["first"], folders["last"])})
     assert flf2v.encode_prompts([PROMPT])["image_embeds"].shape[:2] == (1, 2)  # both images, one row

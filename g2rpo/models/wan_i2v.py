@@ -1,5 +1,5 @@
 """Wan image-to-video (diffusers' ``WanImageToVideoPipeline``: Wan 2.1 I2V / FLF2V with a CLIP image encoder, Wan 2.2
-I2V A14B with two experts) behind the engine protocol.
+I2V A14B with two experts, Wan 2.2 TI2V-5B) behind the engine protocol.
 
 Each prompt comes with a conditioning image and optionally a last image (:func:`g2rpo.prompts.load_prompt_images`,
 given to the policy by :meth:`WanI2VPolicy.set_prompt_images`). What the pipeline computes from them once per call
@@ -12,8 +12,14 @@ is computed here once per prompt, with the text embeddings, and shared by the wh
 
 The transformer sees ``cat([x, condition], channels)`` and ``encoder_hidden_states_image`` (the ``n`` images of a
 row in order, as the pipeline passes them). Everything else (two experts, guidance, decoding) is
-:class:`~g2rpo.models.wan.WanPolicy`'s. Wan 2.2 TI2V-5B's image-to-video (``expand_timesteps``: the first latent
-frame replaced by the condition) is refused.
+:class:`~g2rpo.models.wan.WanPolicy`'s.
+
+Wan 2.2 TI2V-5B (``expand_timesteps``): ``condition [1, C, 1, h, w]`` is the image's latent frame; the transformer
+sees the latents with their first frame replaced by it, and timestep 0 on that frame's tokens, as the pipeline. The
+pipeline also replaces the first latent frame of its result by the condition; here the velocity of that frame is the
+straight line to the condition, ``(x - condition) / sigma``, so every ODE or SDE path ends on it at sigma 0 (exactly
+on the ODE; under ``sampler.quantize_timesteps`` the model's sigma is the quantised one and the end point is off by
+that rounding). That frame's velocity does not depend on the weights, so it adds nothing to the policy ratio.
 """
 
 from __future__ import annotations
@@ -33,9 +39,6 @@ class WanI2VPolicy(WanPolicy):
 
     def __init__(self, pipe, *args, **kwargs) -> None:
         super().__init__(pipe, *args, **kwargs)
-        if self.expand_timesteps:
-            raise ValueError("Wan 2.2 TI2V-5B image-to-video (expand_timesteps) is not supported; its text-to-video "
-                             "is (model.kind: wan)")
         self.image_encoder = pipe.image_encoder
         self.uses_image_embeds = pipe.transformer.config.image_dim is not None
         if self.uses_image_embeds and pipe.image_encoder is None:
@@ -57,6 +60,10 @@ class WanI2VPolicy(WanPolicy):
     def set_prompt_images(self, images: Mapping) -> None:
         """``{prompt: ImagePrompt}``: the conditioning image (and last image) of every prompt this policy sees."""
         images = dict(images)
+        with_last = [p for p, e in images.items() if e.last_image is not None]
+        if self.expand_timesteps and with_last:  # the pipeline would ignore it (its condition is the image alone)
+            raise ValueError(f"prompt {with_last[0]!r} names a last image, which Wan 2.2 TI2V-5B (expand_timesteps) "
+                             "does not take; drop last_image")
         if self.uses_image_embeds and self._pipe.transformer.config.get("pos_embed_seq_len") is None:
             with_last = [p for p, e in images.items() if e.last_image is not None]
             if with_last:
@@ -91,15 +98,38 @@ class WanI2VPolicy(WanPolicy):
             embeds = pipe.encode_image(image if last is None else [image, last], device).float().unsqueeze(0)
         pre = lambda im: pipe.video_processor.preprocess(im, height=self.height, width=self.width).to(  # noqa: E731
             device, dtype=torch.float32)
-        _, frames, h, w = self.latent_shape
         placeholder = torch.zeros(1, *self.latent_shape, device=device)  # no noise is drawn here
-        _, condition = pipe.prepare_latents(pre(image), 1, self.latent_channels, self.height, self.width,
-                                            self.num_frames, torch.float32, device, None, placeholder,
-                                            None if last is None else pre(last))
-        return condition.float(), embeds
+        out = pipe.prepare_latents(pre(image), 1, self.latent_channels, self.height, self.width, self.num_frames,
+                                   torch.float32, device, None, placeholder, None if last is None else pre(last))
+        return out[1].float(), embeds  # (latents, condition[, first_frame_mask]): the condition
+
+    def _frame_mask(self, like: torch.Tensor) -> torch.Tensor:
+        """``expand_timesteps``: 0 on the first latent frame, 1 elsewhere, ``[1, 1, F', h, w]``."""
+        _, f, h, w = self.latent_shape
+        mask = torch.ones(1, 1, f, h, w, device=like.device, dtype=like.dtype)
+        mask[:, :, 0] = 0
+        return mask
+
+    def model_timestep(self, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if not self.expand_timesteps:
+            return t
+        tokens = self._frame_mask(t)[0, 0][:, ::2, ::2].flatten()  # timestep 0 on the image frame's tokens
+        return t[:, None] * tokens[None]
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        v = super().forward(x, sigma, cond)
+        if not self.expand_timesteps:
+            return v
+        first = (x[:, :, :1].float() - cond["condition"].to(x.device, torch.float32)) / sigma.float().to(
+            x.device).view(-1, 1, 1, 1, 1)  # the straight line to the image frame
+        return torch.cat([first, v[:, :, 1:]], dim=2)
 
     def model_input(self, x: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([x, cond["condition"].to(x.device, x.dtype)], dim=1)
+        c = cond["condition"].to(x.device, x.dtype)
+        if self.expand_timesteps:  # the first latent frame replaced by the image's
+            m = self._frame_mask(x)
+            return (1 - m) * c + m * x
+        return torch.cat([x, c], dim=1)
 
     def transformer_kwargs(self, cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.uses_image_embeds:

@@ -162,13 +162,14 @@ def tiny_wan_i2v_pipeline(seed: int = 0, variant: str = "2.1"):
     and the image latents (4 + 4 + 4 channels).
     ``variant``: ``"2.1"`` (Wan 2.1 I2V: a tiny CLIP vision image encoder whose penultimate states the transformer
     takes, ``image_dim`` 32), ``"flf2v"`` (Wan 2.1 FLF2V: the same with the first and last images' 2 x 17 tokens
-    position-embedded, ``pos_embed_seq_len`` 34) or ``"2.2"`` (Wan 2.2 I2V A14B: no image encoder, a
-    ``transformer_2`` and ``boundary_ratio`` 0.9)."""
+    position-embedded, ``pos_embed_seq_len`` 34), ``"2.2"`` (Wan 2.2 I2V A14B: no image encoder, a
+    ``transformer_2`` and ``boundary_ratio`` 0.9) or ``"ti2v"`` (Wan 2.2 TI2V-5B's image-to-video:
+    ``expand_timesteps``, the transformer taking the latents alone, 4 channels)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-    if variant not in ("2.1", "flf2v", "2.2"):
-        raise ValueError(f"variant must be 2.1, flf2v or 2.2, got {variant!r}")
+    if variant not in ("2.1", "flf2v", "2.2", "ti2v"):
+        raise ValueError(f"variant must be 2.1, flf2v, 2.2 or ti2v, got {variant!r}")
     tok = tiny_t5_tokenizer()
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=1,
@@ -183,9 +184,11 @@ def tiny_wan_i2v_pipeline(seed: int = 0, variant: str = "2.1"):
                                                                                               "width": 32})
         parts["transformer"] = _tiny_wan_transformer(in_channels=12, image_dim=32,
                                                      pos_embed_seq_len=34 if variant == "flf2v" else None)
-    else:
+    elif variant == "2.2":
         parts.update(transformer=_tiny_wan_transformer(in_channels=12),
                      transformer_2=_tiny_wan_transformer(in_channels=12), boundary_ratio=0.9)
+    else:
+        parts.update(transformer=_tiny_wan_transformer(in_channels=4), expand_timesteps=True)
     return WanImageToVideoPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae,
                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **parts)
 
