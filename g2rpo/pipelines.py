@@ -66,10 +66,13 @@ def rollout(pipe, prompts: Sequence[str], strategy: str = "g2rpo", *, num_steps:
             eta: float | None = None, sde_indices: Sequence[int] = tuple(range(8)),
             granularities: Sequence[int] = (1, 2, 3), max_batch: int = 64, seed: int = 0, decode: bool = True,
             height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
-            max_sequence_length: int | None = None, shift: float = 3.0, **strategy_options) -> PipelineRollout:
+            max_sequence_length: int | None = None, shift: float = 3.0, images: Sequence | None = None,
+            num_frames: int | None = None, **strategy_options) -> PipelineRollout:
     """One rollout of ``prompts`` on a diffusers pipeline with any strategy (``g2rpo``, ``g2rpo_no_mgai``,
     ``dance_grpo``, ``flow_grpo``, ``mix_grpo``). Per-prompt generators seeded from ``seed`` make a
-    prompt's samples independent of the other prompts in the call."""
+    prompt's samples independent of the other prompts in the call. An image-to-video pipeline
+    (WanImageToVideoPipeline) takes ``images``: one per prompt, an image path or a ``(path, last image path)``;
+    video pipelines take ``num_frames`` (None: the family's)."""
     if isinstance(prompts, str):
         raise ValueError(f"prompts must be a list of strings, got one string {prompts!r}: pass [{prompts!r}]")
     prompts = list(prompts)
@@ -80,7 +83,14 @@ def rollout(pipe, prompts: Sequence[str], strategy: str = "g2rpo", *, num_steps:
     for name, value in (("height", height), ("width", width)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an int >= 1 (or None: the pipeline's own), got {value!r}")
-    policy = policy_for(pipe, height, width, guidance_scale, max_sequence_length)
+    if num_frames is not None:
+        from .models.registry import family_of_pipeline
+
+        if "num_frames" not in family_of_pipeline(pipe).options:
+            raise ValueError(f"num_frames: {type(pipe).__name__} makes images, not videos")
+    policy = policy_for(pipe, height, width, guidance_scale, max_sequence_length,
+                        **({} if num_frames is None else {"num_frames": num_frames}))
+    _set_images(pipe, policy, prompts, images)
     device = next(policy.transformer.parameters()).device
     sampler = G2RPOSampler(policy, num_steps=num_steps, shift=shift, eta=eta, sde_indices=sde_indices,
                            granularities=granularities, group_size=group_size, max_batch=max_batch, strategy=strategy,
@@ -93,6 +103,32 @@ def rollout(pipe, prompts: Sequence[str], strategy: str = "g2rpo", *, num_steps:
         ro = sampler.rollout(noise, cond, generator=sde_gens)
         images = policy.decode(ro.flat_finals()) if decode else None
     return PipelineRollout(images, ro, cond, policy, sampler, prompts)
+
+
+def _set_images(pipe, policy, prompts: list[str], images: Sequence | None) -> None:
+    """Give an image-to-video policy its prompts' images (checked as a prompt file's); refuse them elsewhere."""
+    from pathlib import Path
+
+    from .models.registry import family_of_pipeline
+    from .prompts import ImagePrompt, check_image
+
+    needs = family_of_pipeline(pipe).prompt_images
+    if not needs:
+        if images is not None:
+            raise ValueError(f"images: {type(pipe).__name__} is not an image-to-video pipeline")
+        return
+    if images is None or isinstance(images, (str, Path)) or len(images) != len(prompts):
+        raise ValueError(f"{type(pipe).__name__} needs images: one per prompt ({len(prompts)}), an image path "
+                         "or a (path, last image path) pair")
+    entries = {}
+    for i, (p, item) in enumerate(zip(prompts, images)):
+        first, last = (item, None) if isinstance(item, (str, Path)) else tuple(item)
+        entry = ImagePrompt(check_image(Path(first), f"images[{i}]"),
+                            None if last is None else check_image(Path(last), f"images[{i}]"))
+        if entries.get(p, entry) != entry:
+            raise ValueError(f"images[{i}]: prompt {p!r} is given two different images")
+        entries[p] = entry
+    policy.set_prompt_images(entries)
 
 
 def unit_log_probs(policy, ro: Rollout, unit: TrainingUnit, cond: Any, *, quantize_timesteps: bool = False,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BUILTIN_PROMPTS", "ImagePrompt", "builtin_prompt_path", "load_prompt_images", "load_prompts",
+__all__ = ["BUILTIN_PROMPTS", "ImagePrompt", "builtin_prompt_path", "check_image", "load_prompt_images", "load_prompts",
            "PromptSchedule"]
 
 #: The built-in prompt sets (``builtin:NAME``): text files shipped in ``g2rpo/data/prompts/``.
@@ -101,7 +101,7 @@ class ImagePrompt:
     last_image: Path | None = None
 
 
-def _check_image(path: Path, where: str) -> Path:
+def check_image(path: Path, where: str) -> Path:
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
@@ -128,9 +128,9 @@ def load_prompt_images(spec: str) -> dict[str, ImagePrompt]:
         prompt = _from_item(item, where).strip()
         if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not item["image"].strip():
             raise ValueError(f"{where}: image-to-video prompts need an 'image' field (a path), got {item!r}")
-        image = _check_image(path.parent / item["image"].strip(), where)
+        image = check_image(path.parent / item["image"].strip(), where)
         last = item.get("last_image")
-        last = _check_image(path.parent / last.strip(), where) if isinstance(last, str) and last.strip() else None
+        last = check_image(path.parent / last.strip(), where) if isinstance(last, str) and last.strip() else None
         entry = ImagePrompt(image, last)
         if out.get(prompt, entry) != entry:
             raise ValueError(f"{where}: prompt {prompt!r} is given two different images ({out[prompt].image} and "

@@ -186,3 +186,28 @@ def test_a_last_image_needs_a_model_that_takes_one(folders):
     flf2v = load_policy("wan_i2v", folders["flf2v"], dtype=torch.float32, guidance_scale=1.0, **SIZE)
     flf2v.set_prompt_images({PROMPT: ImagePrompt(folders["first"], folders["last"])})
     assert flf2v.encode_prompts([PROMPT])["image_embeds"].shape[:2] == (1, 2)  # both images, one row
+
+
+@torch.no_grad()
+def test_the_drop_in_rollout_takes_an_image_per_prompt(folders):
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    from g2rpo.pipelines import rollout
+    from g2rpo.testing.tiny import tiny_wan_pipeline
+
+    pipe = WanImageToVideoPipeline.from_pretrained(folders["2.2"], torch_dtype=torch.float32)
+    kw = dict(num_steps=4, group_size=2, sde_indices=[0], granularities=(1,), height=16, width=16,
+              max_sequence_length=16, num_frames=5)
+    out = rollout(pipe, ["a", "b"], images=[folders["first"], (folders["last"], folders["first"])], **kw)
+    assert out.images.shape == (2 * 2, 3, 5, 16, 16)
+    with pytest.raises(ValueError, match="needs images: one per prompt"):
+        rollout(pipe, ["a", "b"], images=[folders["first"]], **kw)
+    with pytest.raises(FileNotFoundError, match=r"images\[0\]: image not found"):
+        rollout(pipe, ["a"], images=["nope.png"], **kw)
+    with pytest.raises(ValueError, match="not an image-to-video pipeline"):
+        rollout(tiny_wan_pipeline(), ["a"], images=[folders["first"]], **kw)
+    from g2rpo.testing.tiny import tiny_flux_pipeline
+
+    with pytest.raises(ValueError, match="makes images, not videos"):
+        rollout(tiny_flux_pipeline(), ["a"], num_frames=5, num_steps=4, group_size=2)
+    assert isinstance(tiny_wan_pipeline(), WanPipeline)
