@@ -58,7 +58,7 @@ class Trainer:
         if cfg.data.prompts_per_iteration % self.ctx.world:
             raise ConfigError(f"data.prompts_per_iteration ({cfg.data.prompts_per_iteration}) must be divisible "
                               f"by the number of ranks ({self.ctx.world})")
-        prompts = preflight(cfg)
+        prompts, prompt_images = preflight(cfg)
         if cfg.sampler.group_size == 2:
             msg = ("sampler.group_size=2: a group of two standardises to advantages of +-0.707 whatever the rewards "
                    "(a sign-only signal); use 4 or more for a graded one")
@@ -81,7 +81,7 @@ class Trainer:
         self.changes = self._resume_changes(candidates) if cfg.resume else []
         self.prompts = PromptSchedule(prompts, cfg.seed, cfg.data.shuffle)
         torch.manual_seed(cfg.seed)
-        s = build_policy(cfg, self.ctx, self.log)
+        s = build_policy(cfg, self.ctx, self.log, prompt_images=prompt_images)
         self.setup = s
         self.policy, self.module, self.base_path, self.compute_dtype = s.policy, s.module, s.base_path, s.compute_dtype
         self.params = s.params

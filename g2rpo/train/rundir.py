@@ -32,8 +32,9 @@ RESUMABLE = (
 )
 
 
-def preflight(cfg: TrainConfig) -> list[str]:
-    """Every check that needs no model: files the config names, the output folder, the prompts (returned)."""
+def preflight(cfg: TrainConfig) -> tuple[list[str], dict | None]:
+    """Every check that needs no model: files the config names, the output folder, the prompts. Returns the prompts
+    and, for an image-to-video family, their checked images (``{prompt: ImagePrompt}``; else None)."""
     from ..policy import check_paths
     from ..prompts import load_prompts
 
@@ -86,14 +87,15 @@ def preflight(cfg: TrainConfig) -> list[str]:
                 plan_trained_experts(cfg, names, lambda sigma: route(sigma, cfg.sampler.quantize_timesteps))
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+    images = None
     if fam.prompt_images:  # image-to-video: every image exists and opens, before any model loads
         from ..prompts import load_prompt_images
 
         try:
-            load_prompt_images(cfg.data.prompts)
+            images = load_prompt_images(cfg.data.prompts)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"data.prompts: {err}") from None
-    check = family(cfg.model.kind).prompt_check
+    check = fam.prompt_check
     if check is not None:  # the family reads something from every prompt (the lab world: the digit)
         reader, bad = import_path(check), []
         for p in dict.fromkeys(prompts):
@@ -104,7 +106,7 @@ def preflight(cfg: TrainConfig) -> list[str]:
         if bad:
             raise ConfigError(f"data.prompts {cfg.data.prompts}: {len(bad)} prompts the model family cannot read, "
                               f"e.g. {bad[0]}")
-    return prompts
+    return prompts, images
 
 
 def check_served_rewards(rewards) -> None:

@@ -37,7 +37,9 @@ class PolicySetup:
     params: list[torch.nn.Parameter]
 
 
-def build_policy(cfg: TrainConfig, ctx: DistContext, log=print) -> PolicySetup:
+def build_policy(cfg: TrainConfig, ctx: DistContext, log=print, prompt_images: dict | None = None) -> PolicySetup:
+    """The policy, its trained module (sharded across ranks), the reference for the KL term and the trained
+    parameters; an image-to-video policy gets ``prompt_images`` (checked by :func:`.rundir.preflight`)."""
     loaded = load_policy(cfg.model, log=log)
     policy = loaded.policy.to(ctx.device)
     policy.requires_grad_(False)
@@ -45,12 +47,8 @@ def build_policy(cfg: TrainConfig, ctx: DistContext, log=print) -> PolicySetup:
         resolve_trained_experts(cfg, policy, log=log if ctx.is_main else lambda *a, **k: None)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    from ..models.registry import family
-
-    if family(cfg.model.kind).prompt_images:  # image-to-video: each prompt's conditioning image (checked in preflight)
-        from ..prompts import load_prompt_images
-
-        policy.set_prompt_images(load_prompt_images(cfg.data.prompts))
+    if prompt_images is not None:  # image-to-video: each prompt's conditioning image
+        policy.set_prompt_images(prompt_images)
     module = policy.transformer
     dtype = TORCH_DTYPES[cfg.model.dtype]
     policy.compute_dtype = dtype  # the same input dtypes (timestep too) in rollout and training
