@@ -110,7 +110,7 @@ def _set_images(pipe, policy, prompts: list[str], images: Sequence | None) -> No
     from pathlib import Path
 
     from .models.registry import family_of_pipeline
-    from .prompts import ImagePrompt, check_image
+    from .prompts import image_prompts
 
     needs = family_of_pipeline(pipe).prompt_images
     if not needs:
@@ -120,14 +120,9 @@ def _set_images(pipe, policy, prompts: list[str], images: Sequence | None) -> No
     if images is None or isinstance(images, (str, Path)) or len(images) != len(prompts):
         raise ValueError(f"{type(pipe).__name__} needs images: one per prompt ({len(prompts)}), an image path "
                          "or a (path, last image path) pair")
-    entries = {}
-    for i, (p, item) in enumerate(zip(prompts, images)):
-        first, last = (item, None) if isinstance(item, (str, Path)) else tuple(item)
-        entry = ImagePrompt(check_image(Path(first), f"images[{i}]"),
-                            None if last is None else check_image(Path(last), f"images[{i}]"))
-        if entries.get(p, entry) != entry:
-            raise ValueError(f"images[{i}]: prompt {p!r} is given two different images")
-        entries[p] = entry
+    pairs = [(item, None) if isinstance(item, (str, Path)) else tuple(item) for item in images]
+    entries = image_prompts((f"images[{i}]", p, Path(first), None if last is None else Path(last))
+                            for i, (p, (first, last)) in enumerate(zip(prompts, pairs)))
     policy.set_prompt_images(entries)
 
 

@@ -13,12 +13,13 @@ prompts whatever the number of ranks, and resuming needs only ``i``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BUILTIN_PROMPTS", "ImagePrompt", "builtin_prompt_path", "check_image", "load_prompt_images", "load_prompts",
+__all__ = ["BUILTIN_PROMPTS", "ImagePrompt", "builtin_prompt_path", "check_image", "image_prompts", "load_prompt_images", "load_prompts",
            "PromptSchedule"]
 
 #: The built-in prompt sets (``builtin:NAME``): text files shipped in ``g2rpo/data/prompts/``.
@@ -114,6 +115,19 @@ def check_image(path: Path, where: str) -> Path:
     return path
 
 
+def image_prompts(entries: Iterable[tuple[str, str, Path, Path | None]]) -> dict[str, ImagePrompt]:
+    """``{prompt: ImagePrompt}`` from ``(where, prompt, image, last image or None)`` entries: every image opened and
+    verified (:func:`check_image`); one prompt given two different images raises, naming ``where``."""
+    out: dict[str, ImagePrompt] = {}
+    for where, prompt, image, last in entries:
+        entry = ImagePrompt(check_image(image, where), None if last is None else check_image(last, where))
+        if out.get(prompt, entry) != entry:
+            raise ValueError(f"{where}: prompt {prompt!r} is given two different images ({out[prompt].image} and "
+                             f"{entry.image}); image-to-video prompts must be distinct per image")
+        out[prompt] = entry
+    return out
+
+
 def load_prompt_images(spec: str) -> dict[str, ImagePrompt]:
     """``{prompt: ImagePrompt}`` from an image-to-video prompt file (``.jsonl`` / ``.json`` objects or ``.csv`` rows
     with ``prompt``, ``image`` and optionally ``last_image``; paths relative to the file's folder). Every image is
@@ -123,19 +137,16 @@ def load_prompt_images(spec: str) -> dict[str, ImagePrompt]:
     if path.suffix not in (".jsonl", ".json", ".csv"):
         raise ValueError(f"{path}: image-to-video prompts need a .jsonl, .json or .csv file with 'prompt' and "
                          "'image' fields (a text file has no images)")
-    out: dict[str, ImagePrompt] = {}
-    for where, item in _records(path):
-        prompt = _from_item(item, where).strip()
-        if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not item["image"].strip():
-            raise ValueError(f"{where}: image-to-video prompts need an 'image' field (a path), got {item!r}")
-        image = check_image(path.parent / item["image"].strip(), where)
-        last = item.get("last_image")
-        last = check_image(path.parent / last.strip(), where) if isinstance(last, str) and last.strip() else None
-        entry = ImagePrompt(image, last)
-        if out.get(prompt, entry) != entry:
-            raise ValueError(f"{where}: prompt {prompt!r} is given two different images ({out[prompt].image} and "
-                             f"{image}); image-to-video prompts must be distinct per image")
-        out[prompt] = entry
+    def entries():
+        for where, item in _records(path):
+            prompt = _from_item(item, where).strip()
+            if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not item["image"].strip():
+                raise ValueError(f"{where}: image-to-video prompts need an 'image' field (a path), got {item!r}")
+            last = item.get("last_image")
+            yield (where, prompt, path.parent / item["image"].strip(),
+                   path.parent / last.strip() if isinstance(last, str) and last.strip() else None)
+
+    out = image_prompts(entries())
     if not out:
         raise ValueError(f"prompt file {path} holds no prompts")
     return out
