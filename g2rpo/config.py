@@ -82,10 +82,10 @@ class SamplerConfig:
     # G2RPO: stop evaluating a granularity whose within-group Spearman correlation with the finest one (mean over
     # the SDE steps, mgai/.../spearman) stays above this for auto_granularity_window iterations in a row; null: never
     auto_granularity_threshold: float | None = None
+    auto_granularity_window: int = 8
     # G2RPO: each later SDE step branches from the state its predecessor's first branch reaches (shared
     # continuations, BranchGRPO-style) instead of from a separate anchor ODE trajectory; false: the paper
     chain_sources: bool = False
-    auto_granularity_window: int = 8
     group_size: int = 12
     max_batch: int = 64
     quantize_timesteps: bool = False
@@ -231,10 +231,11 @@ class TrainConfig:
 
         s = self.sampler
         try:
-            takes = set(s.strategy_options())  # the keys the strategy uses: G2RPO-only keys checked for G2RPO only
+            options = s.strategy_options()  # the keys the strategy uses: G2RPO-only keys checked for G2RPO only
         except ValueError as err:
             raise ConfigError(f"sampler.strategy: {err}") from None
-        g2rpo_keys = "sde_indices" in takes
+        g2rpo_keys = "sde_indices" in options
+        granularities = list(options.get("granularities", ()))
         checks = [
             ("iterations", self.iterations >= 1, "must be >= 1"),
             ("max_cost", self.max_cost is None or (math.isfinite(self.max_cost) and self.max_cost > 0),
@@ -255,10 +256,9 @@ class TrainConfig:
              f"is a G2RPO option (a subset of sde_indices); strategy {s.strategy!r} has no sde_indices"),
             ("sampler.chain_sources", not s.chain_sources or g2rpo_keys,
              f"is a G2RPO option (chained SDE sources); strategy {s.strategy!r} has no sde_indices"),
-            ("sampler.auto_granularity_threshold", s.auto_granularity_threshold is None or
-             len(s.strategy_options().get("granularities", ())) >= 2,
+            ("sampler.auto_granularity_threshold", s.auto_granularity_threshold is None or len(granularities) >= 2,
              f"drops granularities of a G2RPO plan with several; strategy {s.strategy!r} with granularities "
-             f"{list(s.strategy_options().get('granularities', ()))} has none to drop"),
+             f"{granularities} has none to drop"),
             ("sampler.noise_dtype", s.noise_dtype in ("float32", "bfloat16"),
              f"must be float32 or bfloat16, got {s.noise_dtype!r}"),
             ("sampler.schedule_precision", s.schedule_precision in ("float64", "float32"),
@@ -338,7 +338,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{key} {msg}")
         try:
-            strategy = make_strategy(s.strategy, **s.strategy_options())
+            strategy = make_strategy(s.strategy, **options)
         except ValueError as err:
             raise ConfigError(f"sampler: {err}") from None
         _check_sde_steps(strategy, s.shift, s.schedule_precision)
