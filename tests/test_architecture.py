@@ -29,8 +29,6 @@ def _modules() -> dict[str, Path]:
     for f in PKG.rglob("*.py"):
         name = ".".join(f.with_suffix("").relative_to(ROOT).parts)
         mods[name.removesuffix(".__init__")] = f
-    for f in (ROOT / "kernels").glob("*.py"):
-        mods[("g2rpo.kernels." + f.stem).removesuffix(".__init__")] = f
     return mods
 
 
@@ -125,3 +123,16 @@ def test_each_family_name_is_spelled_in_at_most_two_places():
         elsewhere = [f for f in files if f != "g2rpo/models/registry.py"
                      and not f.removesuffix(".py").replace("/", ".").startswith(own)]
         assert "g2rpo/models/registry.py" in files and elsewhere == [], (name, elsewhere)
+
+
+def test_the_checkout_root_holds_no_package_but_g2rpo():
+    """Python run from the checkout's root (``python -m pytest``) imports a root folder before any installed
+    package: a root ``kernels/`` shadowed Hugging Face's ``kernels`` (which transformers imports), so diffusers
+    failed to import."""
+    from importlib.metadata import packages_distributions
+
+    installed = packages_distributions()
+    packages = [p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name != "g2rpo"]
+    assert "kernels" not in packages
+    clashes = {p: installed[p] for p in packages if p in installed and installed[p] != ["g2rpo"]}
+    assert not clashes, f"root folders shadow installed packages: {clashes}"
