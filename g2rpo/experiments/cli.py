@@ -12,28 +12,36 @@ __all__ = ["add_compare_parser", "main", "run_compare"]
 def add_compare_parser(sub) -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train every method from the base model under both preset families and "
                                           "compare (Tables 1, 4, Fig. 1a, equal-lr table)")
+    c.add_argument("--world", choices=("digits", "scenes"), default="digits",
+                   help="the lab world: digits (8x8 grey digits) or scenes (coloured compositional scenes)")
     c.add_argument("--methods", default="dance_grpo,flow_grpo,mix_grpo,g2rpo_no_mgai,g2rpo")
     c.add_argument("--families", default="paper,official", help="preset families (configs/methods/*-FAMILY.yaml)")
     c.add_argument("--seeds", type=int, default=3)
     c.add_argument("--iterations", type=int, default=32)
-    c.add_argument("--lr-grid", default="1e-4,3e-4")
+    c.add_argument("--lr-grid", default="1e-4,3e-4,1e-3")
+    c.add_argument("--extend-lr", type=int, default=2,
+                   help="lrs added at most beyond an edge of the grid that holds a method's best (0: never)")
     c.add_argument("--eval-every", type=int, default=8)
     c.add_argument("--no-variant", action="store_true", help="skip the paper preset + per_sde_step runs")
-    c.add_argument("--checkpoint", default=None, help="the lab world (default: the cached one)")
+    c.add_argument("--checkpoint", default=None, help="the built world's folder (default: the cached one)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a training-config override for every run, e.g. --set 'rewards=[{name: my_pkg.rewards:fn}]' "
                         "(a reward by name, module:callable path or entry point)")
     c.add_argument("--budget", type=float, default=None,
                    help="train every method to this cumulative cost (forward-row equivalents) instead of --iterations "
-                        "(which stays an upper bound); also runs the cheaper G2RPO variants")
+                        "(which stays an upper bound; each run ends at its last iteration within the budget); also "
+                        "runs the cheaper G2RPO variants and the Lambda ablation")
+    c.add_argument("--cost-points", type=int, default=8,
+                   help="with --budget: held-out evaluations at this many evenly spaced costs (judge-vs-cost curves)")
     c.add_argument("--variants", default=None,
-                   help="with --budget: the cheaper G2RPO variants to run, comma-separated (default: all; 'none')")
+                   help="with --budget: the G2RPO variants to run, comma-separated (default: all cheaper variants and "
+                        "the Lambda ablation; 'none')")
     c.add_argument("--out", required=True)
     return c
 
 
 def run_compare(args: argparse.Namespace, world: Path | None = None) -> None:
-    from .compare import CHEAPER_VARIANTS, FAMILIES, METHODS, CompareSettings, compare
+    from .compare import CHEAPER_VARIANTS, FAMILIES, LAMBDA_ABLATION, METHODS, CompareSettings, compare
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())
@@ -44,22 +52,29 @@ def run_compare(args: argparse.Namespace, world: Path | None = None) -> None:
 
     try:
         overrides = parse_overrides(args.set)
-        load_config(None, overrides)  # refused before any run starts
+        from .worlds import world_spec
+
+        load_config(None, _merge(world_spec(args.world).reset, overrides))  # refused before any run starts
     except ConfigError as err:
         sys.exit(f"--set: {err}")
-    variants = CHEAPER_VARIANTS if args.budget is not None else {}
+    known = {**CHEAPER_VARIANTS, **LAMBDA_ABLATION}
+    variants = known if args.budget is not None else {}
     if args.variants is not None:
         names = [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "none"]
-        wrong = [v for v in names if v not in CHEAPER_VARIANTS]
+        wrong = [v for v in names if v not in known]
         if wrong or args.budget is None:
-            sys.exit(f"--variants: unknown {wrong}; choose from {list(CHEAPER_VARIANTS)}" if wrong
+            sys.exit(f"--variants: unknown {wrong}; choose from {list(known)}" if wrong
                      else "--variants needs --budget (the variants are compared at equal cost)")
-        variants = {v: CHEAPER_VARIANTS[v] for v in names}
+        variants = {v: known[v] for v in names}
+    if args.budget is not None and args.budget <= 0:
+        sys.exit(f"--budget must be > 0, got {args.budget:g}")
+    if args.cost_points < 1 or args.extend_lr < 0 or args.seeds < 1:
+        sys.exit("--cost-points and --seeds must be >= 1, --extend-lr >= 0")
     settings = CompareSettings(methods=methods, families=families, seeds=args.seeds, iterations=args.iterations,
                                lr_grid=tuple(float(x) for x in args.lr_grid.split(",")),
                                eval_every=args.eval_every, per_sde_step_variant=not args.no_variant,
-                               overrides=overrides, budget=args.budget,
-                               variants=variants)
+                               overrides=overrides, budget=args.budget, variants=variants,
+                               extend_lr=args.extend_lr, cost_points=args.cost_points, world=args.world)
     compare(args.out, settings, world)
 
 
@@ -70,7 +85,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     world = None
     if args.checkpoint:
-        world = Path(args.checkpoint)
-        if not (world / "lab_world.json").is_file():
-            sys.exit(f"--checkpoint {world}: not a lab world (no lab_world.json)")
+        from .worlds import world_spec
+
+        world, marker = Path(args.checkpoint), world_spec(args.world).marker
+        if not (world / marker).is_file():
+            sys.exit(f"--checkpoint {world}: not a {args.world} world (no {marker})")
     run_compare(args, world)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    from .compare import _deep_update
+
+    return _deep_update(base, extra)

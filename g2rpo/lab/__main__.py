@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m g2rpo.lab", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="pretrain the base generator and fit the rewards (cached)")
-    b.add_argument("--out", default=None, help=f"folder (default {default_cache_dir() / 'base'})")
+    b.add_argument("--world", choices=("digits", "scenes"), default="digits",
+                   help="digits (8x8 grey digits) or scenes (coloured compositional scenes, about 3 minutes)")
+    b.add_argument("--out", default=None, help=f"folder (default {default_cache_dir() / 'base'}, or "
+                                               f"{default_cache_dir() / 'scenes'} for the scenes)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--image-size", type=int, default=8, choices=(8, 16))
     b.add_argument("--pretrain-steps", type=int, default=LabWorldConfig.pretrain_steps)
@@ -57,6 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     add_compare_parser(sub)
     args = parser.parse_args(argv)
 
+    if args.cmd == "build" and args.world == "scenes":
+        from .scenes.world import SceneWorldConfig, build_scene_world
+
+        if args.image_size != 8 or args.pretrain_steps != LabWorldConfig.pretrain_steps:
+            sys.exit("--image-size and --pretrain-steps are the digits world's; the scenes world's config is "
+                     "SceneWorldConfig")
+        build_scene_world(args.out, SceneWorldConfig(seed=args.seed), force=args.force)
+        return
     if args.cmd == "build":
         cfg = LabWorldConfig(seed=args.seed, image_size=args.image_size, pretrain_steps=args.pretrain_steps)
         build_world(args.out, cfg, force=args.force)
@@ -64,7 +75,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "compare":
         from ..experiments.cli import run_compare
 
-        run_compare(args, world=_checkpoint(args.checkpoint) if args.checkpoint else None)
+        from ..experiments.worlds import world_spec
+
+        world = None
+        if args.checkpoint:
+            world, marker = Path(args.checkpoint), world_spec(args.world).marker
+            if not (world / marker).is_file():
+                sys.exit(f"--checkpoint {world}: not a {args.world} world (no {marker})")
+        run_compare(args, world=world)
         return
     if args.cmd == "sample":
         if args.n < 1:

@@ -14,6 +14,8 @@ seed. Saved in diffusers' layout::
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from ..models.flux import FluxVelocity, FluxVelocityAdapter, pack_latents, unpac
 from .data import load_splits, to_unit
 from .prompts import LabTextEncoder, class_prompts
 
-__all__ = ["LabWorldConfig", "LabPolicy", "build_base_model", "load_lab_policy"]
+__all__ = ["LabWorldConfig", "LabPolicy", "build_base_model", "load_lab_policy", "pretrain_flow"]
 
 
 @dataclass(frozen=True)
@@ -54,15 +56,23 @@ class LabPolicy(FluxVelocityAdapter):
     """The lab generator behind the engine protocol, with the adapter methods of a real policy.
 
     ``encode_prompts(list[str]) -> cond`` (cached per prompt while the encoder is frozen),
-    ``prepare_latents(n, generator) -> [n, N, 4]`` packed noise, ``__call__(x, sigma, cond)``,
-    ``decode(latents) -> images [n, 1, S, S]`` in [0, 1].
+    ``prepare_latents(n, generator) -> [n, N, 4C]`` packed noise, ``__call__(x, sigma, cond)``,
+    ``decode(latents) -> images [n, C, S, S]`` in [0, 1]. The latent is the image itself, or its lossless
+    space-to-depth rearrangement by ``config.space_to_depth`` (f: ``[C f^2, S/f, S/f]``, the "VAE" of the scenes
+    world, 4x fewer tokens), packed 2x2 as Flux packs; C is 1 for the digits, 3 for the scenes. ``marker`` is the
+    file its folder is known by.
     """
 
-    def __init__(self, transformer: FluxTransformer2DModel, text_encoder: LabTextEncoder, config: LabWorldConfig) -> None:
+    marker = "lab_world.json"
+
+    def __init__(self, transformer: FluxTransformer2DModel, text_encoder: LabTextEncoder, config) -> None:
         super().__init__(None, config.image_size, config.image_size, None, 0)
         self.config = config
         self.size = config.image_size
-        self.velocity = FluxVelocity(transformer, self.size, self.size, guidance_scale=None)
+        self.factor = int(getattr(config, "space_to_depth", 1))
+        self.latent_size = self.size // self.factor
+        self.channels = transformer.config.in_channels // 4 // self.factor ** 2
+        self.velocity = FluxVelocity(transformer, self.latent_size, self.latent_size, guidance_scale=None)
         self.text_encoder = text_encoder
 
     @classmethod
@@ -72,7 +82,14 @@ class LabPolicy(FluxVelocityAdapter):
 
     @property
     def latent_shape(self) -> tuple[int, int]:
-        return ((self.size // 2) ** 2, 4)
+        return ((self.latent_size // 2) ** 2, 4 * self.channels * self.factor ** 2)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[n, C, S, S]`` in [-1, 1] -> packed latents (the inverse of :meth:`decode` but for the [0, 1]
+        scaling)."""
+        if self.factor > 1:
+            images = torch.nn.functional.pixel_unshuffle(images, self.factor)
+        return pack_latents(images)
 
     def encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self.text_encoder(prompts)
@@ -81,14 +98,58 @@ class LabPolicy(FluxVelocityAdapter):
         return self.randn((n, *self.latent_shape), generator, device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return to_unit(unpack_latents(latents.float(), self.size, self.size))
+        x = unpack_latents(latents.float(), self.latent_size, self.latent_size)
+        return to_unit(torch.nn.functional.pixel_shuffle(x, self.factor) if self.factor > 1 else x)
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.transformer.save_pretrained(folder / "transformer")
         self.text_encoder.save_pretrained(folder / "text_encoder")
-        (folder / "lab_world.json").write_text(json.dumps(asdict(self.config), indent=1))
+        (folder / self.marker).write_text(json.dumps(asdict(self.config), indent=1))
+
+
+def pretrain_flow(policy: LabPolicy, steps: int, lr: float, train_shift: float,
+                  batch: Callable[[torch.Generator], tuple[torch.Tensor, list[str]]], seed: int, log=None,
+                  cosine: bool = False, ema: float | None = None) -> LabPolicy:
+    """Rectified flow matching of ``policy`` (transformer and text encoder) on ``batch(generator) -> (images
+    [B, C, S, S] in [-1, 1], prompts)``, the noise level drawn with the sampling schedule's density (shift
+    ``train_shift``); deterministic given ``seed``. ``cosine``: the learning rate decays to 0 along a cosine
+    (after a 5% linear warm-up); ``ema``: the policy ends with the exponential moving average of its weights
+    (that decay per step)."""
+    params = list(policy.transformer.parameters()) + list(policy.text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = None
+    if cosine:
+        warm = max(1, steps // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (
+            1 + math.cos(math.pi * min(i, steps) / steps)))
+    average = [p.detach().clone() for p in params] if ema is not None else None
+    g = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        images, prompts = batch(g)
+        x0 = policy.encode_images(images)
+        n = x0.shape[0]
+        u = torch.rand(n, generator=g)
+        t = train_shift * u / (1 + (train_shift - 1) * u)  # the sampling schedule's density
+        eps = torch.randn(x0.shape, generator=g)
+        xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
+        loss = ((policy(xt, t, policy.text_encoder(prompts)) - (eps - x0)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if average is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(average, [p.detach() for p in params], 1.0 - ema)
+        if log is not None and (step % 50 == 0 or step == steps - 1):
+            log(f"pretrain step {step:4d}  flow-matching loss {loss.item():.4f}")
+    if average is not None:
+        with torch.no_grad():
+            for p, a in zip(params, average):
+                p.copy_(a)
+    return policy.eval()
 
 
 def build_base_model(config: LabWorldConfig = LabWorldConfig(), log=None) -> LabPolicy:
@@ -99,27 +160,15 @@ def build_base_model(config: LabWorldConfig = LabWorldConfig(), log=None) -> Lab
     all_prompts = [p for label in range(10) for p in class_prompts(label)]
     encoder = LabTextEncoder.from_prompts(all_prompts, dim=config.text_dim, pooled_dim=config.text_dim)
     policy = LabPolicy(transformer, encoder, config)
-    params = list(transformer.parameters()) + list(encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(config.seed + 1)
     x_all, y_all = splits.train_x, splits.train_y
     n_para = len(class_prompts(0))
-    for step in range(config.pretrain_steps):
+
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         idx = torch.randint(0, len(y_all), (config.batch_size,), generator=g)
-        x0 = pack_latents(x_all[idx][:, None])
         which = torch.randint(0, n_para, (config.batch_size,), generator=g).tolist()
-        prompts = [class_prompts(int(label))[w] for label, w in zip(y_all[idx].tolist(), which)]
-        u = torch.rand(config.batch_size, generator=g)
-        t = config.train_shift * u / (1 + (config.train_shift - 1) * u)  # the sampling schedule's density
-        eps = torch.randn(x0.shape, generator=g)
-        xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
-        loss = ((policy(xt, t, encoder(prompts)) - (eps - x0)) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log is not None and (step % 50 == 0 or step == config.pretrain_steps - 1):
-            log(f"pretrain step {step:4d}  flow-matching loss {loss.item():.4f}")
-    return policy.eval()
+        return x_all[idx][:, None], [class_prompts(int(label))[w] for label, w in zip(y_all[idx].tolist(), which)]
+
+    return pretrain_flow(policy, config.pretrain_steps, config.lr, config.train_shift, batch, config.seed, log)
 
 
 def load_lab_policy(folder: str | Path, dtype: torch.dtype = torch.float32) -> LabPolicy:

@@ -102,9 +102,10 @@ def _train(cfg) -> int:
     if trainer.ctx.is_main and history:
         _print_curve(history, trainer)
         if final_eval is not None:
-            print("held-out evaluation (test paraphrases, 200 ODE samples, fixed noise):")
+            print("held-out evaluation (the world's held-out prompts, ODE samples, fixed noise):")
+            width = max(16, *map(len, final_eval))
             for key in final_eval:
-                print(f"  {key:16s} base {base_eval[key]:8.4f}  ->  trained {final_eval[key]:8.4f}")
+                print(f"  {key:{width}s} base {base_eval[key]:8.4f}  ->  trained {final_eval[key]:8.4f}")
             (trainer.out / "lab_eval.json").write_text(json.dumps({"base": base_eval, "trained": final_eval}, indent=1))
     return 0
 

@@ -1,0 +1,163 @@
+"""Procedural rendering of scenes: objects of the palette on a plain background, placed so that every object
+stays whole and visible (objects never share or touch pixels: the bounded overlap is zero), and image-level
+degradations (blur, noise, artifacts) for the learned rewards' negatives.
+
+Sizes in pixels: squares 4-6, circles of diameter 5 or 7, triangles (apex up) of base 5 or 7, bars 2 x 6-7
+(either orientation). A position caption's two objects are separated by at least ``MARGIN`` pixels along
+its axis (centroids).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from .grammar import BACKGROUND, COLORS, PALETTE, SHAPES, Meaning, Obj, allowed_pairs
+
+__all__ = ["shape_mask", "render", "render_labelled", "object_label", "render_batch", "degrade", "IMAGE_DEGRADATIONS", "MARGIN"]
+
+MARGIN = 2.0  # minimum centroid separation along a position caption's axis
+IMAGE_DEGRADATIONS = ("blur", "noise", "artifacts")
+
+
+def shape_mask(shape: str, rng: random.Random) -> np.ndarray:
+    """A boolean mask of one object of ``shape`` at a random size (and orientation, for bars)."""
+    if shape == "square":
+        s = rng.choice((4, 5, 6))
+        return np.ones((s, s), dtype=bool)
+    if shape == "circle":
+        d = rng.choice((5, 7))
+        yy, xx = np.mgrid[:d, :d]
+        c = (d - 1) / 2
+        return (yy - c) ** 2 + (xx - c) ** 2 <= (d / 2) ** 2
+    if shape == "triangle":
+        base = rng.choice((5, 7))
+        h = (base + 1) // 2
+        m = np.zeros((h, base), dtype=bool)
+        for row in range(h):
+            half = row
+            m[row, base // 2 - half: base // 2 + half + 1] = True
+        return m
+    if shape == "bar":
+        m = np.ones((2, rng.choice((6, 7))), dtype=bool)
+        return m if rng.random() < 0.5 else m.T
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _centroid(mask: np.ndarray, y: int, x: int) -> tuple[float, float]:
+    ys, xs = np.nonzero(mask)
+    return float(ys.mean() + y), float(xs.mean() + x)
+
+
+def _place(masks: list[np.ndarray], size: int, rng: random.Random, relation: tuple[str, int] | None,
+           tries: int = 400) -> list[tuple[int, int]] | None:
+    """Top-left corners for ``masks`` with no shared or 4-adjacent pixels (and the relation of objects 0, 1)."""
+    for _ in range(tries):
+        occupied = np.zeros((size + 2, size + 2), dtype=bool)  # padded by one: adjacency checks at the border
+        corners: list[tuple[int, int]] = []
+        for m in masks:
+            h, w = m.shape
+            placed = False
+            for _ in range(50):
+                y, x = rng.randrange(0, size - h + 1), rng.randrange(0, size - w + 1)
+                region = occupied[y: y + h + 2, x: x + w + 2]
+                grown = np.zeros_like(region)
+                grown[1:-1, 1:-1] = m
+                grown[:-2, 1:-1] |= m
+                grown[2:, 1:-1] |= m
+                grown[1:-1, :-2] |= m
+                grown[1:-1, 2:] |= m
+                if not (region & grown).any():
+                    occupied[y + 1: y + h + 1, x + 1: x + w + 1] |= m
+                    corners.append((y, x))
+                    placed = True
+                    break
+            if not placed:
+                break
+        if len(corners) != len(masks):
+            continue
+        if relation is not None:
+            axis, sign = relation
+            (ya, xa), (yb, xb) = (_centroid(masks[i], *corners[i]) for i in (0, 1))
+            delta = (xa - xb) if axis == "x" else (ya - yb)
+            if delta * sign < MARGIN:
+                continue
+        return corners
+    return None
+
+
+def render(m: Meaning, rng: random.Random, size: int = 16,
+           pairs: frozenset[tuple[str, str]] | None = None) -> np.ndarray:
+    """The image of :func:`render_labelled`."""
+    return render_labelled(m, rng, size, pairs)[0]
+
+
+def render_labelled(m: Meaning, rng: random.Random, size: int = 16,
+                    pairs: frozenset[tuple[str, str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """An image ``[3, size, size]`` (float32 in [0, 1]) that shows ``m`` exactly. An object whose colour the
+    meaning leaves open takes a random colour whose pair with its shape lies in ``pairs`` (default: the training
+    pairs, so no held-out pair is ever drawn for a caption that does not name it). Also returns the label map
+    ``[size, size]`` (int64): 0 background, else :func:`object_label` of the pixel's object."""
+    from .grammar import RELATIONS
+
+    pairs = allowed_pairs(False) | m.pairs() if pairs is None else pairs
+    objs: list[Obj] = []
+    for o in m.objects():
+        if o.color is None:
+            o = Obj(o.shape, rng.choice([c for c in COLORS if (c, o.shape) in pairs]))
+        objs.append(o)
+    relation = RELATIONS[m.relation] if m.relation else None
+    for _ in range(20):
+        masks = [shape_mask(o.shape, rng) for o in objs]
+        corners = _place(masks, size, rng, relation)
+        if corners is not None:
+            break
+    else:
+        raise RuntimeError(f"could not place {m} in {size}x{size}")
+    img = np.empty((3, size, size), dtype=np.float32)
+    img[:] = np.asarray(BACKGROUND, dtype=np.float32)[:, None, None]
+    labels = np.zeros((size, size), dtype=np.int64)
+    for o, mask, (y, x) in zip(objs, masks, corners):
+        h, w = mask.shape
+        col = np.asarray(PALETTE[o.color], dtype=np.float32)[:, None]
+        view = img[:, y: y + h, x: x + w]
+        view[:, mask] = col
+        labels[y: y + h, x: x + w][mask] = object_label(o.shape, o.color)
+    return img, labels
+
+
+def object_label(shape: str, color: str) -> int:
+    """The label of a (shape, colour) object in label maps: ``1 + shape * len(COLORS) + colour`` (0: background)."""
+    return 1 + SHAPES.index(shape) * len(COLORS) + COLORS.index(color)
+
+
+def render_batch(meanings: list[Meaning], rng: random.Random, size: int = 16,
+                 pairs: frozenset[tuple[str, str]] | None = None) -> torch.Tensor:
+    """``[N, 3, size, size]`` renders in [0, 1]."""
+    return torch.from_numpy(np.stack([render(m, rng, size, pairs) for m in meanings]))
+
+
+def degrade(image: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """An image-level degradation of ``[3, S, S]`` (or ``[N, 3, S, S]``) renders in [0, 1]: ``blur`` (two 3x3
+    box blurs), ``noise`` (Gaussian, std 0.25) or ``artifacts`` (a grid pattern of random palette pixels, the
+    high-frequency pattern a hacked reward often rewards)."""
+    x = image[None] if image.ndim == 3 else image
+    if kind == "blur":
+        k = torch.ones(3, 1, 3, 3) / 9
+        for _ in range(2):
+            x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
+    elif kind == "noise":
+        x = (x + 0.25 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
+    elif kind == "artifacts":
+        x = x.clone()
+        n, _, h, w = x.shape
+        off = torch.randint(0, 3, (n, 2), generator=generator)
+        cols = torch.tensor([PALETTE[c] for c in COLORS])
+        for i in range(n):
+            pick = cols[torch.randint(0, len(cols), (1,), generator=generator)][0]
+            x[i, :, off[i, 0]::3, off[i, 1]::3] = pick[:, None, None]
+    else:
+        raise ValueError(f"unknown degradation {kind!r}; known: {', '.join(IMAGE_DEGRADATIONS)}")
+    return x[0] if image.ndim == 3 else x
