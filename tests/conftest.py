@@ -33,3 +33,16 @@ def tiny_open_clip(tmp_path_factory):
     model = open_clip.create_model("tiny-vit")
     return "tiny-vit", model.state_dict()
 
+
+#: A scenes world small enough to build in seconds (the default config takes about 3 minutes): everything
+#: but the learned models' quality is the default world's.
+TINY_SCENES = dict(pretrain_steps=30, reward_pairs=600, clip_steps=30, preference_steps=10, detector_scenes=300,
+                   detector_steps=30)
+
+
+@pytest.fixture(scope="session")
+def scenes_world(tmp_path_factory):
+    """A tiny scenes world, built once per test session in a temporary folder."""
+    from g2rpo.lab.scenes.world import SceneWorldConfig, build_scene_world
+
+    return build_scene_world(tmp_path_factory.mktemp("scenes") / "world", SceneWorldConfig(**TINY_SCENES), log=None)

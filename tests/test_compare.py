@@ -16,7 +16,7 @@ def test_g2rpo_raises_the_in_domain_reward_above_the_base_model(lab_world, tmp_p
 
 def test_compare_writes_both_families_equal_lr_tables_curves_and_grids(lab_world, tmp_path):
     s = CompareSettings(methods=("dance_grpo", "g2rpo_no_mgai", "g2rpo"), seeds=2, iterations=2, lr_grid=(1e-4, 3e-4),
-                        eval_every=1, overrides=SMALL, eval_per_class=3, curve_per_class=3)
+                        eval_every=1, overrides=SMALL, eval_per_class=3, curve_per_class=3, extend_lr=0)
     res = compare(tmp_path, s, world=lab_world, log=lambda *a: None)
     assert set(res["grid"]) == {"paper", "official"}
     for family in res["grid"].values():
@@ -42,18 +42,24 @@ def test_compare_at_equal_compute_runs_every_method_to_the_same_cost(lab_world, 
 
     s = CompareSettings(methods=("dance_grpo", "g2rpo"), families=("paper",), seeds=1, iterations=2,
                         lr_grid=(1e-4,), eval_every=1, overrides=SMALL, eval_per_class=2, curve_per_class=2,
-                        per_sde_step_variant=False, budget=4000.0,
+                        per_sde_step_variant=False, budget=4000.0, cost_points=3, extend_lr=0,
                         variants={"g2rpo_subset2": CHEAPER_VARIANTS["g2rpo_subset2"]})
     res = compare(tmp_path, s, world=lab_world, log=lambda *a: None)
     runs = [res["grid"]["paper"][m]["0.0001"][0] for m in ("dance_grpo", "g2rpo")] + \
         [res["variants"]["g2rpo_subset2"]["0.0001"][0]]
-    for r in runs:  # each stopped within one iteration of the budget (eval_every 1: a curve point per iteration)
-        assert r["cost_curve"][-1][0] == r["total_cost"] >= 4000 > r["cost_curve"][-2][0]
+    for r in runs:  # each ends at its last iteration within the budget: equal means equal
+        assert r["cost_used"] == r["total_cost"] == r["cost_curve"][-1][0] <= 4000
+        assert len(r["judge_curve"]) == s.cost_points
+        for point in r["judge_curve"]:  # the state evaluated at each cost point is within it
+            assert point["cost"] <= point["cost_point"] and "judge_accuracy" in point
+    for r in runs[:2]:  # constant cost per iteration: one more would have passed the budget
+        assert r["cost_used"] + r["cost_per_iter"] > 4000
     dance, g2rpo, subset = runs
     assert dance["iterations_run"] > g2rpo["iterations_run"]  # the cheaper iteration runs more often
     assert subset["cost_per_iter"] < g2rpo["cost_per_iter"]
     text = (tmp_path / "tables.md").read_text()
-    assert "Equal compute" in text and "g2rpo_subset2 (variant)" in text
+    assert "Equal compute" in text and "g2rpo_subset2 (variant)" in text and "against cost" in text
+    assert "Reward hacking over training" in text and "MGAI" in text
     assert (tmp_path / "cost_curves.png").is_file()
 
 
@@ -72,3 +78,14 @@ def test_every_cheaper_variant_is_a_valid_lab_config_and_cheaper_than_g2rpo():
     assert all(rows[n] < rows["g2rpo"] for n in ("g2rpo_x0", "g2rpo_coarse", "g2rpo_chain", "g2rpo_coarse_chain",
                                                   "g2rpo_subset2"))
     assert rows["g2rpo_coarse_chain"] < rows["g2rpo_coarse"] and rows["g2rpo_auto"] == rows["g2rpo"]
+
+
+def test_an_lr_grid_is_extended_past_the_edge_that_holds_a_methods_best(lab_world, tmp_path):
+    """Two lrs: the best is always at an edge, so one more lr beyond it is run (extend_lr=1), and no more."""
+    s = CompareSettings(methods=("g2rpo",), families=("paper",), seeds=1, iterations=1, lr_grid=(1e-4, 3e-4),
+                        extend_lr=1, eval_every=1, overrides=SMALL, eval_per_class=2, curve_per_class=2,
+                        per_sde_step_variant=False)
+    res = compare(tmp_path, s, world=lab_world, log=lambda *a: None)
+    lrs = sorted(float(k) for k in res["grid"]["paper"]["g2rpo"])
+    assert len(lrs) == 3 and any(abs(lr - x) < 1e-4 * x for lr in lrs for x in (1e-4 / 3, 9e-4))
+    assert res["lr_choice"]["paper"]["g2rpo"] in lrs

@@ -248,7 +248,7 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
             if len(lrs) < 2 or lrs[0] < best < lrs[-1]:
                 break
             step = lrs[1] / lrs[0] if best == lrs[0] else lrs[-1] / lrs[-2]
-            new = best / step if best == lrs[0] else best * step
+            new = float(f"{(best / step if best == lrs[0] else best * step):.3g}")  # a round number
             per_lr[_lr_key(new)] = runs_at(name, method, family, new, extra)
             log(f"[{time.perf_counter() - t_start:6.0f}s] {name:24s} lr {new:g} (beyond the grid's edge): train "
                 f"score {np.mean([r['train_score'] for r in per_lr[_lr_key(new)]]):.4f}")

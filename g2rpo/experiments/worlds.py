@@ -32,8 +32,13 @@ class WorldSpec:
         return float(sum(ev[k] for k in self.in_domain))
 
 
-def _model_reset() -> dict:
-    return {"dtype": "float32", "cfg_detach_uncond": False, "height": None, "width": None,
+def _model_reset(marker: str) -> dict:
+    """The model keys a preset resets to the world's: its family (the registry row whose folders hold
+    ``marker``) and the world's own sizes, dtype and guidance."""
+    from ..models.registry import FAMILIES
+
+    kind = next(f.name for f in FAMILIES.values() if f.marker == marker)
+    return {"kind": kind, "dtype": "float32", "cfg_detach_uncond": False, "height": None, "width": None,
             "max_sequence_length": None, "guidance_scale": None}
 
 
@@ -107,7 +112,7 @@ WORLDS: dict[str, WorldSpec] = {
     "digits": WorldSpec(
         "digits", "lab_world.json", ("digit_alignment", "digit_realism"), "judge_accuracy",
         ("digit_alignment", "digit_realism", "judge_accuracy", "judge_realism", "diversity"),
-        {"model": {"kind": "lab", **_model_reset()}, "lora": {"enabled": False}, "sampler": {"dynamic_shift": False},
+        {"model": _model_reset("lab_world.json"), "lora": {"enabled": False}, "sampler": {"dynamic_shift": False},
          "rewards": [{"name": "digit_alignment", "weight": 1.0}, {"name": "digit_realism", "weight": 1.0}],
          "data": {"prompts": "builtin:lab", "prompts_per_iteration": 8}},
         _digits_build, _digits_load, _digits_evaluate, _digits_grid),
@@ -115,7 +120,7 @@ WORLDS: dict[str, WorldSpec] = {
         "scenes", "scene_world.json", ("scene_clip", "scene_preference"), "scene_exact",
         ("scene_clip", "scene_preference", "scene_exact", "scene_detector", "scene_exact/counting",
          "scene_exact/position", "scene_exact/color_attr", "scene_exact/heldout_pairs", "diversity"),
-        {"model": {"kind": "lab_scenes", **_model_reset()}, "lora": {"enabled": False},
+        {"model": _model_reset("scene_world.json"), "lora": {"enabled": False},
          "sampler": {"dynamic_shift": False},
          "rewards": [{"name": "scene_clip", "weight": 1.0}, {"name": "scene_preference", "weight": 1.0}],
          "data": {"prompts": "builtin:scenes", "prompts_per_iteration": 8}},

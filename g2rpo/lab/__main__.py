@@ -55,11 +55,24 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--steps", type=int, default=16)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True)
+    d = sub.add_parser("diagnose", help="the scenes world: do its learned rewards and judges agree on the base "
+                                        "generator's samples? (ROC AUC within prompts, kappa)")
+    d.add_argument("--checkpoint", default=None, help="a built scenes world (default: the cached one)")
     from ..experiments.cli import add_compare_parser  # the comparison lives above the trainer
 
     add_compare_parser(sub)
     args = parser.parse_args(argv)
 
+    if args.cmd == "diagnose":
+        from .scenes.world import MARKER, reward_judge_agreement
+
+        folder = Path(args.checkpoint) if args.checkpoint else default_cache_dir() / "scenes"
+        if not (folder / MARKER).is_file():
+            sys.exit(f"{folder} is not a built scenes world: run `python -m g2rpo.lab build --world scenes` first "
+                     "or pass --checkpoint")
+        for key, value in reward_judge_agreement(folder).items():
+            print(f"{key:36s} {value:.3f}")
+        return
     if args.cmd == "build" and args.world == "scenes":
         from .scenes.world import SceneWorldConfig, build_scene_world
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from .grammar import ATTRIBUTE_ERRORS, BACKGROUND, CATEGORIES, COLORS, OPPOSITE, PALETTE, RELATIONS, SHAPES, TEST_TEMPLATES, \
     TRAIN_TEMPLATES, allowed_pairs, caption, parse_prompt, sample_meaning, wrong_meaning
-from .render import IMAGE_DEGRADATIONS, degrade, render, render_labelled
+from .render import GENERATOR_LIKE, IMAGE_DEGRADATIONS, degrade, render, render_labelled
 
 __all__ = ["caption_slots", "SceneCLIP", "ScenePreference", "SceneDetector", "PairData", "make_pairs", "train_clip",
            "train_preference", "train_detector", "make_segmentation_data", "save_model", "load_model", "LEARNED"]
@@ -249,6 +249,10 @@ def make_pairs(n: int, seed: int, size: int = 16) -> PairData:
             neg = degrade(torch.from_numpy(img), kind, g).numpy()
         else:
             neg = render(wrong_meaning(m, kind, rng), rng, size, pairs)
+            if rng.random() < 0.5:  # the semantic pair under the same kind of imperfection a generator makes
+                for k in rng.sample(GENERATOR_LIKE, rng.choice((1, 2))):
+                    img = degrade(torch.from_numpy(img), k, g).numpy()
+                    neg = degrade(torch.from_numpy(neg), k, g).numpy()
         images.append(img)
         prompts.append(caption(m, template))
         negs.append(neg)

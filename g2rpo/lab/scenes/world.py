@@ -31,7 +31,7 @@ from .render import render_batch
 
 __all__ = ["SceneWorldConfig", "ScenePolicy", "build_scene_world", "load_scene_policy", "scene_rewards",
            "build_scene_clip", "build_scene_preference", "build_scene_detector", "evaluate_scenes",
-           "sample_scenes", "scene_prompts", "LEARNED_FILES"]
+           "sample_scenes", "scene_prompts", "LEARNED_FILES", "reward_judge_agreement"]
 
 MARKER = "scene_world.json"
 LEARNED_FILES = ("scene_clip", "scene_preference", "scene_detector")
@@ -41,6 +41,7 @@ LEARNED_FILES = ("scene_clip", "scene_preference", "scene_detector")
 class SceneWorldConfig:
     """Everything that determines the world (a different config is a different world)."""
 
+    build_version: int = 2  # raised whenever the build itself changes, so a cached world is rebuilt
     seed: int = 0
     image_size: int = 16
     space_to_depth: int = 2  # the latent: [12, 8, 8], 16 tokens of 48 channels
@@ -238,6 +239,33 @@ def evaluate_scenes(policy: LabPolicy, world: str | Path, steps: int = 16, per_p
         out["scene_exact/heldout_pairs"] = float(ok[n_para:].mean())
     out["scene_detector"] = float(detector.score(images, rows).mean())
     out["diversity"] = _diversity(images, per_prompt)
+    return out
+
+
+@torch.no_grad()
+def reward_judge_agreement(world: str | Path, per_prompt: int = 16, seed: int = 3) -> dict[str, float]:
+    """How far the learned rewards and the judges agree on the base generator's own samples (the training
+    prompts, ``per_prompt`` each): the exact judge's accuracy, each reward's ROC AUC for telling the samples the
+    exact judge accepts from those it refuses (over all samples and within a prompt's samples, where RL compares
+    them), and Cohen's kappa between the two judges. An AUC near 0.5 within prompts means RL on that reward cannot
+    move the judge."""
+    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+    policy = load_scene_policy(world)
+    prompts = scene_prompts("train")
+    rows = [p for p in prompts for _ in range(per_prompt)]
+    images = sample_scenes(policy, rows, seed=seed)
+    ok = SceneExact().correct(images, rows).numpy()
+    out = {"scene_exact": float(ok.mean())}
+    for name, reward in scene_rewards(world).items():
+        s = reward.score(images, rows).numpy()
+        within = [roc_auc_score(ok[i:i + per_prompt], s[i:i + per_prompt]) for i in range(0, len(rows), per_prompt)
+                  if 0 < ok[i:i + per_prompt].sum() < per_prompt]
+        out[f"{name}/auc"] = float(roc_auc_score(ok, s)) if 0 < ok.sum() < len(ok) else float("nan")
+        out[f"{name}/auc_within_prompt"] = float(np.mean(within)) if within else float("nan")
+    det = build_scene_detector(world).score(images, rows).numpy()
+    out["scene_detector"] = float(det.mean())
+    out["kappa_exact_detector"] = float(cohen_kappa_score(ok, det))
     return out
 
 
