@@ -251,12 +251,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for part in gathered for r in part]
         grids = {k: [g for part in grid_parts for g in part[k]] for k in policies}
     if ctx.is_main:
-        _write(out, rows, grids, names, policies, prompts, grid_prompts, args, fam, steps, shift)
+        groups = {}  # a reward that groups prompts (the scenes judges: GenEval's categories) is also reported by group
+        for name, model in rewards:
+            group_of = getattr(getattr(model, "model", model), "prompt_group", None)
+            if group_of is not None:
+                groups[name] = {p: group_of(p) for p in set(prompts)}
+        _write(out, rows, grids, names, policies, prompts, grid_prompts, args, fam, steps, shift, groups)
     ctx.close()
     return 0
 
 
-def _write(out, rows, grids, names, policies, prompts, grid_prompts, args, fam, steps, shift) -> None:
+def _write(out, rows, grids, names, policies, prompts, grid_prompts, args, fam, steps, shift, groups=None) -> None:
     from .train.logs import save_prompt_grid
 
     rows.sort(key=lambda r: (list(policies).index(r["policy"]), r["index"], r["sample"]))
@@ -266,8 +271,15 @@ def _write(out, rows, grids, names, policies, prompts, grid_prompts, args, fam, 
         w.writerows(rows)
     stats = {key: {k: (float(np.mean([r[k] for r in rows if r["policy"] == key])),
                        float(np.std([r[k] for r in rows if r["policy"] == key]))) for k in names} for key in policies}
+    columns = list(names)
+    for name, group_of in (groups or {}).items():
+        for group in sorted(set(group_of.values())):
+            columns.append(f"{name}/{group}")
+            for key in policies:
+                vals = [r[name] for r in rows if r["policy"] == key and group_of[r["prompt"]] == group]
+                stats[key][columns[-1]] = (float(np.mean(vals)), float(np.std(vals)))
     n = len({r["index"] for r in rows})
-    (out / "summary.md").write_text(_summary_md(stats, names, n, args.samples))
+    (out / "summary.md").write_text(_summary_md(stats, columns, n, args.samples))
     first = next(iter(policies.values()))
     summary = {"family": fam.name, "policies": list(policies), "label": list(policies)[-1],
                "mean": {k: v[0] for k, v in stats[list(policies)[-1]].items()},

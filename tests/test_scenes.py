@@ -182,10 +182,13 @@ def test_g2rpo_trains_and_evaluates_on_the_scenes_world(scenes_world, tmp_path, 
     from g2rpo.eval import main as eval_main
 
     assert eval_main(["--model", str(scenes_world), "--checkpoint", str(tmp_path / "run"), "--prompts",
-                      "builtin:scenes_test", "--max-prompts", "3", "--rewards",
+                      "builtin:scenes_test", "--rewards",
                       "scene_clip,scene_preference,scene_exact,scene_detector", "--out", str(tmp_path / "ev")]) == 0
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert set(summary["mean"]) >= {"scene_exact", "scene_detector"}
+    assert set(summary["mean"]) >= {"scene_exact", "scene_detector", "scene_exact/counting", "scene_exact/position",
+                                    "scene_detector/color_attr"}
+    assert set(summary["by_policy"]) == {"base", str(tmp_path / "run")}
+    assert "scene_exact/two_object" in (tmp_path / "ev" / "summary.md").read_text()
 
 
 def test_a_prompt_the_scenes_world_cannot_read_is_refused_before_training(scenes_world, tmp_path, capsys):

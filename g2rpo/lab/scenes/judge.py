@@ -123,6 +123,11 @@ class SceneExact:
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self.correct(images, prompts)
 
+    @staticmethod
+    def prompt_group(prompt: str) -> str:
+        """The prompt's GenEval category (``python -m g2rpo.eval`` reports the judge per category)."""
+        return parse_prompt(prompt).category
+
     def evaluate(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
         """``scene_exact`` (overall accuracy) and ``scene_exact/<category>`` for each category present."""
         ok = self.correct(images, prompts)

@@ -205,6 +205,11 @@ class SceneDetector(nn.Module):
             out.append(found)
         return out
 
+    @staticmethod
+    def prompt_group(prompt: str) -> str:
+        """The prompt's GenEval category (``python -m g2rpo.eval`` reports the judge per category)."""
+        return parse_prompt(prompt).category
+
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         from .judge import judge_one
