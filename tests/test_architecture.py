@@ -136,3 +136,13 @@ def test_the_checkout_root_holds_no_package_but_g2rpo():
     assert "kernels" not in packages
     clashes = {p: installed[p] for p in packages if p in installed and installed[p] != ["g2rpo"]}
     assert not clashes, f"root folders shadow installed packages: {clashes}"
+
+
+def test_every_package_is_installed():
+    """pyproject lists packages by hand: a new subpackage missing there works in an editable install and is absent
+    from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in PKG.rglob("__init__.py")}
+    assert found - listed == set(), sorted(found - listed)

@@ -47,14 +47,20 @@ def build_world(folder: str | Path | None = None, config: LabWorldConfig = LabWo
     coef, intercept = fit_alignment(load_splits(config.seed, config.image_size), config.seed)
     (tmp / "rewards").mkdir(exist_ok=True)
     save_file({"coef": coef, "intercept": intercept}, str(tmp / "rewards" / "digit_alignment.safetensors"))
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    tmp.rename(folder)  # a crash mid-build never leaves a half-written world behind
+    publish(tmp, folder)
     if log:
         log(f"lab world built in {folder}")
     return folder
+
+
+def publish(tmp: Path, folder: Path) -> None:
+    """Move a finished build from ``tmp`` to ``folder`` (replacing it): a crash mid-build never leaves a
+    half-written world behind."""
+    import shutil
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
 
 
 def combined_reward(world: str | Path, weights: dict[str, float] | None = None) -> WeightedRewards:

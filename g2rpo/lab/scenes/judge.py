@@ -21,6 +21,7 @@ import torch
 from scipy import ndimage
 
 from .grammar import BACKGROUND, CATEGORIES, COLORS, PALETTE, RELATIONS, Meaning, Obj, parse_prompt
+from .render import check_scene_batch
 
 __all__ = ["Detection", "detect", "classify_shape", "judge_one", "SceneExact"]
 
@@ -112,10 +113,7 @@ class SceneExact:
         self.min_area, self.margin = int(min_area), float(margin)
 
     def correct(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"scene_exact takes RGB images [N, 3, H, W], got shape {tuple(images.shape)}")
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+        check_scene_batch(self.name, images, prompts)
         return torch.tensor([float(judge_one(parse_prompt(p), detect(img, self.min_area), self.margin))
                              for img, p in zip(images, prompts)])
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from .grammar import ATTRIBUTE_ERRORS, BACKGROUND, CATEGORIES, COLORS, OPPOSITE, PALETTE, RELATIONS, SHAPES, TEST_TEMPLATES, \
     TRAIN_TEMPLATES, allowed_pairs, caption, parse_prompt, sample_meaning, wrong_meaning
-from .render import GENERATOR_LIKE, IMAGE_DEGRADATIONS, degrade, render, render_labelled
+from .render import GENERATOR_LIKE, IMAGE_DEGRADATIONS, check_scene_batch, degrade, render, render_labelled
 
 __all__ = ["caption_slots", "SceneCLIP", "ScenePreference", "SceneDetector", "PairData", "make_pairs", "train_clip",
            "train_preference", "train_detector", "make_segmentation_data", "save_model", "load_model", "LEARNED"]
@@ -119,11 +119,7 @@ class _Scorer(nn.Module):
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != self.size:
-            raise ValueError(f"{self.kind} takes RGB images [N, 3, {self.size}, {self.size}], got shape "
-                             f"{tuple(images.shape)}")
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+        check_scene_batch(self.kind, images, prompts, self.size)
         was = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -214,11 +210,7 @@ class SceneDetector(nn.Module):
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         from .judge import judge_one
 
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != self.size:
-            raise ValueError(f"{self.kind} takes RGB images [N, 3, {self.size}, {self.size}], got shape "
-                             f"{tuple(images.shape)}")
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+        check_scene_batch(self.kind, images, prompts, self.size)
         self.eval()
         return torch.tensor([float(judge_one(parse_prompt(p), d)) for p, d in zip(prompts, self.detect(images))])
 

@@ -16,7 +16,7 @@ import torch
 
 from .grammar import BACKGROUND, COLORS, PALETTE, SHAPES, Meaning, Obj, allowed_pairs
 
-__all__ = ["GENERATOR_LIKE", "shape_mask", "render", "render_labelled", "object_label", "render_batch", "degrade", "IMAGE_DEGRADATIONS", "MARGIN"]
+__all__ = ["GENERATOR_LIKE", "check_scene_batch", "shape_mask", "render", "render_labelled", "object_label", "render_batch", "degrade", "IMAGE_DEGRADATIONS", "MARGIN"]
 
 MARGIN = 2.0  # minimum centroid separation along a position caption's axis
 IMAGE_DEGRADATIONS = ("blur", "noise", "artifacts")
@@ -139,6 +139,15 @@ def render_batch(meanings: list[Meaning], rng: random.Random, size: int = 16,
                  pairs: frozenset[tuple[str, str]] | None = None) -> torch.Tensor:
     """``[N, 3, size, size]`` renders in [0, 1]."""
     return torch.from_numpy(np.stack([render(m, rng, size, pairs) for m in meanings]))
+
+
+def check_scene_batch(name: str, images: torch.Tensor, prompts, size: int | None = None) -> None:
+    """ValueError naming ``name`` unless ``images`` is ``[N, 3, S, S]`` (S = ``size`` when given) with N prompts."""
+    if images.ndim != 4 or images.shape[1] != 3 or (size is not None and images.shape[-1] != size):
+        shape = f"[N, 3, {size}, {size}]" if size is not None else "[N, 3, H, W]"
+        raise ValueError(f"{name} takes RGB images {shape}, got shape {tuple(images.shape)}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
 
 
 def degrade(image: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:

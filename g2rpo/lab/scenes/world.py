@@ -22,7 +22,7 @@ from diffusers import FluxTransformer2DModel
 
 from ..generator import LabPolicy, pretrain_flow
 from ..prompts import LabTextEncoder
-from ..world import default_cache_dir
+from ..world import default_cache_dir, publish
 from .grammar import CATEGORIES, TRAIN_TEMPLATES, caption, parse_prompt, prompt_sets, sample_meaning, vocabulary
 from .judge import SceneExact
 from .learned import load_model, make_pairs, make_segmentation_data, save_model, train_clip, train_detector, \
@@ -150,9 +150,7 @@ def build_scene_world(folder: str | Path | None = None, config: SceneWorldConfig
     images, labels = make_segmentation_data(config.detector_scenes, config.seed + 10 ** 6, config.image_size)
     save_model(train_detector(images, labels, config.image_size, config.detector_steps, config.seed + 1),
                tmp / "rewards" / "scene_detector")
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)  # a crash mid-build never leaves a half-written world behind
+    publish(tmp, folder)
     if log:
         log(f"scenes world built in {folder} ({time.perf_counter() - t0:.0f} s)")
     return folder
