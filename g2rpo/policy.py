@@ -7,12 +7,27 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, RewardSpec
+from .config import ConfigError, ModelConfig, RewardSpec
 from .hub import PATH_OPTIONS, HubError, resolve_path, reward_options, with_usual_repos
 from .rewards import FrameAggregated, RewardModel, make_reward
 from .rewards.registry import takes_prompt_file
 
 __all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths", "plan_trained_experts", "resolve_trained_experts"]
+
+def check_world_rewards(model: ModelConfig, rewards: list[RewardSpec]) -> None:
+    """Before anything loads: a lab world's reward scores that world's images only (the digits' one channel, the
+    scenes' 16x16 RGB). ConfigError naming the reward and what to set instead."""
+    from .models.registry import FAMILIES
+
+    mine = FAMILIES[model.kind]
+    for i, r in enumerate(rewards):
+        owner = next((f for f in FAMILIES.values() if r.name in f.world_rewards), None)
+        if owner is not None and owner.name != mine.name:
+            own = (", ".join(mine.world_rewards) if mine.world_rewards else
+                   "a reward for its images (hps, clip, pickscore, imagereward, ..., or your own)")
+            raise ConfigError(f"rewards[{i}].name: {r.name} scores {owner.title}'s images, not {mine.title}'s "
+                              f"(model.kind={mine.name}); set rewards to {own}")
+
 
 def check_paths(model: ModelConfig, rewards: list[RewardSpec]) -> None:
     """Before anything loads: every file the config names must exist, locally or as a Hugging Face id

@@ -217,3 +217,16 @@ def test_every_method_runs_two_iterations_on_the_scenes_world(scenes_world, tmp_
         assert all(r["iterations_run"] == 2 for per_lr in family.values() for r in per_lr["0.0001"])
     text = (tmp_path / "tables.md").read_text()
     assert "World `scenes`" in text and "scene_exact" in text and (tmp_path / "grids" / "paper.png").is_file()
+
+
+@pytest.mark.parametrize("kind", ["lab_scenes", "flux"])
+def test_another_worlds_rewards_are_refused_before_any_model_loads(tmp_path, capsys, kind):
+    """The digits' rewards cannot score RGB scenes or Flux images: one config error naming what to set instead,
+    exit 2, nothing built or loaded (the model path does not even exist)."""
+    from g2rpo.train.cli import main
+
+    assert main([f"model.kind={kind}", f"model.path={tmp_path / 'nowhere'}", "iterations=1",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "digit_alignment scores the lab world's images" in err and f"model.kind={kind}" in err
+    assert ("scene_clip" in err) == (kind == "lab_scenes") and not (tmp_path / "run").exists()

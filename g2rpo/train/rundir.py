@@ -35,9 +35,10 @@ RESUMABLE = (
 def preflight(cfg: TrainConfig) -> tuple[list[str], dict | None]:
     """Every check that needs no model: files the config names, the output folder, the prompts. Returns the prompts
     and, for an image-to-video family, their checked images (``{prompt: ImagePrompt}``; else None)."""
-    from ..policy import check_paths
+    from ..policy import check_paths, check_world_rewards
     from ..prompts import load_prompts
 
+    check_world_rewards(cfg.model, cfg.rewards)
     check_paths(cfg.model, cfg.rewards)
     import importlib.util
 
