@@ -12,7 +12,8 @@ from .hub import PATH_OPTIONS, HubError, resolve_path, reward_options, with_usua
 from .rewards import FrameAggregated, RewardModel, make_reward
 from .rewards.registry import takes_prompt_file
 
-__all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths", "plan_trained_experts", "resolve_trained_experts"]
+__all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths", "check_world_rewards", "plan_trained_experts", "resolve_trained_experts"]
+
 
 def check_world_rewards(model: ModelConfig, rewards: list[RewardSpec]) -> None:
     """Before anything loads: a lab world's reward scores that world's images only (the digits' one channel, the

@@ -40,7 +40,8 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     return c
 
 
-def run_compare(args: argparse.Namespace, world: Path | None = None) -> None:
+def run_compare(args: argparse.Namespace) -> None:
+    """The comparison of ``args`` (both CLIs' ``compare``); ``--checkpoint`` must hold a built world of ``--world``."""
     from .compare import CHEAPER_VARIANTS, FAMILIES, LAMBDA_ABLATION, METHODS, CompareSettings, compare
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -52,9 +53,10 @@ def run_compare(args: argparse.Namespace, world: Path | None = None) -> None:
 
     try:
         overrides = parse_overrides(args.set)
+        from .compare import _deep_update
         from .worlds import world_spec
 
-        load_config(None, _merge(world_spec(args.world).reset, overrides))  # refused before any run starts
+        load_config(None, _deep_update(world_spec(args.world).reset, overrides))  # refused before any run starts
     except ConfigError as err:
         sys.exit(f"--set: {err}")
     known = {**CHEAPER_VARIANTS, **LAMBDA_ABLATION}
@@ -75,6 +77,13 @@ def run_compare(args: argparse.Namespace, world: Path | None = None) -> None:
                                eval_every=args.eval_every, per_sde_step_variant=not args.no_variant,
                                overrides=overrides, budget=args.budget, variants=variants,
                                extend_lr=args.extend_lr, cost_points=args.cost_points, world=args.world)
+    world = None
+    if args.checkpoint:
+        from .worlds import world_spec
+
+        world, marker = Path(args.checkpoint), world_spec(args.world).marker
+        if not (world / marker).is_file():
+            sys.exit(f"--checkpoint {world}: not a {args.world} world (no {marker})")
     compare(args.out, settings, world)
 
 
@@ -83,17 +92,5 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_compare_parser(sub)
     args = parser.parse_args(argv)
-    world = None
-    if args.checkpoint:
-        from .worlds import world_spec
+    run_compare(args)
 
-        world, marker = Path(args.checkpoint), world_spec(args.world).marker
-        if not (world / marker).is_file():
-            sys.exit(f"--checkpoint {world}: not a {args.world} world (no {marker})")
-    run_compare(args, world)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    from .compare import _deep_update
-
-    return _deep_update(base, extra)

@@ -502,7 +502,7 @@ def tables_markdown(results: dict) -> str:
             f"{base['final'][str(st)][key]:.3f} / {_score(results, base['final'][str(st)]):.3f}"
             for st in EVAL_STEPS) + " |")
         for m, rs in runs.items():
-            cells = [f"{np.mean([judge_at(results, r, str(st)) for r in rs]):.3f} / "
+            cells = [f"{np.mean([_judge(results, r, str(st)) for r in rs]):.3f} / "
                      f"{np.mean([_score(results, r['final'][str(st)]) for r in rs]):.3f}" for st in EVAL_STEPS]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         if "dance_grpo" in runs:
@@ -548,10 +548,6 @@ def tables_markdown(results: dict) -> str:
                          + f" | {np.mean([r['cost_per_iter'] for r in runs_]):,.0f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def judge_at(results: dict, r: dict, steps: str) -> float:
-    return r["final"][steps][results["judge_key"]]
 
 
 def _write_figures(out: Path, results: dict, images: dict[str, dict[str, tuple]], base_images: tuple) -> None:

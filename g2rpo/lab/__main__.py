@@ -88,14 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "compare":
         from ..experiments.cli import run_compare
 
-        from ..experiments.worlds import world_spec
-
-        world = None
-        if args.checkpoint:
-            world, marker = Path(args.checkpoint), world_spec(args.world).marker
-            if not (world / marker).is_file():
-                sys.exit(f"--checkpoint {world}: not a {args.world} world (no {marker})")
-        run_compare(args, world=world)
+        run_compare(args)
         return
     if args.cmd == "sample":
         if args.n < 1:
