@@ -128,7 +128,11 @@ class SceneExact:
 
     def evaluate(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
         """``scene_exact`` (overall accuracy) and ``scene_exact/<category>`` for each category present."""
-        ok = self.correct(images, prompts)
+        return self.summarize(self.correct(images, prompts), prompts)
+
+    @staticmethod
+    def summarize(ok: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
+        """:meth:`evaluate`'s numbers from verdicts already taken (``ok [N]`` of :meth:`correct`)."""
         cats = [parse_prompt(p).category for p in prompts]
         out = {"scene_exact": float(ok.mean())}
         for c in CATEGORIES:

@@ -229,10 +229,10 @@ def evaluate_scenes(policy: LabPolicy, world: str | Path, steps: int = 16, per_p
     rows = [p for p in texts for _ in range(per_prompt)]
     images = sample_scenes(policy, rows, steps=steps, seed=seed)
     out = {name: float(r.score(images, rows).mean()) for name, r in rewards.items()}
-    out.update(exact.evaluate(images, rows))
+    ok = exact.correct(images, rows)  # judged once: overall, per category and per held-out set
+    out.update(exact.summarize(ok, rows))
     if prompts == "test":
         n_para = len(scene_prompts("test_paraphrase")) * per_prompt
-        ok = exact.correct(images, rows)
         out["scene_exact/paraphrase"] = float(ok[:n_para].mean())
         out["scene_exact/heldout_pairs"] = float(ok[n_para:].mean())
     out["scene_detector"] = float(detector.score(images, rows).mean())
