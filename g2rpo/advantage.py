@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["mgai_diagnostics", "GROUP_STD_EPS", "batch_std", "group_advantages", "integrate_advantages", "check_finite_rewards"]
+__all__ = ["mgai_diagnostics", "GROUP_STD_EPS", "reward_weights", "batch_std", "group_advantages", "integrate_advantages", "check_finite_rewards"]
 
 #: Added to the group's std (DanceGRPO's convention: unbiased std + 1e-8).
 GROUP_STD_EPS = 1e-8
@@ -45,6 +45,18 @@ def batch_std(rewards: torch.Tensor, unbiased: bool = False, all_reduce=None) ->
     s1, s2, n = stats
     var = (s2 - s1 * s1 / n).clamp_min(0) / (n - 1 if unbiased else n)
     return var.sqrt()[:, None, :, :, None]
+
+
+def reward_weights(weights: Sequence[float], normalize: bool = False) -> list[float]:
+    """The weights of Eq. 11's sum over rewards: as given, or divided by their sum (MixGRPO's
+    ``train_grpo_flux.py`` normalises ``reward_weights`` to sum to 1 before it sums the weighted advantages)."""
+    w = [float(x) for x in weights]
+    if not normalize:
+        return w
+    total = sum(w)
+    if not total > 0:
+        raise ValueError(f"normalised reward weights need a positive sum, got {w}")
+    return [x / total for x in w]
 
 
 def check_finite_rewards(rewards: torch.Tensor, names: Sequence[str] | None = None, max_report: int = 8) -> None:

@@ -158,6 +158,9 @@ class AdvantageConfig:
     std: str = "group"
     unbiased: bool = True  # torch .std() as G2RPO/DanceGRPO; false: np.std as Flow-GRPO
     eps: float = 1e-8  # added to the std: 1e-8 G2RPO/DanceGRPO, 1e-4 Flow-GRPO
+    # several rewards: their weights as given (Eq. 11; G2RPO's code sums its per-reward advantages at weight 1), or
+    # divided by their sum first (MixGRPO's train_grpo_flux.py: reward_weights normalised to sum to 1)
+    normalize_weights: bool = False
 
 
 @dataclass
@@ -294,6 +297,9 @@ class TrainConfig:
             ("advantage.std", self.advantage.std in ("group", "batch"), f"must be group or batch, "
              f"got {self.advantage.std!r}"),
             ("advantage.eps", self.advantage.eps >= 0, "must be >= 0"),
+            ("advantage.normalize_weights", not self.advantage.normalize_weights or
+             sum(r.weight for r in self.rewards) > 0,
+             f"divides the rewards' weights by their sum, which must be > 0; got weights {[r.weight for r in self.rewards]}"),
             ("loss.kl_convention", self.loss.kl_convention in ("transition", "flow_grpo"),
              f"must be transition or flow_grpo, got {self.loss.kl_convention!r}"),
             ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "must be in (0, 1) or null"),

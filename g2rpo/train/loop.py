@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..advantage import batch_std, check_finite_rewards, integrate_advantages, mgai_diagnostics
+from ..advantage import batch_std, check_finite_rewards, integrate_advantages, mgai_diagnostics, reward_weights
 from ..checkpoint import CheckpointWriteError, complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..distributed import DistContext, rollout_mode
@@ -258,7 +258,7 @@ class Trainer:
         std = None
         if a.std == "batch":  # Flow-GRPO's global_std: the std of every rank's rewards
             std = batch_std(rewards, a.unbiased, all_reduce=self.ctx.all_reduce_sum)  # a no-op on one rank
-        adv = integrate_advantages(rewards, [w for _, _, w in self.rewards], eps=a.eps, unbiased=a.unbiased, std=std)
+        adv = integrate_advantages(rewards, self._weights(), eps=a.eps, unbiased=a.unbiased, std=std)
         return adv[:, rollout.adv_slot_of.to(adv.device)]
 
     def iteration(self, iteration: int) -> dict[str, float]:
@@ -320,6 +320,10 @@ class Trainer:
         """The run's cumulative cost so far (forward-row equivalents)."""
         return self.cost_totals.get("cost", 0.0)
 
+    def _weights(self) -> list[float]:
+        """The rewards' weights in Eq. 11 (``advantage.normalize_weights``: divided by their sum, MixGRPO's code)."""
+        return reward_weights([w for _, _, w in self.rewards], self.cfg.advantage.normalize_weights)
+
     def _apply_granularities(self) -> None:
         """Roll out with the granularities still active (after an automatic drop, or restored on resume)."""
         import dataclasses
@@ -359,7 +363,7 @@ class Trainer:
         if rewards.shape[3] < 2:
             return {}
         a = self.cfg.advantage
-        spearman, share = mgai_diagnostics(rewards, [w for _, _, w in self.rewards], eps=a.eps, unbiased=a.unbiased)
+        spearman, share = mgai_diagnostics(rewards, self._weights(), eps=a.eps, unbiased=a.unbiased)
         out = {}
         for k, e in enumerate(rollout.step_index.tolist()):
             for j, lam in enumerate(rollout.granularities):
