@@ -39,3 +39,22 @@ def test_mix_grpo_official_normalises_the_reward_weights(lab_world, tmp_path):
     with pytest.raises(ConfigError, match="advantage.normalize_weights"):
         load_config(None, tiny(lab_world, tmp_path / "zero", **{
             "advantage.normalize_weights": True, "rewards": [{"name": "digit_alignment", "weight": 0.0}]}))
+
+
+def test_dance_grpo_never_trains_the_last_step_whose_noise_never_reaches_the_x0_scored_image():
+    from g2rpo.rollout import make_strategy
+
+    for preset in ("dance_grpo-paper", "dance_grpo-official"):
+        cfg = load_config([LAB, METHODS / f"{preset}.yaml"])
+        s = make_strategy("dance_grpo", **cfg.sampler.strategy_options())
+        assert s.score_x0 and s.train_last_step is False, preset
+        g = torch.Generator().manual_seed(0)
+        plan = s.plan(0)
+        trained = torch.stack([s.train_mask(plan, 2, g) for _ in range(32)]).any(0).any(0).any(-1)  # [K]
+        assert not trained[plan.step_index.tolist().index(s.num_steps - 1)], preset
+        assert int(s.train_mask(plan, 1, g)[0, :, 0].sum()) == int(0.6 * (s.num_steps - 1))  # 9 of the first 15
+    assert make_strategy("dance_grpo").train_last_step is False  # the default follows score_x0
+    assert make_strategy("dance_grpo", score_x0=False).train_last_step is True
+    assert make_strategy("flow_grpo").train_last_step is True
+    with pytest.raises(ValueError, match="zero-mean noise"):
+        make_strategy("dance_grpo", train_last_step=True)

@@ -176,7 +176,9 @@ class TrajectoryStrategy(Strategy):
     # whole iteration ("per_iteration"), a random subset per sample ("per_sample", DanceGRPO's code),
     # or the first ones in order ("first", Flow-GRPO's code)
     train_selection: str = "per_iteration"
-    train_last_step: bool = True  # False: the last grid step is never trained (DanceGRPO's code)
+    # False: the last grid step is never trained (DanceGRPO's code); None: not when score_x0 (the last step's noise
+    # never reaches the x0-scored image, so its policy gradient is zero-mean noise), else yes
+    train_last_step: bool | None = None
     window_size: int | None = None  # None: SDE at every step
     window_stride: int = 1
     shift_interval: int = 25
@@ -197,6 +199,12 @@ class TrajectoryStrategy(Strategy):
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction!r}")
         if self.train_selection not in TRAIN_SELECTIONS:
             raise ValueError(f"train_selection must be one of {TRAIN_SELECTIONS}, got {self.train_selection!r}")
+        if self.train_last_step is None:
+            object.__setattr__(self, "train_last_step", not self.score_x0)
+        elif self.train_last_step and self.score_x0:
+            raise ValueError("train_last_step=True with score_x0=True trains the last step, whose noise never reaches "
+                             "the scored x0 prediction (its gradient is zero-mean noise; DanceGRPO's code drops it): "
+                             "set train_last_step false, or score_x0 false to score the last sample")
         if self.window_end is not None and self.window_end < 0:  # relative to T: -2 is MixGRPO's T-2
             object.__setattr__(self, "window_end", self.num_steps + self.window_end)
         if self.window_end is not None and not 1 <= self.window_end <= self.num_steps:
