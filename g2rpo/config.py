@@ -74,8 +74,8 @@ class SamplerConfig:
     num_steps: int = 16
     shift: float = 3.0
     eta: float | None = None  # None: the strategy's published default
-    sde_indices: list[int] = field(default_factory=lambda: list(range(8)))
-    granularities: list[int] = field(default_factory=lambda: [1, 2, 3])
+    sde_indices: list[int] | None = None  # None: the strategy's (G2RPO: the first 8 steps)
+    granularities: list[int] | None = None  # None: the strategy's (G2RPO: Lambda = {1, 2, 3})
     # G2RPO: roll out a random subset of this many sde_indices per iteration (drawn from sampler_seed and the
     # iteration: the same on every rank and after --resume); null: all (the paper)
     sde_subset: int | None = None
@@ -230,15 +230,20 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Impossible combinations, named by key (no model is loaded)."""
-        from .rollout.strategies import make_strategy
+        from .rollout.strategies import STRATEGY_CLASSES, make_strategy
 
         s = self.sampler
         try:
             options = s.strategy_options()  # the keys the strategy uses: G2RPO-only keys checked for G2RPO only
         except ValueError as err:
             raise ConfigError(f"sampler.strategy: {err}") from None
-        g2rpo_keys = "sde_indices" in options
-        granularities = list(options.get("granularities", ()))
+        g2rpo_keys = "sde_indices" in {f.name for f in dataclasses.fields(STRATEGY_CLASSES[s.strategy])}
+        # the values the strategy will use: the config's, else the strategy's own defaults
+        defaults = {f.name: f.default for f in dataclasses.fields(STRATEGY_CLASSES[s.strategy])}
+        sde_indices = list(options.get("sde_indices", defaults.get("sde_indices", ())))
+        granularities = list(options.get("granularities", defaults.get("granularities", ())))
+        if s.strategy == "g2rpo_no_mgai":
+            granularities = [1]
         checks = [
             ("iterations", self.iterations >= 1, "must be >= 1"),
             ("max_cost", self.max_cost is None or (math.isfinite(self.max_cost) and self.max_cost > 0),
@@ -268,9 +273,10 @@ class TrainConfig:
              f"must be float64 or float32, got {s.schedule_precision!r}"),
             ("sampler.shift", s.shift > 0, "must be > 0"),
             ("sampler.num_steps", s.num_steps >= 1, "must be >= 1"),
-            ("sampler.sde_indices", not g2rpo_keys or all(0 <= e < s.num_steps for e in s.sde_indices),
-             f"must be in 0..sampler.num_steps-1 = 0..{s.num_steps - 1}, got {s.sde_indices}"),
-            ("sampler.granularities", not g2rpo_keys or bool(s.granularities) and all(g >= 1 for g in s.granularities),
+            ("sampler.sde_indices", not g2rpo_keys or all(0 <= e < s.num_steps for e in sde_indices),
+             f"must be in 0..sampler.num_steps-1 = 0..{s.num_steps - 1}, got {sde_indices}"
+             + ("" if s.sde_indices is not None else f" (the {s.strategy} default: set sampler.sde_indices)")),
+            ("sampler.granularities", not g2rpo_keys or bool(granularities) and all(g >= 1 for g in granularities),
              "must be a non-empty list of ints >= 1"),
             ("sampler.group_size", s.group_size >= 2, "must be >= 2"),
             ("data.prompts_per_iteration", self.data.prompts_per_iteration >= 1, "must be >= 1"),
@@ -335,9 +341,9 @@ class TrainConfig:
             ("loss.clip_range", finite(self.loss.clip_range), f"must be finite, got {self.loss.clip_range}"),
             ("loss.adv_clip_max", finite(self.loss.adv_clip_max), f"must be finite, got {self.loss.adv_clip_max}"),
             ("loss.kl_beta", finite(self.loss.kl_beta), f"must be finite, got {self.loss.kl_beta}"),
-            ("sampler.granularities", not g2rpo_keys or all(g < s.num_steps for g in s.granularities),
+            ("sampler.granularities", not g2rpo_keys or all(g < s.num_steps for g in granularities),
              f"must be < sampler.num_steps ({s.num_steps}): a granularity is a stride over the remaining steps, "
-             f"got {s.granularities}"),
+             f"got {granularities}"),
             ("dist_timeout_s", self.dist_timeout_s >= 1, "must be >= 1"),
         ]
         for key, ok, msg in checks:
@@ -400,7 +406,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as err:
-                errors.append(str(err))
+                errors.append(err)
+        if len(errors) == 1:  # X | None: X's own message (it says how to write the value)
+            raise errors[0]
         raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):

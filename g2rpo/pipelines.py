@@ -63,8 +63,8 @@ def policy_for(pipe, height: int | None = None, width: int | None = None, guidan
 
 
 def rollout(pipe, prompts: Sequence[str], strategy: str = "g2rpo", *, num_steps: int = 16, group_size: int = 12,
-            eta: float | None = None, sde_indices: Sequence[int] = tuple(range(8)),
-            granularities: Sequence[int] = (1, 2, 3), max_batch: int = 64, seed: int = 0, decode: bool = True,
+            eta: float | None = None, sde_indices: Sequence[int] | None = None,
+            granularities: Sequence[int] | None = None, max_batch: int = 64, seed: int = 0, decode: bool = True,
             height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
             max_sequence_length: int | None = None, shift: float = 3.0, images: Sequence | None = None,
             num_frames: int | None = None, **strategy_options) -> PipelineRollout:

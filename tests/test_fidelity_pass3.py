@@ -58,3 +58,36 @@ def test_dance_grpo_never_trains_the_last_step_whose_noise_never_reaches_the_x0_
     assert make_strategy("flow_grpo").train_last_step is True
     with pytest.raises(ValueError, match="zero-mean noise"):
         make_strategy("dance_grpo", train_last_step=True)
+
+
+STRATEGY_NAMES = ("g2rpo", "g2rpo_no_mgai", "dance_grpo", "flow_grpo", "mix_grpo")
+
+
+def _defaults(s) -> tuple:
+    return (s.eta, getattr(s, "sde_indices", None), getattr(s, "granularities", None))
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_each_strategy_default_lives_in_the_strategy(name):
+    """G2RPOSampler, pipelines.rollout and the config all leave eta, M and Lambda to the strategy's dataclass
+    (G2RPOSampler gave DanceGRPO eta 0.7 against make_strategy's 0.3); the compare tool's paper presets agree."""
+    from g2rpo.experiments.compare import preset_path
+    from g2rpo.pipelines import rollout
+    from g2rpo.rollout import G2RPOSampler, make_strategy
+    from g2rpo.testing.tiny import tiny_flux_pipeline
+
+    own = make_strategy(name, num_steps=16, group_size=2)
+    assert _defaults(G2RPOSampler(lambda x, s, c: x, num_steps=16, group_size=2, strategy=name).strategy) == \
+        _defaults(own)
+    out = rollout(tiny_flux_pipeline(), ["a red cube"], name, num_steps=16, group_size=2, decode=False, height=32,
+                  width=32)
+    assert _defaults(out.sampler.strategy) == _defaults(own)
+    cfg = load_config(None, {"sampler": {"strategy": name, "sde_indices": None, "granularities": None,
+                                         "num_steps": 16, "group_size": 2}})
+    assert _defaults(make_strategy(name, **cfg.sampler.strategy_options())) == _defaults(own)
+    for family in ("paper", "official"):  # what the compare tool trains: the presets name the default or a source
+        preset = load_config([LAB, preset_path(name, family)]).sampler.strategy_options()
+        if family == "paper":
+            assert preset["eta"] == own.eta
+    with pytest.raises(ValueError, match="built strategy"):
+        G2RPOSampler(lambda x, s, c: x, strategy=own, eta=0.5)

@@ -25,23 +25,26 @@ class G2RPOSampler:
     :mod:`g2rpo.rollout.engine` for how ``cond`` is gathered per row). ``sde_indices``
     and ``granularities`` apply to the G2RPO strategies; other strategy options
     (``window_size``, ``train_fraction``, ``shared_noise``, ...) go in ``strategy_options``.
-    ``eta=None`` takes the strategy's published default (0.7; DanceGRPO 0.3). ``ops_backend``
+    ``eta``, ``sde_indices`` and ``granularities`` left None take the strategy's own defaults (its dataclass:
+    eta 0.7, DanceGRPO 0.3; M = the first 8 steps; Lambda = {1, 2, 3}). ``ops_backend``
     picks the fused SDE step (:mod:`g2rpo.ops`; ``"torch"`` is the reference). ``cuda_graphs``
     (GPU) or ``compile_options`` (torch.compile kwargs, any device) compile the model, with chunks
     padded to ``batch_buckets`` row counts (at most 4 shapes by default). ``strategy`` may
     also be a built :class:`Strategy`; its own settings are then used as they are.
     """
 
-    def __init__(self, model: VelocityModel, num_steps: int = 16, shift: float = 3.0, eta: float | None = 0.7,
-                 sde_indices: Iterable[int] = range(8), granularities: Iterable[int] = (1, 2, 3),
+    def __init__(self, model: VelocityModel, num_steps: int = 16, shift: float = 3.0, eta: float | None = None,
+                 sde_indices: Iterable[int] | None = None, granularities: Iterable[int] | None = None,
                  group_size: int = 12, max_batch: int | None = 64, strategy: str | Strategy = "g2rpo",
                  quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto",
                  cuda_graphs: bool = False, compile_options: dict | None = None,
                  batch_buckets: Iterable[int] | None = None, schedule_precision: str = "float64",
                  **strategy_options) -> None:
         if isinstance(strategy, Strategy):
-            if strategy_options:
-                raise ValueError(f"options {sorted(strategy_options)} given with a built strategy")
+            given = dict(strategy_options, eta=eta, sde_indices=sde_indices, granularities=granularities)
+            given = sorted(k for k, v in given.items() if v is not None)
+            if given:
+                raise ValueError(f"options {given} given with a built strategy (it carries its own)")
             self.strategy = strategy
         else:
             self.strategy = make_strategy(strategy, **strategy_options_for(
