@@ -10,7 +10,7 @@ import math
 
 import torch
 
-__all__ = ["SCHEDULE_PRECISIONS", "distinct_sde_indices", "sigma_schedule", "granularity_grid", "model_timesteps"]
+__all__ = ["SCHEDULE_PRECISIONS", "check_sigmas", "distinct_sde_indices", "sigma_schedule", "granularity_grid", "model_timesteps"]
 
 
 def _check_int(name: str, value: object) -> int:
@@ -45,6 +45,18 @@ def sigma_schedule(num_steps: int, shift: float = 3.0, precision: str = "float64
     sigmas = shift * s / (1.0 + (shift - 1.0) * s)
     sigmas[0], sigmas[-1] = 1.0, 0.0  # exact end points whatever the rounding
     return sigmas
+
+
+def check_sigmas(sigmas, num_steps: int) -> torch.Tensor:
+    """A given schedule (a pipeline's own) as float64 ``[T + 1]``: strictly decreasing from at most 1 to 0, one more
+    value than ``num_steps`` (ValueError naming what is wrong)."""
+    sig = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten()
+    num_steps = _check_int("num_steps", num_steps)
+    if sig.numel() != num_steps + 1:
+        raise ValueError(f"a schedule for {num_steps} steps has {num_steps + 1} sigmas, got {sig.numel()}")
+    if not torch.isfinite(sig).all() or sig[0] > 1 or sig[-1] != 0 or not (sig[1:] < sig[:-1]).all():
+        raise ValueError(f"sigmas must fall strictly from at most 1 to exactly 0, got {sig.tolist()}")
+    return sig
 
 
 def granularity_grid(num_steps: int, sde_index: int, granularity: int) -> list[int]:

@@ -8,7 +8,7 @@ import torch
 from family_e2e import train_and_eval
 from g2rpo import G2RPOSampler
 from g2rpo.models import Flux2Policy, load_policy
-from g2rpo.testing.tiny import tiny_flux2_pipeline
+from g2rpo.testing.tiny import tiny_flux2_pipeline, with_hub_scheduler
 
 T = 6
 PROMPT = "a red cube on a table"
@@ -18,7 +18,7 @@ LAYERS = (1, 2, 3)  # the tiny Mistral-3 has 3 layers (FLUX.2 [dev]: 10, 20, 30)
 @pytest.fixture(scope="module")
 def flux2_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("flux2") / "tiny-flux2"
-    tiny_flux2_pipeline(seed=0).save_pretrained(d)
+    with_hub_scheduler(tiny_flux2_pipeline(seed=0), "flux2").save_pretrained(d)  # dynamic: the pipeline's mu
     return d
 
 
@@ -31,10 +31,11 @@ def test_flux2_ode_equals_the_pipeline(flux2_dir):
     assert isinstance(policy, Flux2Policy)
     noise = policy.prepare_latents(1, torch.Generator().manual_seed(0))
     assert noise.shape == (1, 64, 16)
-    ro = G2RPOSampler(policy, num_steps=T, sde_indices=[1], granularities=(1,), group_size=2).rollout(
+    ro = G2RPOSampler(policy, num_steps=T, sde_indices=[1], granularities=(1,), group_size=2,
+                      sigmas=policy.pipeline_sigmas(T)).rollout(
         noise, policy.encode_prompts([PROMPT]), generator=torch.Generator().manual_seed(1))
-    pipe = Flux2Pipeline.from_pretrained(flux2_dir, torch_dtype=torch.float32)
-    kw = dict(prompt=PROMPT, height=32, width=32, num_inference_steps=T, sigmas=list(np.linspace(1.0, 1.0 / T, T)),
+    pipe = Flux2Pipeline.from_pretrained(flux2_dir, torch_dtype=torch.float32)  # scheduler untouched
+    kw = dict(prompt=PROMPT, height=32, width=32, num_inference_steps=T,
               guidance_scale=4.0, max_sequence_length=64, text_encoder_out_layers=LAYERS,
               latents=noise.permute(0, 2, 1).reshape(1, 16, 8, 8))  # the pipeline takes them unpacked
     ref = pipe(**kw, output_type="latent").images

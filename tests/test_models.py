@@ -4,7 +4,7 @@ import torch
 
 from g2rpo import G2RPOSampler
 from g2rpo.models import FluxPolicy, SD3Policy, load_policy, pack_latents, unpack_latents
-from g2rpo.testing.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+from g2rpo.testing.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, with_hub_scheduler
 
 T = 6
 PROMPT = "a red cube on a table"
@@ -13,14 +13,14 @@ PROMPT = "a red cube on a table"
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("flux") / "tiny-flux"
-    tiny_flux_pipeline(seed=0).save_pretrained(d)
+    with_hub_scheduler(tiny_flux_pipeline(seed=0), "flux").save_pretrained(d)  # FLUX.1-dev's: dynamic shift
     return d
 
 
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
-    tiny_sd3_pipeline(seed=0).save_pretrained(d)
+    with_hub_scheduler(tiny_sd3_pipeline(seed=0), "sd3").save_pretrained(d)  # SD3.5's: shift 3, sigma_min
     return d
 
 
@@ -43,11 +43,12 @@ def test_flux_anchor_equals_flux_pipeline(flux_dir):
     noise = policy.prepare_latents(1, torch.Generator().manual_seed(0))
     assert noise.shape == (1, 64, 16)
     cond = policy.encode_prompts([PROMPT])
-    ro = G2RPOSampler(policy, num_steps=T, sde_indices=[1], granularities=(1,), group_size=2).rollout(
-        noise, cond, generator=torch.Generator().manual_seed(1))
-    pipe = FluxPipeline.from_pretrained(flux_dir, torch_dtype=torch.float32)
-    ref = pipe(PROMPT, height=32, width=32, latents=noise.clone(), sigmas=np.linspace(1.0, 1.0 / T, T),
-               num_inference_steps=T, guidance_scale=3.5, max_sequence_length=24, output_type="latent").images
+    ro = G2RPOSampler(policy, num_steps=T, sde_indices=[1], granularities=(1,), group_size=2,
+                      sigmas=policy.pipeline_sigmas(T)).rollout(noise, cond, generator=torch.Generator().manual_seed(1))
+    pipe = FluxPipeline.from_pretrained(flux_dir, torch_dtype=torch.float32)  # its scheduler and defaults untouched
+    ref = pipe(PROMPT, height=32, width=32, latents=noise.clone(), num_inference_steps=T, guidance_scale=3.5,
+               max_sequence_length=24, output_type="latent").images
+    assert torch.allclose(ro.sigmas.float(), pipe.scheduler.sigmas)
     assert torch.allclose(ro.anchor[:, -1], ref, atol=1e-5, rtol=1e-5)
     images = policy.decode(ro.anchor[:, -1])
     assert images.shape == (1, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
@@ -67,12 +68,13 @@ def test_sd3_anchor_equals_sd3_pipeline(sd3_dir, guidance):
                          max_sequence_length=24)
     assert isinstance(policy, SD3Policy)
     noise = policy.prepare_latents(1, torch.Generator().manual_seed(0))
-    ro = G2RPOSampler(policy, num_steps=T, sde_indices=[0], granularities=(1,), group_size=2).rollout(
+    ro = G2RPOSampler(policy, num_steps=T, sde_indices=[0], granularities=(1,), group_size=2,
+                      sigmas=policy.pipeline_sigmas(T)).rollout(
         noise, policy.encode_prompts([PROMPT]), generator=torch.Generator().manual_seed(1))
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, torch_dtype=torch.float32)
-    pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, shift=3.0)
-    ref = pipe(PROMPT, height=32, width=32, latents=noise.clone(), sigmas=list(np.linspace(1.0, 1.0 / T, T)),
-               num_inference_steps=T, guidance_scale=guidance, max_sequence_length=24, output_type="latent").images
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, torch_dtype=torch.float32)  # scheduler untouched
+    ref = pipe(PROMPT, height=32, width=32, latents=noise.clone(), num_inference_steps=T, guidance_scale=guidance,
+               max_sequence_length=24, output_type="latent").images
+    assert torch.allclose(ro.sigmas.float(), pipe.scheduler.sigmas) and float(ro.sigmas[-2]) < 0.05  # sigma_min
     assert torch.allclose(ro.anchor[:, -1], ref, atol=1e-5, rtol=1e-5)
 
 

@@ -8,7 +8,7 @@ import torch
 from family_e2e import train_and_eval
 from g2rpo import G2RPOSampler
 from g2rpo.models import QwenImagePolicy, load_policy
-from g2rpo.testing.tiny import tiny_qwen_image_pipeline
+from g2rpo.testing.tiny import tiny_qwen_image_pipeline, with_hub_scheduler
 
 T = 6
 PROMPT = "a red cube on a table"
@@ -18,7 +18,7 @@ SEQ = 256  # the tiny byte-level tokenizer spends ~120 tokens on the prompt temp
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("qwen") / "tiny-qwen-image"
-    tiny_qwen_image_pipeline(seed=0).save_pretrained(d)
+    with_hub_scheduler(tiny_qwen_image_pipeline(seed=0), "qwen_image").save_pretrained(d)  # shift_terminal 0.02
     return d
 
 
@@ -32,12 +32,13 @@ def test_qwen_image_ode_equals_the_pipeline(qwen_dir, true_cfg):
     assert isinstance(policy, QwenImagePolicy)
     noise = policy.prepare_latents(1, torch.Generator().manual_seed(0))
     assert noise.shape == (1, 64, 16)
-    ro = G2RPOSampler(policy, num_steps=T, sde_indices=[1], granularities=(1,), group_size=2).rollout(
+    ro = G2RPOSampler(policy, num_steps=T, sde_indices=[1], granularities=(1,), group_size=2,
+                      sigmas=policy.pipeline_sigmas(T)).rollout(
         noise, policy.encode_prompts([PROMPT]), generator=torch.Generator().manual_seed(1))
-    pipe = QwenImagePipeline.from_pretrained(qwen_dir, torch_dtype=torch.float32)
+    pipe = QwenImagePipeline.from_pretrained(qwen_dir, torch_dtype=torch.float32)  # scheduler untouched
     ref = pipe(PROMPT, negative_prompt=" ", true_cfg_scale=true_cfg, height=32, width=32, num_inference_steps=T,
-               sigmas=list(np.linspace(1.0, 1.0 / T, T)), latents=noise.clone(), max_sequence_length=SEQ,
-               output_type="latent").images
+               latents=noise.clone(), max_sequence_length=SEQ, output_type="latent").images
+    assert torch.allclose(ro.sigmas.float(), pipe.scheduler.sigmas) and float(ro.sigmas[-2]) == pytest.approx(0.02)
     assert torch.allclose(ro.anchor[:, -1], ref, atol=1e-5, rtol=1e-5)
     images = policy.decode(ro.anchor[:, -1])
     expected = pipe(PROMPT, negative_prompt=" ", true_cfg_scale=true_cfg, height=32, width=32,

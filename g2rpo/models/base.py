@@ -139,6 +139,39 @@ class PolicyAdapter(torch.nn.Module):
                              config.get("max_shift", 1.15))
         return math.exp(mu)
 
+    def pipeline_sigmas(self, num_steps: int) -> torch.Tensor:
+        """The ``num_steps + 1`` sigmas (float64) the family's diffusers pipeline samples with when called with its
+        defaults (``pipe(prompt, num_inference_steps=num_steps)``): the pipeline's own inputs to its scheduler
+        (:meth:`_pipeline_schedule_inputs`) through a fresh copy of the scheduler it carries, so that every setting
+        of its ``scheduler_config.json`` holds (shift, dynamic shift and its sequence lengths, ``shift_terminal``,
+        sigma_min, Karras / exponential / beta sigmas). Only for flow-match Euler schedulers (ValueError
+        otherwise: a UniPC or DPM scheduler's steps are not the Euler steps g2rpo takes)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = getattr(self._pipe, "scheduler", None)
+        if type(sched) is not FlowMatchEulerDiscreteScheduler:
+            raise ValueError(f"{type(self).__name__}: the pipeline's scheduler is {type(sched).__name__}, not "
+                             "FlowMatchEulerDiscreteScheduler, so its default schedule is not an Euler one: use the "
+                             "static shift schedule (sampler.schedule: shift)")
+        sigmas, mu = self._pipeline_schedule_inputs(num_steps, sched.config)
+        fresh = FlowMatchEulerDiscreteScheduler.from_config(sched.config)
+        fresh.set_timesteps(num_inference_steps=None if sigmas is not None else num_steps, sigmas=sigmas, mu=mu)
+        from ..schedule import check_sigmas
+
+        return check_sigmas(fresh.sigmas, num_steps)
+
+    def _pipeline_schedule_inputs(self, num_steps: int, config) -> tuple[Any, float | None]:
+        """``(sigmas, mu)`` the pipeline's ``__call__`` passes its scheduler by default. FluxPipeline and
+        QwenImagePipeline (diffusers 0.42): ``linspace(1, 1/T, T)`` and ``mu = calculate_shift(image_seq_len, ...)``
+        from the scheduler config (used only when it shifts dynamically)."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        mu = calculate_shift(self.image_seq_len, config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        return np.linspace(1.0, 1 / num_steps, num_steps), mu
+
     # ---- latents, images, saving ---------------------------------------------------------------
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         raise NotImplementedError

@@ -44,6 +44,18 @@ class Flux2Policy(PolicyAdapter):
         return cls(Flux2Pipeline.from_pretrained(checked_folder(path, "flux2"), torch_dtype=dtype), **settings)
 
     @property
+    def image_seq_len(self) -> int:
+        return self.grid[0] * self.grid[1]  # packed tokens
+
+    def _pipeline_schedule_inputs(self, num_steps: int, config) -> tuple:
+        """Flux2Pipeline (diffusers 0.42): ``linspace(1, 1/T, T)`` with ``mu = compute_empirical_mu(image_seq_len,
+        T)`` (its own fit; not the scheduler config's sequence lengths)."""
+        import numpy as np
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        return np.linspace(1.0, 1 / num_steps, num_steps), compute_empirical_mu(self.image_seq_len, num_steps)
+
+    @property
     def channels(self) -> int:
         return self.transformer.config.in_channels  # 4 x the VAE's latent channels
 

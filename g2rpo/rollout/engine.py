@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schedule import model_timesteps, sigma_schedule
+from ..schedule import check_sigmas, model_timesteps, sigma_schedule
 from ..ops import sde_step_logprob
 from ..sde import ode_step, sde_coefficients
 from .plan import Plan
@@ -207,7 +207,8 @@ class RolloutEngine:
     def __init__(self, model: VelocityModel, num_steps: int = 16, shift: float = 3.0, max_batch: int | None = 64,
                  quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto",
                  cuda_graphs: bool = False, compile_options: Mapping[str, object] | None = None,
-                 batch_buckets: Sequence[int] | None = None, schedule_precision: str = "float64") -> None:
+                 batch_buckets: Sequence[int] | None = None, schedule_precision: str = "float64",
+                 sigmas: torch.Tensor | Sequence[float] | None = None) -> None:
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"max_batch must be an int >= 1 or None, got {max_batch!r}")
         if (cuda_graphs or compile_options is not None) and max_batch is None:
@@ -219,7 +220,10 @@ class RolloutEngine:
                 raise ValueError(f"batch_buckets must be ints >= 1 whose largest is max_batch ({max_batch}), "
                                  f"got {batch_buckets}")
         self.model = model
-        self.sigmas = sigma_schedule(num_steps, shift, schedule_precision)
+        # the schedule: given (a pipeline's own, :meth:`~g2rpo.models.base.PolicyAdapter.pipeline_sigmas`), or the
+        # static shift of linspace(1, 0, T + 1)
+        self.sigmas = sigma_schedule(num_steps, shift, schedule_precision) if sigmas is None else \
+            check_sigmas(sigmas, num_steps)
         self.max_batch = max_batch
         #: called before every tick of :meth:`run` (the trainer's stop check: it may raise to abandon a rollout)
         self.tick_hook: Callable[[], None] | None = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FLUX_DEV_TRANSFORMER", "TINY_FLUX_TRANSFORMER", "random_flux_velocity", "tiny_clip_tokenizer", "tiny_flux_pipeline", "tiny_flux2_pipeline", "tiny_qwen_image_pipeline", "tiny_wan_pipeline", "tiny_wan_i2v_pipeline",
+__all__ = ["FLUX_DEV_TRANSFORMER", "HUB_SCHEDULER_CONFIGS", "with_hub_scheduler", "TINY_FLUX_TRANSFORMER", "random_flux_velocity", "tiny_clip_tokenizer", "tiny_flux_pipeline", "tiny_flux2_pipeline", "tiny_qwen_image_pipeline", "tiny_wan_pipeline", "tiny_wan_i2v_pipeline",
            "tiny_qwen_vl_judge", "tiny_sd3_pipeline", "tiny_t5_tokenizer"]
 
 
@@ -73,6 +73,30 @@ def _vae(latent_channels: int, seed: int = 0):
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                          norm_num_groups=4, layers_per_block=1, sample_size=32, shift_factor=0.0609,
                          scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+
+
+#: The scheduler configs the released checkpoints ship (``scheduler/scheduler_config.json`` of FLUX.1-dev,
+#: SD3.5-Medium and Qwen-Image; FLUX.2-dev shifts dynamically with the mu its pipeline computes), for tests that
+#: call a tiny pipeline with its scheduler untouched.
+HUB_SCHEDULER_CONFIGS = {
+    "flux": {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+             "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True},
+    "sd3": {"num_train_timesteps": 1000, "shift": 3.0},
+    "qwen_image": {"base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 8192,
+                   "max_shift": 0.9, "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02,
+                   "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
+                   "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False},
+    "flux2": {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+              "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True},
+}
+
+
+def with_hub_scheduler(pipe, family: str):
+    """``pipe`` with the released checkpoint's scheduler config (:data:`HUB_SCHEDULER_CONFIGS`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(HUB_SCHEDULER_CONFIGS[family])
+    return pipe
 
 
 def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
