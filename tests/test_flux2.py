@@ -1,7 +1,6 @@
 """FLUX.2 (issue 15): parity with diffusers' Flux2Pipeline and `python -m g2rpo.train` / `python -m g2rpo.eval`
 end to end on a tiny pipeline built here."""
 
-import numpy as np
 import pytest
 import torch
 
