@@ -72,7 +72,12 @@ TRAIN_EXPERTS = ("auto", "both", "transformer", "transformer_2", "high", "low")
 class SamplerConfig:
     strategy: str = "g2rpo"  # g2rpo | g2rpo_no_mgai | dance_grpo | flow_grpo | mix_grpo
     num_steps: int = 16
-    shift: float = 3.0
+    # pipeline: the sigmas the model family's diffusers pipeline samples with by default (its scheduler config:
+    # shift, dynamic shift, shift_terminal, sigma_min); shift: sigma = shift * s / (1 + (shift - 1) s) on
+    # s = linspace(1, 0, T + 1), as the public G2RPO / DanceGRPO / MixGRPO scripts shift it themselves;
+    # null: the family's (pipeline for Flux, SD3, Qwen-Image, FLUX.2; shift for Wan and the lab worlds)
+    schedule: str | None = None
+    shift: float | None = None  # the static shift of schedule: shift (null: 3.0)
     eta: float | None = None  # None: the strategy's published default
     sde_indices: list[int] | None = None  # None: the strategy's (G2RPO: the first 8 steps)
     granularities: list[int] | None = None  # None: the strategy's (G2RPO: Lambda = {1, 2, 3})
@@ -107,6 +112,15 @@ class SamplerConfig:
     window_end: int | None = None  # MixGRPO's code: windows end before T-2 ...
     window_roll_back: bool | None = None  # ... and the start rolls back to 0 past it
     score_x0: bool | None = None  # score the last step's x0 prediction (DanceGRPO's code; its default) or the sample
+
+    def resolved_schedule(self, kind: str) -> str:
+        """``schedule``, or model family ``kind``'s default (``pipeline`` or ``shift``)."""
+        return self.schedule or FAMILIES[kind].defaults.schedule
+
+    @property
+    def static_shift(self) -> float:
+        """The shift of the ``shift`` schedule (3.0 when unset)."""
+        return 3.0 if self.shift is None else float(self.shift)
 
     def strategy_options(self) -> dict[str, Any]:
         """The strategy's options (:func:`g2rpo.rollout.strategies.strategy_options`: the keys it takes)."""
@@ -271,7 +285,9 @@ class TrainConfig:
              f"must be float32 or bfloat16, got {s.noise_dtype!r}"),
             ("sampler.schedule_precision", s.schedule_precision in ("float64", "float32"),
              f"must be float64 or float32, got {s.schedule_precision!r}"),
-            ("sampler.shift", s.shift > 0, "must be > 0"),
+            ("sampler.shift", s.shift is None or (math.isfinite(s.shift) and s.shift > 0), "must be > 0 or null"),
+            ("sampler.schedule", s.schedule in (None, "pipeline", "shift"),
+             f"must be pipeline, shift or null (the model family's), got {s.schedule!r}"),
             ("sampler.num_steps", s.num_steps >= 1, "must be >= 1"),
             ("sampler.sde_indices", not g2rpo_keys or all(0 <= e < s.num_steps for e in sde_indices),
              f"must be in 0..sampler.num_steps-1 = 0..{s.num_steps - 1}, got {sde_indices}"
@@ -332,6 +348,25 @@ class TrainConfig:
                 if value is not None and key not in takes:
                     raise ConfigError(f"model.{key} does not apply to model.kind {self.model.kind!r} (only to "
                                       f"{', '.join(n for n, f in FAMILIES.items() if key in f.options)})")
+        if self.model.kind in FAMILIES and s.schedule in (None, "pipeline", "shift"):
+            fam = FAMILIES[self.model.kind]
+            sched = s.resolved_schedule(fam.name)
+            if sched == "pipeline":
+                why = "sampler.schedule: pipeline takes the pipeline scheduler's own"
+                checks += [
+                    ("sampler.schedule", fam.defaults.schedule == "pipeline",
+                     f"pipeline: {fam.title} has no flow-match Euler pipeline schedule (" + (
+                         "its pipeline's default scheduler is UniPC" if fam.pipeline else "it has no diffusers pipeline")
+                     + "); use sampler.schedule: shift"),
+                    ("sampler.shift", s.shift is None, f"is set ({s.shift}), but {why} (set sampler.schedule: shift "
+                     f"to shift linspace(1, 0, T+1) as the public GRPO scripts do)"),
+                    ("sampler.dynamic_shift", not s.dynamic_shift, f"is set, but {why} (dynamic or not)"),
+                    ("sampler.schedule_precision", s.schedule_precision == "float64",
+                     f"is {s.schedule_precision}, but {why} (fp32, as the scheduler computes it)"),
+                ]
+            else:
+                checks.append(("sampler.dynamic_shift", not s.dynamic_shift or s.shift is None,
+                               f"replaces sampler.shift ({s.shift}) by the pipeline's exp(mu): set one of them"))
         finite = math.isfinite
         checks += [
             ("seed", self.seed >= 0, f"must be >= 0, got {self.seed}"),
@@ -353,7 +388,10 @@ class TrainConfig:
             strategy = make_strategy(s.strategy, **options)
         except ValueError as err:
             raise ConfigError(f"sampler: {err}") from None
-        _check_sde_steps(strategy, s.shift, s.schedule_precision)
+        if s.resolved_schedule(self.model.kind) == "shift" and not s.dynamic_shift:  # else: at set-up, on its sigmas
+            from .schedule import sigma_schedule
+
+            check_sde_steps(strategy, sigma_schedule(strategy.num_steps, s.static_shift, s.schedule_precision))
         from .rewards import BUILTIN_REWARDS, FRAME_REDUCTIONS, resolve_reward
 
         for i, r in enumerate(self.rewards):
@@ -366,17 +404,15 @@ class TrainConfig:
                     raise ConfigError(f"rewards[{i}].name: {err}") from None
 
 
-def _check_sde_steps(strategy, shift: float = 3.0, precision: str = "float64") -> None:
+def check_sde_steps(strategy, sig: torch.Tensor) -> None:
     """Refuse an eta so large that an SDE step's mean coefficient ``a`` (x_next = a x + b v + ...) is <= 0 on
-    this schedule (its shift and precision). Granularities giving one continuation twice are the strategy's own
+    the schedule ``sig`` (``[T + 1]`` sigmas). Granularities giving one continuation twice are the strategy's own
     check (:class:`~g2rpo.rollout.strategies.G2RPOStrategy`)."""
     from .rollout.strategies import G2RPOStrategy
-    from .schedule import sigma_schedule
     from .sde import sde_coefficients
 
     T = strategy.num_steps
     steps = list(strategy.sde_indices) if isinstance(strategy, G2RPOStrategy) else list(range(T))
-    sig = sigma_schedule(T, shift, precision)
     a, _, _ = sde_coefficients(sig, torch.tensor(steps), float(strategy.eta), strategy.sde_kind)
     if (a <= 0).any():
         i = int(torch.argmin(a))

@@ -100,16 +100,18 @@ def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: to
 
 @torch.no_grad()
 def evaluate(policy, prompts: list[str], positions: list[int], rewards: list[tuple[str, object]], steps: int,
-             shift: float, seed: int, max_batch: int, device, samples: int = 1
+             shift: float | None, seed: int, max_batch: int, device, samples: int = 1
              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Scores per reward ``[N * samples]`` and the images (prompt-major: each prompt's samples together)."""
+    """Scores per reward ``[N * samples]`` and the images (prompt-major: each prompt's samples together).
+    ``shift`` None: the pipeline's own default schedule (:meth:`~g2rpo.models.base.PolicyAdapter.pipeline_sigmas`)."""
     from .rollout.engine import RolloutEngine
     from .train.setup import seed_of
 
     noise = torch.stack([policy.prepare_latents(1, torch.Generator(device=device).manual_seed(
         seed_of(seed, p, s)), device=device)[0] for p in positions for s in range(samples)])
     rows = [p for p in prompts for _ in range(samples)]
-    engine = RolloutEngine(policy, num_steps=steps, shift=shift, max_batch=max_batch)
+    engine = RolloutEngine(policy, num_steps=steps, shift=3.0 if shift is None else shift, max_batch=max_batch,
+                           sigmas=policy.pipeline_sigmas(steps) if shift is None else None)
     latents = engine.sample_ode(noise, policy.encode_prompts(rows))
     images = policy.decode(latents)
     scores = {name: model.score(images, rows).float().cpu() for name, model in rewards}
@@ -139,7 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=_positive("--width"), default=None)
     p.add_argument("--num-frames", type=_positive("--num-frames"), default=None, help="video families: frames")
     p.add_argument("--text-encoder-layers", default=None, help="FLUX.2: Mistral-3 hidden layers, e.g. 10,20,30")
-    p.add_argument("--shift", type=float, default=None, help="default: the family's")
+    p.add_argument("--shift", type=float, default=None,
+                   help="the static shift of linspace(1, 0, T+1); default: the family's schedule (the pipeline's own "
+                        "for Flux, SD3, Qwen-Image, FLUX.2; shift 3 for Wan and the lab worlds)")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the family's")
     p.add_argument("--guidance-scale-2", type=float, default=None,
                    help="Wan 2.2 A14B: the low-noise expert's guidance (default: --guidance-scale, as WanPipeline)")
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval: {err}", file=sys.stderr)
         return 2
     d = family(fam.name).defaults
-    steps, shift = args.steps or d.eval_steps, args.shift if args.shift is not None else d.shift
+    steps = args.steps or d.eval_steps
+    shift = args.shift if args.shift is not None else (None if d.schedule == "pipeline" else d.shift)
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
     mine = list(range(ctx.rank, len(prompts), ctx.world))
@@ -286,7 +291,7 @@ def _write(out, rows, grids, names, policies, prompts, grid_prompts, args, fam, 
                "std": {k: v[1] for k, v in stats[list(policies)[-1]].items()},
                "by_policy": {key: {k: {"mean": m, "std": s} for k, (m, s) in st.items()} for key, st in stats.items()},
                "n_prompts": n, "samples_per_prompt": args.samples, "n": n * args.samples, "steps": steps,
-               "shift": shift, "height": int(first.height), "width": int(first.width),
+               "shift": shift, "schedule": "pipeline" if shift is None else "shift", "height": int(first.height), "width": int(first.width),
                "guidance_scale": first.guidance_scale, "seed": args.seed}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     images, labels = [], []

@@ -66,13 +66,18 @@ def rollout(pipe, prompts: Sequence[str], strategy: str = "g2rpo", *, num_steps:
             eta: float | None = None, sde_indices: Sequence[int] | None = None,
             granularities: Sequence[int] | None = None, max_batch: int = 64, seed: int = 0, decode: bool = True,
             height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
-            max_sequence_length: int | None = None, shift: float = 3.0, images: Sequence | None = None,
+            max_sequence_length: int | None = None, shift: float | None = None, images: Sequence | None = None,
             num_frames: int | None = None, **strategy_options) -> PipelineRollout:
     """One rollout of ``prompts`` on a diffusers pipeline with any strategy (``g2rpo``, ``g2rpo_no_mgai``,
     ``dance_grpo``, ``flow_grpo``, ``mix_grpo``). Per-prompt generators seeded from ``seed`` make a
     prompt's samples independent of the other prompts in the call. An image-to-video pipeline
     (WanImageToVideoPipeline) takes ``images``: one per prompt, an image path or a ``(path, last image path)``;
-    video pipelines take ``num_frames`` (None: the family's)."""
+    video pipelines take ``num_frames`` (None: the family's). ``shift`` None samples on the pipeline's own default
+    schedule (its scheduler config, as ``pipe(prompt, num_inference_steps=num_steps)``) for Flux, SD3, Qwen-Image
+    and FLUX.2 (ValueError if their scheduler was swapped for a non-Euler one), else (Wan, whose pipelines default
+    to UniPC) on the static shift 3 of the public GRPO code; a ``shift`` gives the static
+    schedule ``shift * s / (1 + (shift - 1) s)`` on ``s = linspace(1, 0, num_steps + 1)`` (the G2RPO / DanceGRPO /
+    MixGRPO scripts')."""
     if isinstance(prompts, str):
         raise ValueError(f"prompts must be a list of strings, got one string {prompts!r}: pass [{prompts!r}]")
     prompts = list(prompts)
@@ -92,7 +97,11 @@ def rollout(pipe, prompts: Sequence[str], strategy: str = "g2rpo", *, num_steps:
                         **({} if num_frames is None else {"num_frames": num_frames}))
     _set_images(pipe, policy, prompts, images)
     device = next(policy.transformer.parameters()).device
-    sampler = G2RPOSampler(policy, num_steps=num_steps, shift=shift, eta=eta, sde_indices=sde_indices,
+    from .models.registry import family_of_pipeline
+
+    own = shift is None and family_of_pipeline(pipe).defaults.schedule == "pipeline"
+    sampler = G2RPOSampler(policy, num_steps=num_steps, shift=3.0 if shift is None else shift,
+                           sigmas=policy.pipeline_sigmas(num_steps) if own else None, eta=eta, sde_indices=sde_indices,
                            granularities=granularities, group_size=group_size, max_batch=max_batch, strategy=strategy,
                            **strategy_options)
     gens = [torch.Generator(device=device).manual_seed(seed + 2 * p) for p in range(len(prompts))]

@@ -111,7 +111,7 @@ def plan_trained_experts(cfg, names: tuple[str, ...], expert_of_sigma) -> tuple[
     s = cfg.sampler
     strategy = make_strategy(s.strategy, **s.strategy_options())
     steps = sorted({e for it in range(cfg.iterations) for e in strategy.sde_steps(it)})
-    sig = sigma_schedule(s.num_steps, s.shift, s.schedule_precision)
+    sig = sigma_schedule(s.num_steps, s.static_shift, s.schedule_precision)  # multi-expert families: the shift schedule
     seen = model_timesteps(sig, s.quantize_timesteps)  # the noise level the model is given (and routed by)
     owner = {e: expert_of_sigma(float(seen[e])) for e in steps}
     trained = (tuple(n for n in names if n in owner.values()) if choice == "auto"

@@ -3,6 +3,7 @@ step, one home for the strategies' defaults, Flow-GRPO's EMA, noise dtypes, Pick
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,9 +86,99 @@ def test_each_strategy_default_lives_in_the_strategy(name):
     cfg = load_config(None, {"sampler": {"strategy": name, "sde_indices": None, "granularities": None,
                                          "num_steps": 16, "group_size": 2}})
     assert _defaults(make_strategy(name, **cfg.sampler.strategy_options())) == _defaults(own)
+    from g2rpo.experiments.compare import LAB_WORLD
+
     for family in ("paper", "official"):  # what the compare tool trains: the presets name the default or a source
-        preset = load_config([LAB, preset_path(name, family)]).sampler.strategy_options()
+        preset = load_config([LAB, preset_path(name, family)], LAB_WORLD).sampler.strategy_options()
         if family == "paper":
             assert preset["eta"] == own.eta
     with pytest.raises(ValueError, match="built strategy"):
         G2RPOSampler(lambda x, s, c: x, strategy=own, eta=0.5)
+
+
+def test_a_familys_default_schedule_is_its_pipelines_own(tmp_path):
+    """Flux, SD3, Qwen-Image and FLUX.2 sample on the sigmas their pipeline's default call uses (sampler.schedule
+    null); a method preset keeps its public code's static shift (schedule: shift); the drop-in rollout too."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from g2rpo.pipelines import rollout
+    from g2rpo.schedule import sigma_schedule
+    from g2rpo.testing.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, with_hub_scheduler
+
+    flux = with_hub_scheduler(tiny_flux_pipeline(), "flux")
+    own = rollout(flux, ["a red cube"], "g2rpo", num_steps=16, group_size=2, decode=False, height=32, width=32,
+                  sde_indices=[0], granularities=[1])
+    flux.scheduler.set_timesteps(sigmas=list(np.linspace(1.0, 1 / 16, 16)), mu=calculate_shift(64))  # FluxPipeline's
+    assert torch.allclose(own.rollout.sigmas.float(), flux.scheduler.sigmas)
+    assert not torch.allclose(own.rollout.sigmas, sigma_schedule(16, 3.0))  # 64 tokens: shift exp(mu) ~ 1.7, not 3
+    static = rollout(flux, ["a red cube"], "g2rpo", num_steps=16, group_size=2, decode=False, height=32, width=32,
+                     sde_indices=[0], granularities=[1], shift=3.0)
+    assert torch.equal(static.rollout.sigmas, sigma_schedule(16, 3.0))
+    sd3 = with_hub_scheduler(tiny_sd3_pipeline(), "sd3")
+    out = rollout(sd3, ["a red cube"], "flow_grpo", num_steps=10, group_size=2, decode=False, height=32, width=32)
+    # Flow-GRPO's SD3 training calls its pipeline with sigmas=None: the last step starts at 0.0089, not 0.25
+    assert float(out.rollout.sigmas[-2]) == pytest.approx(0.00893, abs=1e-4)
+    assert float(sigma_schedule(10, 3.0)[-2]) == pytest.approx(0.25)
+
+
+def test_the_schedule_keys_are_checked_before_any_model_loads(lab_world, tmp_path):
+    flux = {"model": {"kind": "flux", "path": str(tmp_path / "nowhere")}, "rewards": [{"name": "hps"}]}
+    with pytest.raises(ConfigError, match="sampler.shift is set"):
+        load_config(None, {**flux, "sampler": {"shift": 3.0}})
+    with pytest.raises(ConfigError, match="sampler.dynamic_shift is set"):
+        load_config(None, {**flux, "sampler": {"dynamic_shift": True}})
+    assert load_config(None, {**flux, "sampler": {"schedule": "shift", "shift": 3.0}}).sampler.static_shift == 3.0
+    with pytest.raises(ConfigError, match="UniPC"):
+        load_config(None, {"model": {"kind": "wan", "path": "x"}, "rewards": [{"name": "hps"}],
+                           "sampler": {"schedule": "pipeline"}})
+    with pytest.raises(ConfigError, match="no diffusers pipeline"):
+        load_config(None, {"sampler": {"schedule": "pipeline"}})
+    with pytest.raises(ConfigError, match="sampler.schedule must be"):
+        load_config(None, {"sampler": {"schedule": "karras"}})
+    # the presets: Flow-GRPO's samples through the pipelines, the others shift linspace(1, 0, T+1) themselves
+    for preset, expected in (("flow_grpo-official", "pipeline"), ("flow_grpo_sd3-official", "pipeline"),
+                             ("g2rpo-official", "shift"), ("dance_grpo-official", "shift"),
+                             ("mix_grpo-official", "shift"), ("g2rpo-paper", "shift")):
+        cfg = load_config([ROOT / "configs" / "flux_hps.yaml", METHODS / f"{preset}.yaml"])
+        assert cfg.sampler.resolved_schedule(cfg.model.kind) == expected, preset
+
+
+def test_the_trainer_samples_on_the_pipelines_schedule(tmp_path):
+    from g2rpo.testing.tiny import tiny_flux_pipeline, with_hub_scheduler
+
+    folder = tmp_path / "flux"
+    with_hub_scheduler(tiny_flux_pipeline(), "flux").save_pretrained(folder)
+    base = {"model": {"kind": "flux", "path": str(folder), "height": 32, "width": 32, "max_sequence_length": 16},
+            "rewards": [{"name": "tests.test_fidelity_pass3:mean_brightness"}],
+            "sampler": {"num_steps": 6, "sde_indices": [0], "granularities": [1], "group_size": 3},
+            "data": {"prompts": str(_prompts(tmp_path)), "prompts_per_iteration": 1}, "iterations": 1,
+            "checkpoint_every": 0, "export_final": False, "progress": False, "tensorboard": False}
+    seen = {}
+    for sched in (None, "shift"):
+        cfg = load_config(None, _merge(base, {"sampler": {"schedule": sched}, "output_dir": str(tmp_path / str(sched))}))
+        trainer = Trainer(cfg, log=lambda *a, **k: None)
+        seen[sched] = trainer.sampler.sigmas.clone()
+        if sched is None:
+            assert torch.equal(seen[sched], trainer.policy.pipeline_sigmas(6))
+        trainer.close()
+    from g2rpo.schedule import sigma_schedule
+
+    assert torch.equal(seen["shift"], sigma_schedule(6, 3.0)) and not torch.allclose(seen[None], seen["shift"])
+
+
+def mean_brightness(images, prompts):
+    """A reward for the schedule test (any real computation on the images)."""
+    return images.float().mean(dim=tuple(range(1, images.ndim)))
+
+
+def _prompts(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a red cube\n")
+    return f
+
+
+def _merge(a, b):
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -108,11 +108,16 @@ def _scenes_load(world: Path):
     return load_scene_policy(world)
 
 
+#: A lab world has no pipeline scheduler: every method samples on the static shift 3 (a preset's pipeline schedule,
+#: Flow-GRPO's FluxPipeline or SD3 one, is the Flux/SD3 world's own, reset here as the model is).
+_LAB_SCHEDULE = {"schedule": "shift", "shift": 3.0, "dynamic_shift": False}
+
+
 WORLDS: dict[str, WorldSpec] = {
     "digits": WorldSpec(
         "digits", "lab_world.json", ("digit_alignment", "digit_realism"), "judge_accuracy",
         ("digit_alignment", "digit_realism", "judge_accuracy", "judge_realism", "diversity"),
-        {"model": _model_reset("lab_world.json"), "lora": {"enabled": False}, "sampler": {"dynamic_shift": False},
+        {"model": _model_reset("lab_world.json"), "lora": {"enabled": False}, "sampler": _LAB_SCHEDULE,
          "rewards": [{"name": "digit_alignment", "weight": 1.0}, {"name": "digit_realism", "weight": 1.0}],
          "data": {"prompts": "builtin:lab", "prompts_per_iteration": 8}},
         _digits_build, _digits_load, _digits_evaluate, _digits_grid),
@@ -121,7 +126,7 @@ WORLDS: dict[str, WorldSpec] = {
         ("scene_clip", "scene_preference", "scene_exact", "scene_detector", "scene_exact/counting",
          "scene_exact/position", "scene_exact/color_attr", "scene_exact/heldout_pairs", "diversity"),
         {"model": _model_reset("scene_world.json"), "lora": {"enabled": False},
-         "sampler": {"dynamic_shift": False},
+         "sampler": _LAB_SCHEDULE,
          "rewards": [{"name": "scene_clip", "weight": 1.0}, {"name": "scene_preference", "weight": 1.0}],
          "data": {"prompts": "builtin:scenes", "prompts_per_iteration": 8}},
         _scenes_build, _scenes_load, _scenes_evaluate, _scenes_grid),

@@ -9,10 +9,10 @@ classes are named by import path and imported when used.
 Defaults are the diffusers pipeline's own ``__call__`` defaults (diffusers 0.42), read from
 ``pipelines/<family>/pipeline_*.py``: the resolution is ``default_sample_size * vae_scale_factor``
 for the image pipelines. ``eval_steps`` is the evaluation protocol g2rpo follows: the paper's
-(Sec. 5.1: 50 steps at 1024x1024) for Flux, the pipeline's own steps for the others. ``shift`` is
-the static schedule shift g2rpo samples with (the paper's 3 for Flux; the scheduler configs' 3.0
-for SD3 and Wan 480p; 3 as DanceGRPO uses for Qwen-Image and FLUX.2, whose pipelines shift
-dynamically with the sequence length).
+(Sec. 5.1: 50 steps at 1024x1024) for Flux, the pipeline's own steps for the others. ``schedule`` is the
+schedule a config without ``sampler.schedule`` samples with: the pipeline's own default one where its scheduler
+is flow-match Euler (an ODE rollout then equals ``pipe(prompt, num_inference_steps=T)``), else the static
+``shift`` (Wan: the scheduler config's 3.0 at 480p, as DanceGRPO's Wan code uses).
 """
 
 from __future__ import annotations
@@ -37,8 +37,12 @@ class FamilyDefaults:
     eval_steps: int
     guidance_scale: float | None  # None: no guidance input
     max_sequence_length: int
-    shift: float = 3.0
+    shift: float = 3.0  # the static shift of sampler.schedule: shift (and of eval under it)
     num_frames: int | None = None  # video families
+    # sampler.schedule's default: "pipeline", the sigmas the family's diffusers pipeline samples with by default (its
+    # scheduler is flow-match Euler: Flux, SD3, Qwen-Image, FLUX.2); "shift", the static shift of linspace(1, 0, T+1)
+    # (the lab worlds; Wan, whose pipelines default to UniPC, with the Euler schedule the public GRPO code uses)
+    schedule: str = "shift"
 
 
 @dataclass(frozen=True)
@@ -97,19 +101,23 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
                 held_out_eval="g2rpo.lab.scenes.world:evaluate_scenes",
                 prompt_check="g2rpo.lab.scenes.world:check_prompt", lora_pipeline="diffusers:FluxPipeline"),
     ModelFamily("flux", "Flux.1", "g2rpo.models.flux:FluxPolicy", _DIFFUSERS + ("text_encoder_2/config.json",),
-                FamilyDefaults(1024, 1024, steps=28, eval_steps=50, guidance_scale=3.5, max_sequence_length=512),
+                FamilyDefaults(1024, 1024, steps=28, eval_steps=50, guidance_scale=3.5, max_sequence_length=512,
+                               schedule="pipeline"),
                 "diffusers:FluxPipeline", ("FluxPipeline",), guidance_note="the embedded guidance (Flux.1-dev)"),
     ModelFamily("flux2", "FLUX.2", "g2rpo.models.flux2:Flux2Policy", _DIFFUSERS,
-                FamilyDefaults(1024, 1024, steps=50, eval_steps=50, guidance_scale=4.0, max_sequence_length=512),
+                FamilyDefaults(1024, 1024, steps=50, eval_steps=50, guidance_scale=4.0, max_sequence_length=512,
+                               schedule="pipeline"),
                 "diffusers:Flux2Pipeline", ("Flux2Pipeline",), options=("text_encoder_out_layers",),
                 guidance_note="the embedded guidance (FLUX.2 [dev] is guidance-distilled)"),
     ModelFamily("sd3", "SD3", "g2rpo.models.sd3:SD3Policy",
                 _DIFFUSERS + ("text_encoder_2/config.json", "text_encoder_3/config.json"),
-                FamilyDefaults(1024, 1024, steps=28, eval_steps=28, guidance_scale=7.0, max_sequence_length=256),
+                FamilyDefaults(1024, 1024, steps=28, eval_steps=28, guidance_scale=7.0, max_sequence_length=256,
+                               schedule="pipeline"),
                 "diffusers:StableDiffusion3Pipeline", ("StableDiffusion3Pipeline",),
                 guidance_note="classifier-free guidance (Flow-GRPO trains SD3.5 at 4.5)"),
     ModelFamily("qwen_image", "Qwen-Image", "g2rpo.models.qwen_image:QwenImagePolicy", _DIFFUSERS,
-                FamilyDefaults(1024, 1024, steps=50, eval_steps=50, guidance_scale=4.0, max_sequence_length=512),
+                FamilyDefaults(1024, 1024, steps=50, eval_steps=50, guidance_scale=4.0, max_sequence_length=512,
+                               schedule="pipeline"),
                 "diffusers:QwenImagePipeline", ("QwenImagePipeline",),
                 guidance_note="the pipeline's true_cfg_scale"),
     ModelFamily("wan", "Wan text-to-video", "g2rpo.models.wan:WanPolicy", _DIFFUSERS,

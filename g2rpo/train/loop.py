@@ -92,11 +92,9 @@ class Trainer:
         if "sde_subset" in options:  # the subset of M is drawn from the sampler seed and the iteration
             options["subset_seed"] = cfg.sampler_seed
         strategy = make_strategy(cfg.sampler.strategy, **options)
-        self.shift = self._shift(strategy)
-        self.sampler = G2RPOSampler(self.policy, shift=self.shift, max_batch=cfg.sampler.max_batch,
+        self.sampler = G2RPOSampler(self.policy, max_batch=cfg.sampler.max_batch, sigmas=self._sigmas(strategy),
                                     strategy=strategy, quantize_timesteps=cfg.sampler.quantize_timesteps,
-                                    ops_backend=cfg.ops_backend, cuda_graphs=cfg.sampler.cuda_graphs,
-                                    schedule_precision=cfg.sampler.schedule_precision)
+                                    ops_backend=cfg.ops_backend, cuda_graphs=cfg.sampler.cuda_graphs)
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path, prompt_file=cfg.data.prompts)
         self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)
         self.cost_totals: dict[str, float] = {}  # cumulative cost metrics (checkpointed: a budget survives --resume)
@@ -108,21 +106,32 @@ class Trainer:
         self.stop: StopRequest | None = None  # set while run() holds the signal handlers
 
     # ---- set-up helpers -----------------------------------------------------------------
-    def _shift(self, strategy) -> float:
-        """``sampler.shift``, or with ``sampler.dynamic_shift`` the pipeline's shift for this image size (checked
-        against eta as the config's own shift is)."""
-        if not self.cfg.sampler.dynamic_shift:
-            return self.cfg.sampler.shift
-        from ..config import _check_sde_steps
+    def _sigmas(self, strategy) -> torch.Tensor:
+        """The run's schedule (``sampler.schedule``): the family pipeline's own default sigmas, or the static shift
+        (``sampler.shift``; with ``sampler.dynamic_shift`` the pipeline's exp(mu) for this image size); checked
+        against eta as the config checks its own static schedule."""
+        from ..config import check_sde_steps
+        from ..schedule import sigma_schedule
 
-        try:
-            shift = self.policy.dynamic_shift()
-        except (ValueError, NotImplementedError) as err:
-            raise ConfigError(f"sampler.dynamic_shift: {err}") from None
-        _check_sde_steps(strategy, shift, self.cfg.sampler.schedule_precision)
-        self.log(f"sampler.dynamic_shift: shift {shift:.4f} for {self.policy.image_seq_len} image tokens")
-        return shift
-
+        s, T = self.cfg.sampler, strategy.num_steps
+        if s.resolved_schedule(self.cfg.model.kind) == "pipeline":
+            try:
+                sig = self.policy.pipeline_sigmas(T)
+            except (ValueError, NotImplementedError) as err:
+                raise ConfigError(f"sampler.schedule: pipeline: {err}") from None
+            self.log(f"sampler.schedule: the pipeline's own ({T} steps: sigma {float(sig[1]):.4f} after the first "
+                     f"step, {float(sig[-2]):.4f} before the last)")
+        elif s.dynamic_shift:
+            try:
+                shift = self.policy.dynamic_shift()
+            except (ValueError, NotImplementedError) as err:
+                raise ConfigError(f"sampler.dynamic_shift: {err}") from None
+            self.log(f"sampler.dynamic_shift: shift {shift:.4f} for {self.policy.image_seq_len} image tokens")
+            sig = sigma_schedule(T, shift, s.schedule_precision)
+        else:
+            return sigma_schedule(T, s.static_shift, s.schedule_precision)  # checked by the config
+        check_sde_steps(strategy, sig)
+        return sig
 
     def _lock(self) -> OutputLock | None:
         lock, err = None, None
