@@ -228,7 +228,12 @@ class TrainConfig:
     sampler_seed: int = 1223627
     ema_decay: float | None = None
     ema_every: int = 1  # update the EMA after every N-th optimizer step (Flow-GRPO: 8)
-    # constant: decay ema_decay; flow_grpo: min((1 + s) / (10 + s), ema_decay) at optimizer step s (EMAModuleWrapper)
+    # EMA updates toward the same weights at each qualifying optimizer step (Flow-GRPO's train_*.py call ema.step
+    # once per sample micro-batch, with the optimizer step count: gradient_accumulation_steps times, Flux 6, SD3 2;
+    # the effective decay is ema_decay ** ema_repeats)
+    ema_repeats: int = 1
+    # constant: decay ema_decay after optimizer steps s = N, 2N, ...; flow_grpo: EMAModuleWrapper's, decay
+    # min((1 + s) / (10 + s), ema_decay) after steps with (s + 1) % N == 0 (s = N - 1, 2N - 1, ...)
     ema_schedule: str = "constant"
     output_dir: str = "runs/default"
     checkpoint_every: int = 50
@@ -326,6 +331,7 @@ class TrainConfig:
              f"must be transition or flow_grpo, got {self.loss.kl_convention!r}"),
             ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "must be in (0, 1) or null"),
             ("ema_every", self.ema_every >= 1, "must be >= 1"),
+            ("ema_repeats", self.ema_repeats >= 1, "must be >= 1"),
             ("ema_schedule", self.ema_schedule in ("constant", "flow_grpo"),
              f"must be constant or flow_grpo, got {self.ema_schedule!r}"),
             ("model.kind", self.model.kind in FAMILIES, f"must be one of {', '.join(FAMILIES)}"),

@@ -33,7 +33,7 @@ def test_every_method_has_a_paper_and_an_official_preset_whose_values_cite_a_sou
             assert top <= {"sampler", "loss", "optim", "advantage"}, (p.name, top)
         else:  # the official presets also carry their codebase's run setting (never a model or a file)
             assert top <= {"sampler", "loss", "optim", "advantage", "model", "lora", "rewards", "data", "iterations",
-                           "seed", "sampler_seed", "ema_decay", "ema_every", "ema_schedule"}, (p.name, top)
+                           "seed", "sampler_seed", "ema_decay", "ema_every", "ema_schedule", "ema_repeats"}, (p.name, top)
         assert "kind:" not in p.read_text() and "path:" not in p.read_text()  # never a model or a file
 
 
@@ -347,10 +347,11 @@ def test_ema_every_and_flow_grpos_warm_up():
 
     cfg = TrainConfig(ema_decay=0.9, ema_every=8, ema_schedule="flow_grpo")
     decays = [ema_decay_at(cfg, s) for s in range(1, 33)]
-    assert [s for s, d in enumerate(decays, 1) if d is not None] == [8, 16, 24, 32]
-    assert decays[7] == pytest.approx(9 / 18) and decays[15] == pytest.approx(17 / 26)
-    assert decays[31] == pytest.approx(33 / 42)
-    assert ema_decay_at(TrainConfig(ema_decay=0.9, ema_schedule="flow_grpo"), 200) == 0.9  # capped
+    # EMAModuleWrapper.step(params, global_step) updates when (global_step + 1) % 8 == 0: after 7, 15, ... steps
+    assert [s for s, d in enumerate(decays, 1) if d is not None] == [7, 15, 23, 31]
+    assert decays[6] == pytest.approx(8 / 17) and decays[14] == pytest.approx(16 / 25)
+    assert decays[30] == pytest.approx(32 / 41)
+    assert ema_decay_at(TrainConfig(ema_decay=0.9, ema_schedule="flow_grpo"), 200) == pytest.approx(0.9)  # capped
     assert [ema_decay_at(TrainConfig(ema_decay=0.5), s) for s in (1, 2)] == [0.5, 0.5]
 
 

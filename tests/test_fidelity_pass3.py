@@ -105,7 +105,7 @@ def test_a_familys_default_schedule_is_its_pipelines_own(tmp_path):
     from g2rpo.schedule import sigma_schedule
     from g2rpo.testing.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, with_hub_scheduler
 
-    flux = with_hub_scheduler(tiny_flux_pipeline(), "flux")
+    flux = with_hub_scheduler(tiny_flux_pipeline())
     own = rollout(flux, ["a red cube"], "g2rpo", num_steps=16, group_size=2, decode=False, height=32, width=32,
                   sde_indices=[0], granularities=[1])
     flux.scheduler.set_timesteps(sigmas=list(np.linspace(1.0, 1 / 16, 16)), mu=calculate_shift(64))  # FluxPipeline's
@@ -114,7 +114,7 @@ def test_a_familys_default_schedule_is_its_pipelines_own(tmp_path):
     static = rollout(flux, ["a red cube"], "g2rpo", num_steps=16, group_size=2, decode=False, height=32, width=32,
                      sde_indices=[0], granularities=[1], shift=3.0)
     assert torch.equal(static.rollout.sigmas, sigma_schedule(16, 3.0))
-    sd3 = with_hub_scheduler(tiny_sd3_pipeline(), "sd3")
+    sd3 = with_hub_scheduler(tiny_sd3_pipeline())
     out = rollout(sd3, ["a red cube"], "flow_grpo", num_steps=10, group_size=2, decode=False, height=32, width=32)
     # Flow-GRPO's SD3 training calls its pipeline with sigmas=None: the last step starts at 0.0089, not 0.25
     assert float(out.rollout.sigmas[-2]) == pytest.approx(0.00893, abs=1e-4)
@@ -147,7 +147,7 @@ def test_the_trainer_samples_on_the_pipelines_schedule(tmp_path):
     from g2rpo.testing.tiny import tiny_flux_pipeline, with_hub_scheduler
 
     folder = tmp_path / "flux"
-    with_hub_scheduler(tiny_flux_pipeline(), "flux").save_pretrained(folder)
+    with_hub_scheduler(tiny_flux_pipeline()).save_pretrained(folder)
     base = {"model": {"kind": "flux", "path": str(folder), "height": 32, "width": 32, "max_sequence_length": 16},
             "rewards": [{"name": "tests.test_fidelity_pass3:mean_brightness"}],
             "sampler": {"num_steps": 6, "sde_indices": [0], "granularities": [1], "group_size": 3},
@@ -182,3 +182,36 @@ def _merge(a, b):
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def test_flow_grpo_ema_steps_once_per_sample_micro_batch():
+    """train_*.py calls ema.step(params, global_step) after every sample micro-batch: with 6 micro-batches per
+    optimizer step (pickscore_flux) the EMA moves 6 times toward the same weights when (global_step + 1) % 8 == 0.
+    The reference below is that loop; the trainer's per-optimizer-step update must land on the same average."""
+    from g2rpo.config import TrainConfig
+    from g2rpo.train.setup import ema_decay_at, update_ema
+
+    official = load_config([LAB, METHODS / "flow_grpo-official.yaml"], {"model": {"kind": "lab"},
+                                                                          "sampler": {"schedule": "shift"}})
+    assert (official.ema_every, official.ema_repeats, official.ema_schedule) == (8, 6, "flow_grpo")
+    assert load_config([LAB, METHODS / "flow_grpo_sd3-official.yaml"], {"sampler": {"schedule": "shift"}}).ema_repeats == 2
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    ref = {n: p.detach().clone() for n, p in module.named_parameters()}  # EMAModuleWrapper's copy
+    ours = {n: p.detach().clone().float() for n, p in module.named_parameters()}
+    cfg = TrainConfig(ema_decay=0.9, ema_every=8, ema_schedule="flow_grpo", ema_repeats=6)
+    once = {n: p.clone() for n, p in ours.items()}
+    for step in range(1, 41):  # an optimizer step moves the weights, then 6 micro-batches call ema.step
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        for _ in range(6):
+            decay = min((1 + step) / (10 + step), 0.9)
+            if (step + 1) % 8 == 0:
+                for n, p in module.named_parameters():
+                    ref[n].add_((1 - decay) * (p.detach() - ref[n]))
+        update_ema(ours, module, ema_decay_at(cfg, step))
+        update_ema(once, module, ema_decay_at(TrainConfig(ema_decay=0.9, ema_every=8, ema_schedule="flow_grpo"), step))
+    for n in ref:
+        assert torch.allclose(ours[n], ref[n], atol=1e-5), n
+        assert not torch.allclose(once[n], ref[n], atol=1e-3), n  # one update per step is another average

@@ -17,7 +17,7 @@ LAYERS = (1, 2, 3)  # the tiny Mistral-3 has 3 layers (FLUX.2 [dev]: 10, 20, 30)
 @pytest.fixture(scope="module")
 def flux2_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("flux2") / "tiny-flux2"
-    with_hub_scheduler(tiny_flux2_pipeline(seed=0), "flux2").save_pretrained(d)  # dynamic: the pipeline's mu
+    with_hub_scheduler(tiny_flux2_pipeline(seed=0)).save_pretrained(d)  # dynamic: the pipeline's mu
     return d
 
 

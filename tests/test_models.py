@@ -12,14 +12,14 @@ PROMPT = "a red cube on a table"
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("flux") / "tiny-flux"
-    with_hub_scheduler(tiny_flux_pipeline(seed=0), "flux").save_pretrained(d)  # FLUX.1-dev's: dynamic shift
+    with_hub_scheduler(tiny_flux_pipeline(seed=0)).save_pretrained(d)  # FLUX.1-dev's: dynamic shift
     return d
 
 
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
-    with_hub_scheduler(tiny_sd3_pipeline(seed=0), "sd3").save_pretrained(d)  # SD3.5's: shift 3, sigma_min
+    with_hub_scheduler(tiny_sd3_pipeline(seed=0)).save_pretrained(d)  # SD3.5's: shift 3, sigma_min
     return d
 
 

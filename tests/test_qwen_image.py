@@ -18,7 +18,7 @@ SEQ = 256  # the tiny byte-level tokenizer spends ~120 tokens on the prompt temp
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("qwen") / "tiny-qwen-image"
-    with_hub_scheduler(tiny_qwen_image_pipeline(seed=0), "qwen_image").save_pretrained(d)  # shift_terminal 0.02
+    with_hub_scheduler(tiny_qwen_image_pipeline(seed=0)).save_pretrained(d)  # shift_terminal 0.02
     return d
 
 

@@ -79,23 +79,23 @@ def _vae(latent_channels: int, seed: int = 0):
 #: SD3.5-Medium and Qwen-Image; FLUX.2-dev shifts dynamically with the mu its pipeline computes), for tests that
 #: call a tiny pipeline with its scheduler untouched.
 HUB_SCHEDULER_CONFIGS = {
-    "flux": {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+    "FluxPipeline": {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
              "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True},
-    "sd3": {"num_train_timesteps": 1000, "shift": 3.0},
-    "qwen_image": {"base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 8192,
+    "StableDiffusion3Pipeline": {"num_train_timesteps": 1000, "shift": 3.0},
+    "QwenImagePipeline": {"base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 8192,
                    "max_shift": 0.9, "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02,
                    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
                    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False},
-    "flux2": {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+    "Flux2Pipeline": {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
               "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True},
 }
 
 
-def with_hub_scheduler(pipe, family: str):
-    """``pipe`` with the released checkpoint's scheduler config (:data:`HUB_SCHEDULER_CONFIGS`)."""
+def with_hub_scheduler(pipe):
+    """``pipe`` with its released checkpoint's scheduler config (:data:`HUB_SCHEDULER_CONFIGS`, by pipeline class)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(HUB_SCHEDULER_CONFIGS[family])
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(HUB_SCHEDULER_CONFIGS[type(pipe).__name__])
     return pipe
 
 

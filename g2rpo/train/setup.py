@@ -142,13 +142,21 @@ def reference_policy(setup: PolicySetup, lora: bool):
 
 def ema_decay_at(cfg: TrainConfig, step: int) -> float | None:
     """The EMA decay after optimizer step ``step`` (1-based), or None when the EMA does not update then:
-    every ``ema_every``-th step; ``flow_grpo``: ``min((1 + s) / (10 + s), ema_decay)`` (Flow-GRPO's
-    EMAModuleWrapper, which warms the average up over its first steps)."""
-    if cfg.ema_decay is None or step % cfg.ema_every:
+    every ``ema_every``-th step; ``flow_grpo``: Flow-GRPO's EMAModuleWrapper, ``ema.step(params, s)`` with ``s`` the
+    optimizer steps done, updating when ``(s + 1) % ema_every == 0`` at decay ``min((1 + s) / (10 + s),
+    ema_decay)`` (it warms the average up over its first steps). ``ema_repeats`` updates toward the same weights
+    are one at the decay to that power (Flow-GRPO calls ``ema.step`` once per sample micro-batch)."""
+    if cfg.ema_decay is None:
         return None
     if cfg.ema_schedule == "flow_grpo":
-        return min((1 + step) / (10 + step), cfg.ema_decay)
-    return cfg.ema_decay
+        if (step + 1) % cfg.ema_every:
+            return None
+        decay = min((1 + step) / (10 + step), cfg.ema_decay)
+    elif step % cfg.ema_every:
+        return None
+    else:
+        decay = cfg.ema_decay
+    return decay ** cfg.ema_repeats
 
 
 @torch.no_grad()
