@@ -94,7 +94,12 @@ class SamplerConfig:
     group_size: int = 12
     max_batch: int = 64
     quantize_timesteps: bool = False
-    noise_dtype: str = "float32"  # float32 | bfloat16: the initial noise's draw (bfloat16: the public Flux GRPO code)
+    # the dtype the initial noise is drawn in (then used as fp32): float32 | bfloat16 (the public Flux GRPO code) |
+    # float16 (Flow-GRPO's SD3 pipeline draws it in the fp16 prompt embeddings' dtype)
+    noise_dtype: str = "float32"
+    # the dtype each SDE step's noise is drawn in: float32 (DanceGRPO, Flow-GRPO) | bfloat16 (G2RPO and MixGRPO:
+    # randn_tensor(..., dtype=model_output.dtype) under bf16 autocast) | float16
+    step_noise_dtype: str = "float32"
     schedule_precision: str = "float64"  # float64 | float32: the shifted sigmas computed in fp32 as the public code
     # the shift from the image's sequence length as the diffusers pipeline computes it (mu; FluxPipeline and
     # QwenImagePipeline), instead of sampler.shift: Flow-GRPO's Flux training samples through FluxPipeline
@@ -131,6 +136,9 @@ class SamplerConfig:
                                 sde_subset=self.sde_subset, chain_sources=self.chain_sources,
                                 **{k: getattr(self, k) for k in TRAJECTORY_OPTIONS})
 
+
+#: The dtypes noise may be drawn in (sampler.noise_dtype, sampler.step_noise_dtype).
+NOISE_DTYPES = ("float32", "bfloat16", "float16")
 
 #: SamplerConfig keys of the trajectory strategies (None: the strategy's default).
 TRAJECTORY_OPTIONS = ("train_fraction", "shared_noise", "window_size", "window_stride", "shift_interval",
@@ -286,8 +294,10 @@ class TrainConfig:
             ("sampler.auto_granularity_threshold", s.auto_granularity_threshold is None or len(granularities) >= 2,
              f"drops granularities of a G2RPO plan with several; strategy {s.strategy!r} with granularities "
              f"{granularities} has none to drop"),
-            ("sampler.noise_dtype", s.noise_dtype in ("float32", "bfloat16"),
-             f"must be float32 or bfloat16, got {s.noise_dtype!r}"),
+            ("sampler.noise_dtype", s.noise_dtype in NOISE_DTYPES,
+             f"must be one of {', '.join(NOISE_DTYPES)}, got {s.noise_dtype!r}"),
+            ("sampler.step_noise_dtype", s.step_noise_dtype in NOISE_DTYPES,
+             f"must be one of {', '.join(NOISE_DTYPES)}, got {s.step_noise_dtype!r}"),
             ("sampler.schedule_precision", s.schedule_precision in ("float64", "float32"),
              f"must be float64 or float32, got {s.schedule_precision!r}"),
             ("sampler.shift", s.shift is None or (math.isfinite(s.shift) and s.shift > 0), "must be > 0 or null"),

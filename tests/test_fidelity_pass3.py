@@ -215,3 +215,34 @@ def test_flow_grpo_ema_steps_once_per_sample_micro_batch():
     for n in ref:
         assert torch.allclose(ours[n], ref[n], atol=1e-5), n
         assert not torch.allclose(once[n], ref[n], atol=1e-3), n  # one update per step is another average
+
+
+def test_step_noise_is_drawn_in_the_configured_dtype():
+    """G2RPO's and MixGRPO's official steps draw the SDE noise in the model output's bf16 (randn_tensor(...,
+    dtype=model_output.dtype)); DanceGRPO and Flow-GRPO in fp32. The realised noise of a bf16 draw is bf16-exact."""
+    from g2rpo.rollout import G2RPOSampler
+    from g2rpo.sde import sde_coefficients
+    from g2rpo.testing import GaussianWorld
+
+    world, eps = GaussianWorld(), {}
+    for dtype in (torch.float32, torch.bfloat16):
+        sampler = G2RPOSampler(world, num_steps=4, sde_indices=[1], granularities=(1,), group_size=6,
+                               step_noise_dtype=dtype)
+        ro = sampler.rollout(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), None,
+                             generator=torch.Generator().manual_seed(1))
+        x = ro.x_k[:, 0].double()  # [P, ...] the group's shared source
+        v = world(x.float(), ro.sigmas[1].float().expand(2)).double()
+        a, b, std = sde_coefficients(ro.sigmas, 1, ro.eta, ro.sde_kind)
+        eps[dtype] = ((ro.x_next[:, 0].double() - (a * x + b * v)[:, None]) / std).float()
+    bf = eps[torch.bfloat16]
+    assert torch.allclose(bf, bf.bfloat16().float(), atol=2e-5)  # on the bf16 grid (up to the fp32 arithmetic)
+    f32 = eps[torch.float32]
+    assert (f32 - f32.bfloat16().float()).abs().max() > 1e-3
+    for preset, expected in (("g2rpo-official", "bfloat16"), ("mix_grpo-official", "bfloat16"),
+                             ("dance_grpo-official", "float32"), ("flow_grpo-official", "float32")):
+        cfg = load_config([LAB, METHODS / f"{preset}.yaml"], {"sampler": {"schedule": "shift"}})
+        assert cfg.sampler.step_noise_dtype == expected, preset
+    sd3 = load_config([LAB, METHODS / "flow_grpo_sd3-official.yaml"], {"sampler": {"schedule": "shift"}})
+    assert (sd3.sampler.noise_dtype, sd3.sampler.step_noise_dtype) == ("float16", "float32")
+    assert load_config([LAB, METHODS / "flow_grpo-official.yaml"],
+                       {"sampler": {"schedule": "shift"}}).sampler.noise_dtype == "bfloat16"

@@ -28,7 +28,8 @@ class G2RPOSampler:
     ``eta``, ``sde_indices`` and ``granularities`` left None take the strategy's own defaults (its dataclass:
     eta 0.7, DanceGRPO 0.3; M = the first 8 steps; Lambda = {1, 2, 3}).
     ``sigmas`` (``[T + 1]``, e.g. a pipeline's own default schedule:
-    :meth:`~g2rpo.models.base.PolicyAdapter.pipeline_sigmas`) replaces the static ``shift`` schedule. ``ops_backend``
+    :meth:`~g2rpo.models.base.PolicyAdapter.pipeline_sigmas`) replaces the static ``shift`` schedule.
+    ``step_noise_dtype``: the dtype SDE-step noise is drawn in (bf16 as the public G2RPO / MixGRPO steps). ``ops_backend``
     picks the fused SDE step (:mod:`g2rpo.ops`; ``"torch"`` is the reference). ``cuda_graphs``
     (GPU) or ``compile_options`` (torch.compile kwargs, any device) compile the model, with chunks
     padded to ``batch_buckets`` row counts (at most 4 shapes by default). ``strategy`` may
@@ -41,7 +42,8 @@ class G2RPOSampler:
                  quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto",
                  cuda_graphs: bool = False, compile_options: dict | None = None,
                  batch_buckets: Iterable[int] | None = None, schedule_precision: str = "float64",
-                 sigmas: torch.Tensor | Sequence[float] | None = None, **strategy_options) -> None:
+                 sigmas: torch.Tensor | Sequence[float] | None = None, step_noise_dtype: torch.dtype = torch.float32,
+                 **strategy_options) -> None:
         if isinstance(strategy, Strategy):
             given = dict(strategy_options, eta=eta, sde_indices=sde_indices, granularities=granularities)
             given = sorted(k for k, v in given.items() if v is not None)
@@ -55,6 +57,7 @@ class G2RPOSampler:
         self.engine = RolloutEngine(model, self.strategy.num_steps, shift, max_batch, quantize_timesteps, check_finite,
                                     ops_backend, cuda_graphs, compile_options, batch_buckets, schedule_precision,
                                     sigmas)
+        self.engine.step_noise_dtype = step_noise_dtype
         self._plans: dict[tuple, Plan] = {}
 
     @property

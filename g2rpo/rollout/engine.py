@@ -178,16 +178,20 @@ class TrainingUnit:
         return TrainingUnit(self.slot, self.rows)
 
 
-def _branch_noise(per_prompt: int, P: int, shape: torch.Size, generator, device) -> torch.Tensor:
-    """Standard normal SDE noise ``[P * per_prompt, ...]`` (prompt-major).
+def _branch_noise(per_prompt: int, P: int, shape: torch.Size, generator, device,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal SDE noise ``[P * per_prompt, ...]`` (prompt-major), drawn in ``dtype`` (the public G2RPO and
+    MixGRPO steps draw it in the model output's bf16), returned as fp32.
 
     ``generator`` is None, one generator, or a list of P generators (one per prompt, so a
     prompt's rollout does not depend on which other prompts share the call: what makes
     rollouts identical whatever the number of ranks).
     """
     if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.randn((per_prompt, *shape), generator=g, device=device) for g in generator])
-    return torch.randn((P * per_prompt, *shape), generator=generator, device=device)
+        out = torch.cat([torch.randn((per_prompt, *shape), generator=g, device=device, dtype=dtype) for g in generator])
+    else:
+        out = torch.randn((P * per_prompt, *shape), generator=generator, device=device, dtype=dtype)
+    return out.float()
 
 
 def default_buckets(max_batch: int) -> tuple[int, ...]:
@@ -228,6 +232,9 @@ class RolloutEngine:
         #: called before every tick of :meth:`run` (the trainer's stop check: it may raise to abandon a rollout)
         self.tick_hook: Callable[[], None] | None = None
         self.quantize_timesteps = quantize_timesteps
+        #: the dtype SDE-step noise is drawn in (then used as fp32): fp32, or the model output's bf16 as the public
+        #: G2RPO / MixGRPO steps draw it (``randn_tensor(..., dtype=model_output.dtype)``)
+        self.step_noise_dtype: torch.dtype = torch.float32
         self.check_finite = check_finite
         self.ops_backend = ops_backend  # the fused SDE step of g2rpo.ops (auto: Triton on GPU, C++ on CPU)
         # CUDA graphs: the model runs under torch.compile(mode="reduce-overhead"), which captures one
@@ -365,7 +372,7 @@ class RolloutEngine:
                 parent = (p_idx[:, None] * F + tick.child_parent.to(dev)[sel][None, :]).reshape(-1)
                 frm = f_index[parent]
                 if is_sde:
-                    eps = _branch_noise(parent.numel() // P, P, shape, generator, dev)
+                    eps = _branch_noise(parent.numel() // P, P, shape, generator, dev, self.step_noise_dtype)
                     a, b, std = sde_coefficients(sigmas, frm, eta, sde_kind)
                     xs, lp = sde_step_logprob(X[parent], V[parent], eps, a, b, std, backend=self.ops_backend)
                     slot = tick.sde_slot.to(dev)

@@ -21,7 +21,7 @@ from ..advantage import batch_std, check_finite_rewards, integrate_advantages, m
 from ..checkpoint import CheckpointWriteError, complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..distributed import DistContext, rollout_mode
-from ..policy import build_rewards
+from ..policy import TORCH_DTYPES, build_rewards
 from ..rewards.remote import RemoteRewardError
 from ..prompts import PromptSchedule
 from ..rollout import G2RPOSampler, Rollout, make_strategy
@@ -94,7 +94,8 @@ class Trainer:
         strategy = make_strategy(cfg.sampler.strategy, **options)
         self.sampler = G2RPOSampler(self.policy, max_batch=cfg.sampler.max_batch, sigmas=self._sigmas(strategy),
                                     strategy=strategy, quantize_timesteps=cfg.sampler.quantize_timesteps,
-                                    ops_backend=cfg.ops_backend, cuda_graphs=cfg.sampler.cuda_graphs)
+                                    ops_backend=cfg.ops_backend, cuda_graphs=cfg.sampler.cuda_graphs,
+                                    step_noise_dtype=TORCH_DTYPES[cfg.sampler.step_noise_dtype])
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path, prompt_file=cfg.data.prompts)
         self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)
         self.cost_totals: dict[str, float] = {}  # cumulative cost metrics (checkpointed: a budget survives --resume)
