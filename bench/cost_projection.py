@@ -2,7 +2,9 @@
 Lambda {1,2,3}), projected from the plans (model-free row counts) and one row's forward FLOPs, counted on the
 real FluxTransformer2DModel architecture on the meta device (no weights), at a bf16 matmul rate of 790 TFLOP/s
 (one H200, as measured by bench/gpu's matmul probe). Training rows count 4x a forward (forward + backward with
-gradient checkpointing, which the Flux configs use). The baselines are listed at their paper presets' T, G.
+gradient checkpointing, which the Flux configs use); the bf16 trainer also recomputes the old log-probs in the
+training layout (``loss.recompute_old_logprob: auto``): one no-grad forward per training row, counted 1x, as the
+trainer's ``cost/recompute_rows`` metric. The baselines are listed at their paper presets' T, G.
 
     python bench/cost_projection.py
 """
@@ -67,15 +69,22 @@ def main() -> None:
     flop = flops_per_row()
     print(f"Flux.1-dev, 720x720, 512 text tokens: {flop / 1e12:.2f} TFLOP per row forward; "
           f"H200 bf16 at {H200_BF16_TFLOPS:.0f} TFLOP/s\n")
-    print("| variant | rollout rows / prompt | training rows / prompt | cost / prompt (fwd-row eq., 4x train) | "
-          "seconds / prompt-iteration on one H200 | vs G2RPO |\n|---|---|---|---|---|---|")
+    print("| variant | rollout rows / prompt | training rows / prompt | recomputed rows / prompt | "
+          "cost / prompt (fwd-row eq.: rollout + recompute + 4x train) | seconds / prompt-iteration on one H200 | "
+          "vs G2RPO |\n|---|---|---|---|---|---|---|")
     base = None
     for name, (strategy, options) in VARIANTS.items():
         r, t = rows(strategy, options)
-        cost = r + 4 * t
+        cost = projected_cost(r, t)
         base = base or cost
-        print(f"| {name} | {r:,.0f} | {t:,.1f} | {cost:,.0f} | {cost * flop / (H200_BF16_TFLOPS * 1e12):.1f} | "
-              f"{cost / base:.2f} |")
+        print(f"| {name} | {r:,.0f} | {t:,.1f} | {t:,.1f} | {cost:,.0f} | "
+              f"{cost * flop / (H200_BF16_TFLOPS * 1e12):.1f} | {cost / base:.2f} |")
+
+
+def projected_cost(rollout_rows: float, train_rows: float, recompute: bool = True) -> float:
+    """Forward-row equivalents: rollout rows, the recomputed old log-probs (one forward per training row, on by
+    default in bf16), and 4x each training row (gradient checkpointing)."""
+    return rollout_rows + (train_rows if recompute else 0.0) + 4.0 * train_rows
 
 
 if __name__ == "__main__":

@@ -246,3 +246,37 @@ def test_step_noise_is_drawn_in_the_configured_dtype():
     assert (sd3.sampler.noise_dtype, sd3.sampler.step_noise_dtype) == ("float16", "float32")
     assert load_config([LAB, METHODS / "flow_grpo-official.yaml"],
                        {"sampler": {"schedule": "shift"}}).sampler.noise_dtype == "bfloat16"
+
+
+def test_recomputed_old_logprobs_count_the_forwards_of_empty_units():
+    """On several ranks a rank with nothing to train in a slot still runs its forwards (FSDP): they are spent."""
+    from g2rpo.rollout import G2RPOSampler
+    from g2rpo.rollout.scoring import recompute_old_logprobs, work_units
+    from g2rpo.testing import GaussianWorld
+
+    world = GaussianWorld()
+    ro = G2RPOSampler(world, num_steps=4, sde_indices=[0, 1], granularities=(1,), group_size=3).rollout(
+        torch.randn(2, 8, generator=torch.Generator().manual_seed(0)), None, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 2, 3, dtype=torch.bool)
+    mask[:, 1] = True  # slot 0 is trained on another rank only
+    units = work_units(mask, 1, [0, 1])
+    assert [u.empty for u in units] == [True, True, False, False]
+    spent = recompute_old_logprobs(world, ro, [units], None).forward_rows
+    assert spent == 4  # one row per (prompt, shared source): 2 empty + 2 trained
+
+
+def test_the_cost_projection_counts_what_the_bf16_trainer_runs(lab_world, tmp_path):
+    """bench/cost_projection.py's formula is the trainer's own cost: in bf16 the trainer also recomputes the old
+    log-probs (one forward per training row), which the projection left out (DanceGRPO 584 -> 685 rows)."""
+    import importlib.util
+
+    from g2rpo.train.metrics import iteration_cost
+
+    spec = importlib.util.spec_from_file_location("cost_projection", ROOT / "bench" / "cost_projection.py")
+    projection = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(projection)
+    cfg = load_config(None, tiny(lab_world, tmp_path, iterations=1, **{"model.dtype": "bfloat16"}))
+    m = Trainer(cfg, log=lambda *a, **k: None).run()[0]
+    assert m["cost/recompute_rows"] == m["cost/train_rows"] > 0
+    assert projection.projected_cost(m["cost/rollout_rows"], m["cost/train_rows"]) == \
+        iteration_cost(m, gradient_checkpointing=True)

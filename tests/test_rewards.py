@@ -108,6 +108,11 @@ def test_pickscore_matches_clip_logits(tmp_path):
             inputs = processor(text=[p], images=[img], return_tensors="pt", padding=True)
             expected.append(model(**inputs).logits_per_image[0, 0])
     assert torch.allclose(s, torch.stack(expected), atol=1e-4)
+    # Flow-GRPO's pickscore_scorer.py divides by 26 (its presets set the option)
+    flow = make_reward("pickscore", model_dir=str(tmp_path / "pick"), divide_by=26)
+    assert torch.allclose(flow.score(images, PROMPTS), s / 26, atol=1e-6)
+    with pytest.raises(ValueError, match="divide_by"):
+        make_reward("pickscore", model_dir=str(tmp_path / "pick"), divide_by=0)
 
 
 def test_reward_input_checks(tiny_open_clip, tmp_path):

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,13 +113,18 @@ def load_clip_score(model_dir: str | None = None, model_name: str | None = None,
 
 
 class PickScore(_BatchedModelReward):
-    """PickScore: ``logit_scale.exp() * cosine(image, text)`` with a transformers CLIPModel."""
+    """PickScore: ``logit_scale.exp() * cosine(image, text) / divide_by`` with a transformers CLIPModel
+    (``divide_by`` 26: Flow-GRPO's ``pickscore_scorer.py``, which makes its std's + 1e-4 weigh 26x more)."""
 
     name = "pickscore"
 
-    def __init__(self, model, processor, device=None, batch_size: int = 32) -> None:
+    def __init__(self, model, processor, device=None, batch_size: int = 32, divide_by: float = 1.0) -> None:
         super().__init__(model, device, batch_size)
+        if not (isinstance(divide_by, (int, float)) and not isinstance(divide_by, bool) and divide_by > 0
+                and math.isfinite(divide_by)):
+            raise ValueError(f"pickscore: divide_by must be a finite number > 0, got {divide_by!r}")
         self.processor = processor
+        self.divide_by = float(divide_by)
 
     @staticmethod
     def _features(out) -> torch.Tensor:
@@ -137,12 +143,13 @@ class PickScore(_BatchedModelReward):
             img = img / img.norm(dim=-1, keepdim=True)
             txt = txt / txt.norm(dim=-1, keepdim=True)
             out.append((self.model.logit_scale.exp() * (img * txt).sum(-1)).float().cpu())
-        return torch.cat(out)
+        return torch.cat(out) / self.divide_by
 
 
-def load_pickscore(model_dir: str, processor_dir: str | None = None, device=None, batch_size: int = 32) -> PickScore:
+def load_pickscore(model_dir: str, processor_dir: str | None = None, device=None, batch_size: int = 32,
+                   divide_by: float = 1.0) -> PickScore:
     from transformers import AutoModel, AutoProcessor
 
     d = _require(model_dir, "PickScore model directory")
     processor = AutoProcessor.from_pretrained(_require(processor_dir, "PickScore processor") if processor_dir else d)
-    return PickScore(AutoModel.from_pretrained(d), processor, device, batch_size)
+    return PickScore(AutoModel.from_pretrained(d), processor, device, batch_size, divide_by)

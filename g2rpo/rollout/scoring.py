@@ -119,9 +119,10 @@ def recompute_old_logprobs(policy, rollout: Rollout, steps_units: list[list[Trai
             k, rows = unit.slot, unit.rows
             sel = unit.selection(G)
             fresh = sel & ~done[rows, k]
-            if unit.empty:  # the same forwards on every rank (FSDP), nothing to store
+            if unit.empty:  # the same forwards on every rank (FSDP), nothing to store; their rows are spent too
                 score_unit(policy, rollout, unit.everything(), cond, quantize_timesteps=quantize_timesteps,
                            backend=backend)
+                spent += unit_forward_rows(rollout, unit.everything())
                 continue
             logp = score_unit(policy, rollout, unit, cond, quantize_timesteps=quantize_timesteps,
                               backend=backend).log_prob
