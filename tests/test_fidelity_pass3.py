@@ -280,3 +280,29 @@ def test_the_cost_projection_counts_what_the_bf16_trainer_runs(lab_world, tmp_pa
     assert m["cost/recompute_rows"] == m["cost/train_rows"] > 0
     assert projection.projected_cost(m["cost/rollout_rows"], m["cost/train_rows"]) == \
         iteration_cost(m, gradient_checkpointing=True)
+
+
+def test_wan_configs_use_the_cited_fp32_schedule_and_say_which_expert_owns_each_step():
+    """train_grpo_wan_2_1.py shifts an fp32 linspace and draws bf16 noise: step 6 of 20 is timestep 874 (float64:
+    875), below Wan 2.2's boundary 875, so the low-noise expert owns it; the config's comment must say so."""
+    import re
+
+    from g2rpo.models.wan import expert_for
+    from g2rpo.policy import plan_trained_experts
+
+    for name in ("wan_t2v_hps", "wan22_t2v_hps", "wan_i2v_hps"):
+        cfg = load_config([ROOT / "configs" / f"{name}.yaml"])
+        assert (cfg.sampler.schedule_precision, cfg.sampler.noise_dtype) == ("float32", "bfloat16"), name
+    path = ROOT / "configs" / "wan22_t2v_hps.yaml"
+    cfg = load_config([path])
+    trained, owner = plan_trained_experts(cfg, ("transformer", "transformer_2"),
+                                          lambda sigma: expert_for(sigma, 875.0, cfg.sampler.quantize_timesteps))
+    assert trained == ("transformer", "transformer_2")
+    assert owner == {"transformer": [0, 1, 2, 3, 4, 5], "transformer_2": [6, 7]}
+    text = path.read_text()
+    assert re.search(r"steps 0-5 \(timesteps 1000-900\) are\s+#\s+transformer's", text)
+    assert re.search(r"steps 6-7 \(874, 847\) transformer_2's", text)
+    cfg64 = load_config([path], {"sampler": {"schedule_precision": "float64"}})
+    _, owner64 = plan_trained_experts(cfg64, ("transformer", "transformer_2"),
+                                      lambda sigma: expert_for(sigma, 875.0, True))
+    assert owner64["transformer_2"] == [7]  # the float64 schedule would move step 6 to the other expert
