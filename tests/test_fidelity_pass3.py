@@ -306,3 +306,26 @@ def test_wan_configs_use_the_cited_fp32_schedule_and_say_which_expert_owns_each_
     _, owner64 = plan_trained_experts(cfg64, ("transformer", "transformer_2"),
                                       lambda sigma: expert_for(sigma, 875.0, True))
     assert owner64["transformer_2"] == [7]  # the float64 schedule would move step 6 to the other expert
+
+
+@torch.no_grad()
+def test_sd3_gets_the_fp32_scheduler_timestep_in_low_precision():
+    """StableDiffusion3Pipeline hands the transformer its scheduler's fp32 timesteps (time_proj embeds them in fp32);
+    g2rpo cast 1000 sigma to the model dtype first (bf16: 700.0 -> 700, but 962.9 -> 964)."""
+    from g2rpo.models.registry import family, settings
+    from g2rpo.models.sd3 import SD3Policy
+    from g2rpo.testing.tiny import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline(seed=0).to(torch.bfloat16)
+    policy = SD3Policy(pipe, **settings(family("sd3"), height=32, width=32, guidance_scale=4.5,
+                                        max_sequence_length=16))
+    policy.compute_dtype = torch.bfloat16
+    seen = []
+    handle = policy.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"]),
+                                                          with_kwargs=True)
+    cond = policy.encode_prompts(["a red cube"])
+    sigma = torch.tensor([0.9629], dtype=torch.float64)
+    policy(policy.prepare_latents(1, torch.Generator().manual_seed(0)), sigma, cond)
+    handle.remove()
+    assert seen and all(t.dtype == torch.float32 for t in seen)
+    assert torch.equal(seen[0][:1], sigma.float() * 1000.0)

@@ -39,7 +39,7 @@ class SD3Policy(PolicyAdapter):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.dtype
-        t = (sigma.float() * 1000.0).to(dtype)
+        t = sigma.float() * 1000.0  # fp32, as StableDiffusion3Pipeline feeds its scheduler's timesteps to time_proj
         if self.cfg:
             emb = torch.cat([cond["negative_prompt_embeds"], cond["prompt_embeds"]]).to(dtype)
             pooled = torch.cat([cond["negative_pooled_prompt_embeds"], cond["pooled_prompt_embeds"]]).to(dtype)
