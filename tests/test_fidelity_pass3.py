@@ -329,3 +329,29 @@ def test_sd3_gets_the_fp32_scheduler_timestep_in_low_precision():
     handle.remove()
     assert seen and all(t.dtype == torch.float32 for t in seen)
     assert torch.equal(seen[0][:1], sigma.float() * 1000.0)
+
+
+def test_a_policy_row_under_cfg_runs_two_transformer_rows_and_the_trainer_logs_it(lab_world, tmp_path):
+    """``cost`` counts policy rows; ``cost/transformer_rows_per_row`` says how many transformer rows each runs (2
+    under classifier-free guidance, 1 with Flux's embedded guidance), counted here on the transformer's input."""
+    from g2rpo.models.flux import FluxPolicy
+    from g2rpo.models.registry import family, settings
+    from g2rpo.models.sd3 import SD3Policy
+    from g2rpo.testing.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    cases = [(SD3Policy, tiny_sd3_pipeline, "sd3", 4.5), (SD3Policy, tiny_sd3_pipeline, "sd3", 1.0),
+             (FluxPolicy, tiny_flux_pipeline, "flux", 3.5)]
+    for cls, make, fam, scale in cases:
+        policy = cls(make(seed=0), **settings(family(fam), height=32, width=32, guidance_scale=scale,
+                                              max_sequence_length=16))
+        rows = []
+        handle = policy.transformer.register_forward_pre_hook(
+            lambda m, a, kw: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+        x = policy.prepare_latents(3, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            policy(x, torch.full((3,), 0.5, dtype=torch.float64), policy.encode_prompts(["a", "b", "c"]))
+        handle.remove()
+        assert sum(rows) == 3 * policy.transformer_rows_per_row, (fam, scale)
+        assert policy.transformer_rows_per_row == (2 if fam == "sd3" and scale > 1 else 1)
+    m = Trainer(load_config(None, tiny(lab_world, tmp_path, iterations=1)), log=lambda *a, **k: None).run()[0]
+    assert m["cost/transformer_rows_per_row"] == 1.0

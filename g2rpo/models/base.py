@@ -80,6 +80,12 @@ class PolicyAdapter(torch.nn.Module):
         """Classifier-free guidance is on (a scale > 1)."""
         return self.guidance_scale is not None and float(self.guidance_scale) > 1.0
 
+    @property
+    def transformer_rows_per_row(self) -> int:
+        """Transformer rows one policy row runs (the unit of ``cost``): 1, or 2 for a family that guides by
+        classifier-free guidance in one doubled batch (:meth:`classifier_free`) while it is on."""
+        return 1
+
     def classifier_free(self, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
                         t: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One doubled batch ``run([x; x], [t; t])`` whose first half holds the negative rows and the

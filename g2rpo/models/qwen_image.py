@@ -97,6 +97,10 @@ class QwenImagePolicy(PolicyAdapter):
                                 img_shapes=[[(1, self.latent_height // 2, self.latent_width // 2)]] * b,
                                 return_dict=False)[0].float()
 
+    @property
+    def transformer_rows_per_row(self) -> int:
+        return 2 if self.cfg else 1  # the conditional and unconditional rows in one doubled batch
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.dtype
         if not self.cfg:

@@ -37,6 +37,10 @@ class SD3Policy(PolicyAdapter):
     def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, **settings) -> SD3Policy:
         return cls(StableDiffusion3Pipeline.from_pretrained(checked_folder(path, "sd3"), torch_dtype=dtype), **settings)
 
+    @property
+    def transformer_rows_per_row(self) -> int:
+        return 2 if self.cfg else 1  # the conditional and unconditional rows in one doubled batch
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.dtype
         t = sigma.float() * 1000.0  # fp32, as StableDiffusion3Pipeline feeds its scheduler's timesteps to time_proj

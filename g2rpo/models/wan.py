@@ -215,6 +215,10 @@ class WanPolicy(PolicyAdapter):
         """Extra transformer inputs taken from ``cond`` (image-to-video: the image embedding)."""
         return {}
 
+    @property
+    def transformer_rows_per_row(self) -> int:
+        return 2 if self.cfg else 1  # the conditional and unconditional rows in one doubled batch
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         t = (sigma.float() * 1000.0).to(device=x.device)
         if self.integer_timesteps:

@@ -306,7 +306,8 @@ class Trainer:
                   "lr": self.scheduler.get_last_lr()[0], "time_rollout": t1 - t0, "time_reward": t2 - t1,
                   "time_train": t3 - t2, "time_iteration": t3 - t0,
                   "cost/rollout_rows": float(rollout.forward_rows),
-                  "cost/recompute_rows": float(m.get("recompute_forward_rows", 0.0))})
+                  "cost/recompute_rows": float(m.get("recompute_forward_rows", 0.0)),
+                  "cost/transformer_rows_per_row": float(self.policy.transformer_rows_per_row)})
         m = self.ctx.reduce_metrics(m, REDUCE)
         m["iteration"] = iteration + 1
         self.account(m)
