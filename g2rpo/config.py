@@ -101,8 +101,8 @@ class SamplerConfig:
     # randn_tensor(..., dtype=model_output.dtype) under bf16 autocast) | float16
     step_noise_dtype: str = "float32"
     schedule_precision: str = "float64"  # float64 | float32: the shifted sigmas computed in fp32 as the public code
-    # the shift from the image's sequence length as the diffusers pipeline computes it (mu; FluxPipeline and
-    # QwenImagePipeline), instead of sampler.shift: Flow-GRPO's Flux training samples through FluxPipeline
+    # schedule: shift only: the static shift exp(mu) from the image's sequence length as FluxPipeline and
+    # QwenImagePipeline compute mu, instead of sampler.shift (schedule: pipeline is the pipeline's whole schedule)
     dynamic_shift: bool = False
     cuda_graphs: bool = False  # rollouts under torch.compile(mode="reduce-overhead") on GPU
     # trajectory strategies (None: the strategy's default)
