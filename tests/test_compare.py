@@ -1,10 +1,13 @@
 import json
 
+import pytest
+
 from g2rpo.experiments.compare import CompareSettings, compare, run_method
 
 SMALL = {"sampler": {"group_size": 4, "sde_indices": [0, 1, 2]}, "data": {"prompts_per_iteration": 4}}
 
 
+@pytest.mark.slow
 def test_g2rpo_raises_the_in_domain_reward_above_the_base_model(lab_world, tmp_path):
     r = run_method(lab_world, "g2rpo", seed=0, lr=3e-4, iterations=8, out=tmp_path / "run", eval_every=8,
                    overrides=SMALL)
@@ -14,6 +17,7 @@ def test_g2rpo_raises_the_in_domain_reward_above_the_base_model(lab_world, tmp_p
     assert set(r["final"]) == {"16", "8", "4"} and "judge_accuracy" in r["final"]["16"]
 
 
+@pytest.mark.slow
 def test_compare_writes_both_families_equal_lr_tables_curves_and_grids(lab_world, tmp_path):
     s = CompareSettings(methods=("dance_grpo", "g2rpo_no_mgai", "g2rpo"), seeds=2, iterations=2, lr_grid=(1e-4, 3e-4),
                         eval_every=1, overrides=SMALL, eval_per_class=3, curve_per_class=3, extend_lr=0)
@@ -37,6 +41,7 @@ def test_compare_writes_both_families_equal_lr_tables_curves_and_grids(lab_world
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["iterations"] == 2
 
 
+@pytest.mark.slow
 def test_compare_at_equal_compute_runs_every_method_to_the_same_cost(lab_world, tmp_path):
     from g2rpo.experiments.compare import CHEAPER_VARIANTS
 
@@ -80,6 +85,7 @@ def test_every_cheaper_variant_is_a_valid_lab_config_and_cheaper_than_g2rpo():
     assert rows["g2rpo_coarse_chain"] < rows["g2rpo_coarse"] and rows["g2rpo_auto"] == rows["g2rpo"]
 
 
+@pytest.mark.slow
 def test_an_lr_grid_is_extended_past_the_edge_that_holds_a_methods_best(lab_world, tmp_path):
     """Two lrs: the best is always at an edge, so one more lr beyond it is run (extend_lr=1), and no more."""
     s = CompareSettings(methods=("g2rpo",), families=("paper",), seeds=1, iterations=1, lr_grid=(1e-4, 3e-4),

@@ -22,6 +22,7 @@ def test_default_buckets():
         G2RPOSampler(lambda x, s, c: x, max_batch=None, compile_options={})
 
 
+@pytest.mark.slow
 def test_bucketed_eager_rollout_equals_unbucketed():
     """Padding rows never changes the real rows (checked without compile: the same model both ways)."""
     velocity, cond, noise = random_flux_velocity(TINY_FLUX_TRANSFORMER, 64, 64, text_len=8)
@@ -35,6 +36,7 @@ def test_bucketed_eager_rollout_equals_unbucketed():
     assert torch.allclose(ro.log_probs, plain.log_probs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_inductor_rollout_compiles_at_most_four_graphs_and_equals_eager():
     """torch.compile(inductor, fullgraph=True, dynamic=False) on the tiny Flux velocity: a whole
     paper-setting rollout (T=16, e 0..7, Lambda {1,2,3}, G=12) uses <= 4 graphs, no fall-back."""

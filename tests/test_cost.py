@@ -64,6 +64,7 @@ def test_max_cost_stops_within_one_iteration_and_holds_across_resume(lab_world, 
     assert metrics[-1]["cost"] == pytest.approx(4 * per_iteration)  # the cumulative cost survived the resume
 
 
+@pytest.mark.slow
 def test_auto_granularity_drops_a_redundant_granularity_and_resume_keeps_it_dropped(lab_world, tmp_path):
     """sampler.auto_granularity_threshold: a granularity whose Spearman correlation with the finest stays above
     the threshold for the window stops being rolled out (fewer rows); the choice is checkpointed."""

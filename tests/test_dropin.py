@@ -115,6 +115,7 @@ def test_the_readme_shows_the_one_import_swap():
     assert len(_readme_blocks()) >= 3
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_command_saves_a_loadable_pipeline(tmp_path):
     """`python -m g2rpo.testing tiny-pipeline flux DIR` (the README's way to try the examples offline)."""
     import subprocess

@@ -177,6 +177,7 @@ def test_flow_grpo_kl_convention_divides_by_sigma_t_squared(lab_world, tmp_path)
     assert kls["flow_grpo"] == pytest.approx(kls["transition"] * float(s[2] - s[3]), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_two_ranks_with_per_sample_subsets_and_sample_minibatches(lab_world, tmp_path):
     """The mask and the optimizer steps are drawn for the global batch and sliced: 2 FSDP ranks make the
     same forwards (a rank with nothing to train in a unit still runs it) and, with one sample minibatch,

@@ -5,10 +5,12 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "gpu" / "run.sh"
 STAGES = ["ops", "rollout", "ratio", "train_step", "memory", "graphs"]  # in order of value
+@pytest.mark.slow
 def test_run_sh_tiny_on_cpu_writes_every_stage(tmp_path):
     out = tmp_path / "acc"
     r = subprocess.run(["bash", str(RUN), "--device", "cpu", "--tiny", "--out", str(out)], capture_output=True,
@@ -32,6 +34,7 @@ def test_run_sh_tiny_on_cpu_writes_every_stage(tmp_path):
     assert all(f"## {s}: ok" in md for s in STAGES)
 
 
+@pytest.mark.slow
 def test_run_sh_fits_its_budget_and_sends_back_at_most_4_files(tmp_path):
     """A lent GPU is held 15 minutes (its start included), one command runs at most 10, at most 8 files come back:
     --budget-s bounds the whole run, stages run in order of value, the rest is reported as not run."""

@@ -24,6 +24,7 @@ def _short_and_clean(stderr: str, message: str) -> None:
     assert len([line for line in stderr.splitlines() if line.strip()]) <= 6, stderr
 
 
+@pytest.mark.slow
 def test_sigint_mid_update_finishes_the_iteration_and_sigterm_mid_rollout_abandons_it(lab_world, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -52,6 +53,7 @@ def test_sigint_mid_update_finishes_the_iteration_and_sigterm_mid_rollout_abando
     assert [e.step for e in events.Scalars("reward/digit_alignment")] == [1, 2, 3, 4]  # no duplicate steps
 
 
+@pytest.mark.slow
 def test_resume_refuses_changes_and_nothing_to_resume(lab_world, tmp_path):
     r = _cli([f"output_dir={tmp_path / 'typo'}", "--resume"])
     assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
@@ -62,6 +64,7 @@ def test_resume_refuses_changes_and_nothing_to_resume(lab_world, tmp_path):
     assert (tmp_path / "x" / "metrics.jsonl").read_text() == '{"iteration": 1}\n'  # never truncated
 
 
+@pytest.mark.slow
 def test_an_interrupt_on_one_rank_stops_both_together(lab_world, tmp_path):
     out = tmp_path / "two"
     r = _cli(_flat(tiny(lab_world, out, iterations=4, checkpoint_every=0)), {"G2RPO_FAULT": "int@1:score:0"},

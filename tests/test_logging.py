@@ -20,6 +20,7 @@ def _events(folder):
     return ev
 
 
+@pytest.mark.slow
 def test_tensorboard_and_wandb_get_grids_and_a_resume_continues_the_wandb_run(lab_world, tmp_path):
     """Through the CLI (wandb's service process stays out of the test process), wandb offline."""
     from test_train import _cli, _flat

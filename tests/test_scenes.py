@@ -128,6 +128,7 @@ def test_learned_rewards_rank_a_correct_render_above_each_kind_of_degradation():
         assert all(v >= 0.7 for v in by_kind.values()), (model.kind, by_kind)
 
 
+@pytest.mark.slow
 def test_the_second_judge_reads_clean_renders_and_refuses_wrong_ones():
     from g2rpo.lab.scenes.learned import make_segmentation_data, train_detector
 
@@ -141,6 +142,7 @@ def test_the_second_judge_reads_clean_renders_and_refuses_wrong_ones():
     assert det.score(render_batch(wrong, rng, pairs=EVERY_PAIR), prompts).mean() <= 0.1
 
 
+@pytest.mark.slow
 def test_the_world_build_is_deterministic(tmp_path, scenes_world):
     from g2rpo.lab.scenes.world import SceneWorldConfig, build_scene_world
     from conftest import TINY_SCENES
@@ -169,6 +171,7 @@ def test_rewards_and_judges_load_by_name_and_refuse_wrong_images(scenes_world):
         make_reward("scene_clip", world=str(scenes_world / "transformer"))
 
 
+@pytest.mark.slow
 def test_g2rpo_trains_and_evaluates_on_the_scenes_world(scenes_world, tmp_path, capsys):
     from g2rpo.train.cli import main
 

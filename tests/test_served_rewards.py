@@ -83,6 +83,7 @@ def user_module(tmp_path, monkeypatch, tiny_open_clip):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_remote_scores_equal_in_process_scores(user_module, lab_world):
     hps_opts = {"checkpoint": str(user_module / "hps.pt"), "config_dir": str(user_module / "oc")}
     args = ["--reward", "served_rewards_mod:tiny_hps", "--options", json.dumps(hps_opts),
@@ -102,6 +103,7 @@ def test_remote_scores_equal_in_process_scores(user_module, lab_world):
         assert torch.equal(remote, local)
 
 
+@pytest.mark.slow
 def test_training_with_a_remote_reward_equals_in_process_and_survives_the_server(lab_world, tmp_path):
     args = ["--reward", "digit_alignment", "--options", json.dumps({"world": str(lab_world)})]
     port = _free_port()
@@ -136,6 +138,7 @@ def test_training_with_a_remote_reward_equals_in_process_and_survives_the_server
     assert [m["iteration"] for m in _metrics(tmp_path / "remote")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_malformed_requests_get_4xx_and_the_server_stays_up(user_module):
     with serving(["--reward", "served_rewards_mod:brightness"], user_module) as (url, proc):
         name = "served_rewards_mod:brightness"
@@ -156,6 +159,7 @@ def test_malformed_requests_get_4xx_and_the_server_stays_up(user_module):
         assert r.status_code == 200 and r.json()["scores"] == [0.0] and proc.poll() is None
 
 
+@pytest.mark.slow
 def test_load_many_concurrent_clients_lose_nothing_and_get_their_own_answers(user_module):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -183,6 +187,7 @@ def test_load_many_concurrent_clients_lose_nothing_and_get_their_own_answers(use
     assert health["batches"]["served_rewards_mod:brightness"] < sum(s for s, _ in results)  # requests were batched
 
 
+@pytest.mark.slow
 def test_chat_api_judge_equals_in_process_unified_reward(tmp_path):
     from g2rpo.testing.tiny import tiny_qwen_vl_judge
 

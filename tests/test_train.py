@@ -102,6 +102,7 @@ def test_training_changes_weights_checkpoints_and_exports(lab_world, tmp_path):
     assert (tmp_path / "images" / "iter_000002.png").is_file()
 
 
+@pytest.mark.slow
 def test_kill_mid_iteration_and_resume_reproduces_metrics(lab_world, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     args_a = _flat(tiny(lab_world, a, iterations=4))
@@ -123,6 +124,7 @@ def test_kill_mid_iteration_and_resume_reproduces_metrics(lab_world, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-7) for k in wa)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank(lab_world, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     cfg = dict(iterations=2, checkpoint_every=0)
@@ -327,6 +329,7 @@ def test_recomputed_old_logprobs_replace_the_rollouts(lab_world, tmp_path):
         load_config(None, {"loss": {"recompute_old_logprob": "sometimes"}})
 
 
+@pytest.mark.slow
 def test_two_ranks_bf16_fsdp_ratio_is_one(lab_world, tmp_path):
     """2-rank gloo FSDP2 with a bf16 param dtype, old log-probs NOT recomputed: the rollout's and the
     training forwards see identical inputs, so the first ratio is 1."""

@@ -191,6 +191,7 @@ def _alive(pid):
         return False
 
 
+@pytest.mark.slow
 def test_workers_exit_when_the_launcher_dies(lab_world, tmp_path):
     import psutil
 
@@ -211,6 +212,7 @@ def test_workers_exit_when_the_launcher_dies(lab_world, tmp_path):
             c.kill()
 
 
+@pytest.mark.slow
 def test_a_hung_rank_stops_the_run_after_the_timeout(lab_world, tmp_path):
     import psutil
 

@@ -174,6 +174,7 @@ def test_train_and_eval_end_to_end_on_tiny_wan22(variant, wan22_dir, ti2v_dir, t
 
 @pytest.mark.parametrize("sde, trained", [("[0, 1]", "trained transformer;"),
                                            ("[1, 2]", "trained transformer, transformer_2;")])
+@pytest.mark.slow
 def test_two_ranks_shard_both_experts_and_match_one_rank(wan22_dir, tmp_path, sde, trained):
     """FSDP2 over the two-expert module, with one expert frozen (SDE steps 0, 1: timesteps 1000, 937.5) or both
     trained (steps 1, 2 straddle the boundary): 2 ranks give one rank's losses and weights, and the export holds
