@@ -465,7 +465,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _from_dict(hint, value, key)
+        return from_dict(hint, value, key)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -498,7 +498,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -576,11 +576,13 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, mappings merged key by key (a reward's ``options`` replaced whole), anything else
+    replaced; neither input is changed."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
-            out[k] = _merge(out[k], v)
+            out[k] = merge_dicts(out[k], v)
         else:
             out[k] = v
     return out
@@ -593,7 +595,8 @@ def default_config_path() -> Path:
     return Path(str(resources.files("g2rpo.configs").joinpath("lab.yaml")))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """One YAML config file as a mapping (ConfigError naming the file when it is missing or unreadable)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -621,7 +624,7 @@ def load_config(path: str | Path | list[str | Path] | tuple | None = None,
     embedded default as the starting point. An unknown key is named with the file that holds it.
     """
     paths = [] if path is None else ([Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)])
-    files = [(p, _read_yaml(p)) for p in paths]
+    files = [(p, read_config_file(p)) for p in paths]
     for p, d in files:
         problems = _unknown_keys(TrainConfig, d)
         if problems:
@@ -629,7 +632,7 @@ def load_config(path: str | Path | list[str | Path] | tuple | None = None,
     if base is not None:
         data = dict(base)
     elif not files or all("model" not in d for _, d in files):
-        data = _read_yaml(default_config_path())
+        data = read_config_file(default_config_path())
         if files and log is not None:
             log(f"note: {', '.join(str(p) for p, _ in files)} holds no model section (a method preset): "
                 f"combined with the embedded lab default ({default_config_path().name}); add a model config "
@@ -637,13 +640,13 @@ def load_config(path: str | Path | list[str | Path] | tuple | None = None,
     else:
         data = {}
     for _, d in files:
-        data = _merge(data, d)
+        data = merge_dicts(data, d)
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         problems = _unknown_keys(TrainConfig, extra)
         if problems:
             raise ConfigError(f"command line: {problems[0]}")
-        data = _merge(data, extra)
-    cfg = _from_dict(TrainConfig, data)
+        data = merge_dicts(data, extra)
+    cfg = from_dict(TrainConfig, data)
     cfg.validate()
     return cfg

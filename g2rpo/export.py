@@ -43,7 +43,7 @@ def export_checkpoint(path: str | Path, iteration: int | None = None, out: str |
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from .config import TrainConfig, _from_dict
+    from .config import TrainConfig, from_dict
     from .distributed import DistContext
     from .train.rundir import stored_config
     from .train.setup import EXPORT_MARKER, build_policy, export_policy
@@ -55,7 +55,7 @@ def export_checkpoint(path: str | Path, iteration: int | None = None, out: str |
     marker = target / EXPORT_MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("iteration") == it:
         return target
-    cfg: TrainConfig = _from_dict(TrainConfig, stored_config(ckpt))
+    cfg: TrainConfig = from_dict(TrainConfig, stored_config(ckpt))
     ctx = DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     setup = build_policy(cfg, ctx, log=log or (lambda *a, **k: None))
     module = setup.module

@@ -12,7 +12,7 @@ from .hub import PATH_OPTIONS, HubError, resolve_path, reward_options, with_usua
 from .rewards import FrameAggregated, RewardModel, make_reward
 from .rewards.registry import takes_prompt_file
 
-__all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_policy", "build_rewards", "check_paths", "check_world_rewards", "plan_trained_experts", "resolve_trained_experts"]
+__all__ = ["TORCH_DTYPES", "LoadedPolicy", "load_configured_policy", "build_rewards", "check_paths", "check_world_rewards", "plan_trained_experts", "resolve_trained_experts"]
 
 
 def check_world_rewards(model: ModelConfig, rewards: list[RewardSpec]) -> None:
@@ -72,7 +72,7 @@ class LoadedPolicy:
     path: Path  # where it was loaded from (the base for exports)
 
 
-def load_policy(cfg: ModelConfig, log=print) -> LoadedPolicy:
+def load_configured_policy(cfg: ModelConfig, log=print) -> LoadedPolicy:
     """Load the policy named by ``cfg`` (a local folder or a Hugging Face id; a family that builds its own
     model, the lab world, builds it on first use when ``path`` is null)."""
     from .models.registry import family, import_path, load_family

@@ -71,14 +71,14 @@ def test_compare_at_equal_compute_runs_every_method_to_the_same_cost(lab_world, 
 def test_every_cheaper_variant_is_a_valid_lab_config_and_cheaper_than_g2rpo():
     """Each cheaper G2RPO variant of the equal-compute comparison loads on the lab scale (no option silently
     dropped) and rolls out fewer rows per iteration than the paper's G2RPO (the auto one once it drops)."""
-    from g2rpo.config import default_config_path, load_config
-    from g2rpo.experiments.compare import CHEAPER_VARIANTS, LAB_WORLD, CompareSettings, _deep_update, preset_path
+    from g2rpo.config import default_config_path, load_config, merge_dicts
+    from g2rpo.experiments.compare import CHEAPER_VARIANTS, LAB_WORLD, CompareSettings, preset_path
     from g2rpo.rollout.strategies import make_strategy
 
-    scale = _deep_update(LAB_WORLD, CompareSettings().lab_scale)
+    scale = merge_dicts(LAB_WORLD, CompareSettings().lab_scale)
     rows = {}
     for name, (method, family, extra) in {"g2rpo": ("g2rpo", "paper", {}), **CHEAPER_VARIANTS}.items():
-        cfg = load_config([default_config_path(), preset_path(method, family)], _deep_update(scale, extra))
+        cfg = load_config([default_config_path(), preset_path(method, family)], merge_dicts(scale, extra))
         rows[name] = make_strategy(cfg.sampler.strategy, **cfg.sampler.strategy_options()).plan(0).forward_rows
     assert all(rows[n] < rows["g2rpo"] for n in ("g2rpo_x0", "g2rpo_coarse", "g2rpo_chain", "g2rpo_coarse_chain",
                                                   "g2rpo_subset2"))

@@ -108,7 +108,7 @@ def test_trainer_and_eval_with_a_module_callable_reward(user_module, lab_world, 
 
 
 def test_lab_comparison_trains_on_a_module_callable_reward(user_module, lab_world, tmp_path):
-    from g2rpo.lab.__main__ import main as lab_main
+    from g2rpo.experiments.cli import main as experiments_main
     from g2rpo.experiments.compare import run_method
 
     mod, _ = user_module
@@ -121,4 +121,4 @@ def test_lab_comparison_trains_on_a_module_callable_reward(user_module, lab_worl
     seen = [k for k in metrics[0] if k.startswith("reward/") and k.count("/") == 1]
     assert seen == [f"reward/{mod}:brightness"] and len(r["curve"]) == 2
     with pytest.raises(SystemExit, match="--set: rewards.0..name: .*cannot import module 'nope_mod'"):
-        lab_main(["compare", "--set", "rewards=[{name: 'nope_mod:fn'}]", "--out", str(tmp_path / "c")])
+        experiments_main(["compare", "--set", "rewards=[{name: 'nope_mod:fn'}]", "--out", str(tmp_path / "c")])

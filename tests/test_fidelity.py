@@ -44,12 +44,13 @@ STEPS = {"g2rpo-official": 8, "g2rpo_no_mgai-official": 8, "dance_grpo-official"
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_preset_runs_two_lab_iterations(lab_world, tmp_path, preset):
-    from g2rpo.experiments.compare import LAB_WORLD, _deep_update
+    from g2rpo.config import merge_dicts
+    from g2rpo.experiments.compare import LAB_WORLD
 
     scale = {"model": {"path": str(lab_world)}, "sampler": {"group_size": 4, "max_batch": 256},
              "data": {"prompts_per_iteration": 2}, "iterations": 2, "checkpoint_every": 0, "export_final": False,
              "output_dir": str(tmp_path), "progress": False, "tensorboard": False, "optim": {"lr": 1e-4}}
-    cfg = load_config([LAB, preset], _deep_update(LAB_WORLD, scale))
+    cfg = load_config([LAB, preset], merge_dicts(LAB_WORLD, scale))
     hist = Trainer(cfg, log=lambda *a, **k: None).run()
     assert len(hist) == 2
     for m in hist:
@@ -154,8 +155,8 @@ def test_trainer_uses_the_configured_advantage(lab_world, tmp_path):
         "advantage.std": "batch", "advantage.unbiased": False, "advantage.eps": 1e-4}))
     trainer = Trainer(cfg, log=lambda *a, **k: None)
     seen = {}
-    real_score, real_train = trainer.score, trainer.train_on
-    trainer.score = lambda *a, **k: seen.setdefault("rewards", real_score(*a, **k))
+    real_score, real_train = trainer.score_rewards, trainer.train_on
+    trainer.score_rewards = lambda *a, **k: seen.setdefault("rewards", real_score(*a, **k))
     trainer.train_on = lambda ro, adv, *a, **k: seen.setdefault("adv", adv) is not None and real_train(ro, adv, *a, **k)
     trainer.run()
     r = seen["rewards"].double()  # [R, P, K, J, G]

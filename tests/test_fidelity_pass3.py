@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from g2rpo.advantage import reward_weights
-from g2rpo.config import ConfigError, load_config
+from g2rpo.config import ConfigError, load_config, merge_dicts
 from g2rpo.train import Trainer
 
 from test_train import tiny
@@ -155,7 +155,7 @@ def test_the_trainer_samples_on_the_pipelines_schedule(tmp_path):
             "checkpoint_every": 0, "export_final": False, "progress": False, "tensorboard": False}
     seen = {}
     for sched in (None, "shift"):
-        cfg = load_config(None, _merge(base, {"sampler": {"schedule": sched}, "output_dir": str(tmp_path / str(sched))}))
+        cfg = load_config(None, merge_dicts(base, {"sampler": {"schedule": sched}, "output_dir": str(tmp_path / str(sched))}))
         trainer = Trainer(cfg, log=lambda *a, **k: None)
         seen[sched] = trainer.sampler.sigmas.clone()
         if sched is None:
@@ -175,13 +175,6 @@ def _prompts(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("a red cube\n")
     return f
-
-
-def _merge(a, b):
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def test_flow_grpo_ema_steps_once_per_sample_micro_batch():

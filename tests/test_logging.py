@@ -68,7 +68,7 @@ def test_a_requested_logger_that_is_not_installed_stops_before_training(lab_worl
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the error")
 
-    monkeypatch.setattr(setup_mod, "load_policy", boom)
+    monkeypatch.setattr(setup_mod, "load_configured_policy", boom)
     with pytest.raises(ConfigError, match=f"{key}=true but {key} is not installed"):
         Trainer(load_config(None, tiny(lab_world, tmp_path, **{key: True})), log=lambda *a: None)
 

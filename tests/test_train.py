@@ -351,9 +351,9 @@ def test_chunked_scoring_equals_unchunked(lab_world, tmp_path):
     decoded = []
     real_decode = trainer.policy.decode
     trainer.policy.decode = lambda z: decoded.append(z.shape[0]) or real_decode(z)
-    whole = trainer.score(ro, prompts, 0)
+    whole = trainer.score_rewards(ro, prompts, 0)
     trainer.cfg.reward_batch = 5
-    chunked = trainer.score(ro, prompts, 0)
+    chunked = trainer.score_rewards(ro, prompts, 0)
     n = ro.flat_finals().shape[0]
     assert decoded[0] == n and max(decoded[1:]) == 5 and sum(decoded[1:]) == n
     assert torch.allclose(whole, chunked, atol=1e-6)

@@ -26,7 +26,7 @@ def no_model_load(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the error")
 
-    monkeypatch.setattr(setup_mod, "load_policy", boom)
+    monkeypatch.setattr(setup_mod, "load_configured_policy", boom)
 
 
 # 1 ---------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def test_resume_applies_allowed_changes_and_refuses_others_before_models_load(la
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the error")
 
-    monkeypatch.setattr(setup_mod, "load_policy", boom)
+    monkeypatch.setattr(setup_mod, "load_configured_policy", boom)
     with pytest.raises(ConfigError) as err:
         Trainer(load_config(None, tiny(lab_world, tmp_path, iterations=4, resume=True, seed=7,
                                        **{"lora.enabled": True, "sampler.group_size": 4})), log=QUIET)
@@ -254,6 +254,9 @@ def test_cli_friction(lab_world, tmp_path, capsys):
     assert out.is_file()
     with pytest.raises(SystemExit, match="not a lab model"):
         lab_main(["grid", "--checkpoint", str(tmp_path), "--out", str(out)])
+    with pytest.raises(SystemExit) as moved:  # the removed alias names where the comparison went
+        lab_main(["compare", "--budget", "10"])
+    assert moved.value.code == 2 and "python -m g2rpo.experiments compare" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--sampler.group_size needs a value"):
         parse_overrides(["--sampler.group_size", "--optim.lr", "1e-4"])
     assert main(["--print-config", "sampler.group_size=5"]) == 0

@@ -42,21 +42,20 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
 
 def run_compare(args: argparse.Namespace) -> None:
     """The comparison of ``args`` (both CLIs' ``compare``); ``--checkpoint`` must hold a built world of ``--world``."""
-    from .compare import CHEAPER_VARIANTS, FAMILIES, LAMBDA_ABLATION, METHODS, CompareSettings, compare
+    from .compare import CHEAPER_VARIANTS, PRESET_FAMILIES, LAMBDA_ABLATION, METHODS, CompareSettings, compare
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())
-    unknown = [m for m in methods if m not in METHODS] + [f for f in families if f not in FAMILIES]
+    unknown = [m for m in methods if m not in METHODS] + [f for f in families if f not in PRESET_FAMILIES]
     if unknown:
-        sys.exit(f"unknown methods/families {unknown}; choose from {list(METHODS)} and {list(FAMILIES)}")
-    from ..config import ConfigError, load_config, parse_overrides
+        sys.exit(f"unknown methods/families {unknown}; choose from {list(METHODS)} and {list(PRESET_FAMILIES)}")
+    from ..config import ConfigError, load_config, merge_dicts, parse_overrides
 
     try:
         overrides = parse_overrides(args.set)
-        from .compare import _deep_update
         from .worlds import world_spec
 
-        load_config(None, _deep_update(world_spec(args.world).reset, overrides))  # refused before any run starts
+        load_config(None, merge_dicts(world_spec(args.world).reset, overrides))  # refused before any run starts
     except ConfigError as err:
         sys.exit(f"--set: {err}")
     known = {**CHEAPER_VARIANTS, **LAMBDA_ABLATION}

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import default_config_path, load_config
+from ..config import default_config_path, load_config, merge_dicts
 from ..distributed import rollout_mode
 from ..train import Trainer
 from ..train.logs import draw_labelled_rows
@@ -42,7 +42,7 @@ from .worlds import WORLDS, WorldSpec, world_spec
 __all__ = ["LAB_WORLD", "CompareSettings", "run_method", "compare", "preset_path", "LAMBDA_ABLATION"]
 
 METHODS = ("dance_grpo", "flow_grpo", "mix_grpo", "g2rpo_no_mgai", "g2rpo")
-FAMILIES = ("paper", "official")
+PRESET_FAMILIES = ("paper", "official")
 EVAL_STEPS = (16, 8, 4)
 #: The cheaper G2RPO variants of the equal-compute comparison (issue 21): name -> (preset method, family,
 #: overrides). Each reduces to G2RPO when its option is off.
@@ -68,7 +68,7 @@ PAPER_ORDER = ("g2rpo", "g2rpo_no_mgai", "mix_grpo", "dance_grpo")  # Table 1, b
 @dataclass
 class CompareSettings:
     methods: tuple[str, ...] = METHODS
-    families: tuple[str, ...] = FAMILIES
+    families: tuple[str, ...] = PRESET_FAMILIES
     seeds: int = 3
     iterations: int = 32
     lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
@@ -99,13 +99,6 @@ def preset_path(method: str, family: str) -> Path:
     return Path(str(resources.files("g2rpo.configs").joinpath("methods", f"{method}-{family}.yaml")))
 
 
-def _deep_update(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -131,7 +124,7 @@ def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, 
          "export_final": False, "progress": False, "tensorboard": False, "image_every": 0}
     if budget is not None:
         o["max_cost"] = float(budget)
-    o = _deep_update(_deep_update(spec.reset, o), overrides or {})
+    o = merge_dicts(merge_dicts(spec.reset, o), overrides or {})
     cfg = load_config([default_config_path(), preset_path(method, family)], o)
     trainer = Trainer(cfg, log=lambda *a, **k: None)
 
@@ -224,14 +217,14 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
                  "train_score": spec.score(spec.evaluate(base_policy, world, 16, False, "curve", cache))}
     if settings.budget is not None:
         base_eval["judge_curve"] = spec.evaluate(base_policy, world, 16, True, "curve", cache)
-    overrides = _deep_update(settings.lab_scale, settings.overrides)
+    overrides = merge_dicts(settings.lab_scale, settings.overrides)
     # with a budget every run trains to the same cost: iterations is only an upper bound
     iterations = settings.iterations if settings.budget is None else 10 * settings.iterations
     kw = dict(eval_every=settings.eval_every, overrides=overrides, spec=spec, cache=cache, budget=settings.budget,
               cost_points=settings.cost_points)
 
     def runs_at(name: str, method: str, family: str, lr: float, extra: dict | None = None) -> list[dict]:
-        o = _deep_update(overrides, extra) if extra else overrides
+        o = merge_dicts(overrides, extra) if extra else overrides
         return [run_method(world, method, seed, lr, iterations, out / "runs" / f"{name}_lr{lr:g}_s{seed}",
                            family=family, **dict(kw, overrides=o)) for seed in range(settings.seeds)]
 

@@ -1,6 +1,5 @@
-"""`python -m g2rpo.lab {build,sample,grid,compare}`: build the lab world, sample it, look at it,
-and compare the GRPO methods on it (``compare`` is :mod:`g2rpo.experiments`'s, also
-``python -m g2rpo.experiments compare``)."""
+"""`python -m g2rpo.lab {build,sample,grid,diagnose}`: build a lab world, sample it, look at it, check its
+rewards against its judges. The method comparison on it is ``python -m g2rpo.experiments compare``."""
 
 from __future__ import annotations
 
@@ -58,9 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("diagnose", help="the scenes world: do its learned rewards and judges agree on the base "
                                         "generator's samples? (ROC AUC within prompts, kappa)")
     d.add_argument("--checkpoint", default=None, help="a built scenes world (default: the cached one)")
-    from ..experiments.cli import add_compare_parser  # the comparison lives above the trainer
-
-    add_compare_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:  # the alias of an earlier version: the comparison lives above the trainer
+        print("`python -m g2rpo.lab compare` is now `python -m g2rpo.experiments compare` (the same options)",
+              file=sys.stderr)
+        raise SystemExit(2)
     args = parser.parse_args(argv)
 
     if args.cmd == "diagnose":
@@ -84,11 +85,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "build":
         cfg = LabWorldConfig(seed=args.seed, image_size=args.image_size, pretrain_steps=args.pretrain_steps)
         build_world(args.out, cfg, force=args.force)
-        return
-    if args.cmd == "compare":
-        from ..experiments.cli import run_compare
-
-        run_compare(args)
         return
     if args.cmd == "sample":
         if args.n < 1:

@@ -76,7 +76,7 @@ class PolicyAdapter(torch.nn.Module):
 
     # ---- guidance ------------------------------------------------------------------------------
     @property
-    def cfg(self) -> bool:
+    def classifier_free_on(self) -> bool:
         """Classifier-free guidance is on (a scale > 1)."""
         return self.guidance_scale is not None and float(self.guidance_scale) > 1.0
 

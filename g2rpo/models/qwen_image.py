@@ -81,7 +81,7 @@ class QwenImagePolicy(PolicyAdapter):
         pos = [self._embed(p) for p in prompts]
         emb, mask = _pad([e for e, _ in pos], [m for _, m in pos])
         out = {"prompt_embeds": emb, "prompt_embeds_mask": mask}
-        if self.cfg:
+        if self.classifier_free_on:
             neg = self._embed(self.negative_prompt)
             out["negative_prompt_embeds"], out["negative_prompt_embeds_mask"] = _pad([neg[0]] * len(prompts),
                                                                                      [neg[1]] * len(prompts))
@@ -99,11 +99,11 @@ class QwenImagePolicy(PolicyAdapter):
 
     @property
     def transformer_rows_per_row(self) -> int:
-        return 2 if self.cfg else 1  # the conditional and unconditional rows in one doubled batch
+        return 2 if self.classifier_free_on else 1  # the conditional and unconditional rows in one doubled batch
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.dtype
-        if not self.cfg:
+        if not self.classifier_free_on:
             return self._call(x, sigma, cond["prompt_embeds"], cond["prompt_embeds_mask"], dtype)
         # one doubled batch (as SD3): prompt and negative rows padded, with their masks, to one length
         L = max(cond["prompt_embeds"].shape[1], cond["negative_prompt_embeds"].shape[1])

@@ -39,12 +39,12 @@ class SD3Policy(PolicyAdapter):
 
     @property
     def transformer_rows_per_row(self) -> int:
-        return 2 if self.cfg else 1  # the conditional and unconditional rows in one doubled batch
+        return 2 if self.classifier_free_on else 1  # the conditional and unconditional rows in one doubled batch
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.dtype
         t = sigma.float() * 1000.0  # fp32, as StableDiffusion3Pipeline feeds its scheduler's timesteps to time_proj
-        if self.cfg:
+        if self.classifier_free_on:
             emb = torch.cat([cond["negative_prompt_embeds"], cond["prompt_embeds"]]).to(dtype)
             pooled = torch.cat([cond["negative_pooled_prompt_embeds"], cond["pooled_prompt_embeds"]]).to(dtype)
             return self.classifier_free(lambda xx, tt: self.transformer(
@@ -57,10 +57,10 @@ class SD3Policy(PolicyAdapter):
     def encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         pe, npe, pp, npp = self._pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.text_device(), num_images_per_prompt=1,
-            do_classifier_free_guidance=self.cfg, negative_prompt=[self.negative_prompt] * len(prompts),
+            do_classifier_free_guidance=self.classifier_free_on, negative_prompt=[self.negative_prompt] * len(prompts),
             max_sequence_length=self.max_sequence_length)
         out = {"prompt_embeds": pe, "pooled_prompt_embeds": pp}
-        if self.cfg:
+        if self.classifier_free_on:
             out.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npp)
         return out
 

@@ -217,7 +217,7 @@ class WanPolicy(PolicyAdapter):
 
     @property
     def transformer_rows_per_row(self) -> int:
-        return 2 if self.cfg else 1  # the conditional and unconditional rows in one doubled batch
+        return 2 if self.classifier_free_on else 1  # the conditional and unconditional rows in one doubled batch
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         t = (sigma.float() * 1000.0).to(device=x.device)
@@ -246,7 +246,7 @@ class WanPolicy(PolicyAdapter):
         hidden = self.model_input(x, cond).to(dtype)
         timestep = self.model_timestep(t, cond)
         text = cond["prompt_embeds"]
-        if self.cfg:
+        if self.classifier_free_on:
             both = torch.cat([cond["negative_prompt_embeds"], text]).to(dtype)
             extra2 = {k: torch.cat([v, v]) for k, v in extra.items()}
             return self.classifier_free(lambda xx, tt: self.transformer(
@@ -258,10 +258,10 @@ class WanPolicy(PolicyAdapter):
     # ---- prompts, latents, videos ------------------------------------------------------------------------
     def encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         pe, npe = self._pipe.encode_prompt(prompt=prompts, negative_prompt=[self.negative_prompt] * len(prompts),
-                                           do_classifier_free_guidance=self.cfg, num_videos_per_prompt=1,
+                                           do_classifier_free_guidance=self.classifier_free_on, num_videos_per_prompt=1,
                                            max_sequence_length=self.max_sequence_length,
                                            device=self.text_device(self.text_encoder))
-        return {"prompt_embeds": pe, **({"negative_prompt_embeds": npe} if self.cfg else {})}
+        return {"prompt_embeds": pe, **({"negative_prompt_embeds": npe} if self.classifier_free_on else {})}
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return self.randn((n, *self.latent_shape), generator, device)

@@ -1,7 +1,7 @@
 """Fused SDE-step and log-prob-ratio ops with interchangeable backends.
 
 ``backend`` is ``"auto"`` (Triton on CUDA tensors, the C++ op on CPU when built, else torch),
-``"torch"`` (the reference of :mod:`g2rpo.sde`), ``"triton"`` (``g2rpo.kernels.sde_ops``; on
+``"torch"`` (the reference of :mod:`g2rpo.sde`), ``"triton"`` (``g2rpo.ops.triton_sde``; on
 CPU only under ``TRITON_INTERPRET=1``), ``"cpp"`` or ``"cuda"`` (the extension in ``csrc/``).
 
 Every backend computes the same two memory passes over ``[B, N]`` rows (``N`` = all

@@ -25,7 +25,7 @@ def _cpp_ops():
 
 def _triton():
     try:
-        from ..kernels import sde_ops
+        from . import triton_sde as sde_ops
     except Exception:  # triton missing or unusable on this machine
         return None
     return sde_ops

@@ -22,8 +22,9 @@ from ..schedule import check_sigmas, model_timesteps, sigma_schedule
 from ..ops import sde_step_logprob
 from ..sde import ode_step, sde_coefficients
 from .plan import Plan
+from .units import training_units
 
-__all__ = ["Rollout", "RolloutEngine", "TrainingUnit", "default_buckets", "gather_cond", "cond_prompt_count"]
+__all__ = ["Rollout", "RolloutEngine", "default_buckets", "gather_cond", "cond_prompt_count"]
 
 VelocityModel = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
@@ -114,68 +115,9 @@ class Rollout:
         return self.finals.reshape(-1, *self.finals.shape[4:])
 
     def training_units(self):
-        """What a trainer needs, for any strategy: one :class:`TrainingUnit` per (prompt, transition slot,
-        source state), holding the source state, the transitions leaving it, their old log-probs and the
-        advantage slot. One forward at ``unit.x`` scores every transition of the unit
-        (:func:`g2rpo.pipelines.unit_log_probs`); for G2RPO a unit is the whole group at one ``x_k``."""
-        P, K, G = self.log_probs.shape
-        for p in range(P):
-            for k in range(K):
-                for s in torch.unique(self.source_of[k]).tolist():
-                    chosen = self.source_of[k] == s
-                    g = chosen.nonzero().flatten()
-                    yield TrainingUnit(slot=k, rows=slice(p, p + 1), mask=chosen[None].clone(),
-                                       step_index=int(self.step_index[k]), adv_slot=int(self.adv_slot_of[k]),
-                                       source=s, x=self.x_k[p, s], x_next=self.x_next[p, k, g.to(self.x_next.device)],
-                                       old_log_probs=self.log_probs[p, k, g.to(self.log_probs.device)])
-
-
-@dataclass
-class TrainingUnit:
-    """Transitions scored by one set of forwards: slot ``slot`` of prompts ``rows``, the branches that
-    ``mask [Pc, G]`` selects (None: all). :meth:`Rollout.training_units` yields one per (prompt, slot,
-    source state), with the source state ``x``, the transitions ``x_next`` leaving it and their
-    ``old_log_probs``; their advantages are ``adv[prompt, adv_slot, branches]`` of the ``[P, K', G]``
-    advantages (:func:`g2rpo.integrate_advantages`). A trainer's work list (:func:`~.scoring.work_units`)
-    holds units of several prompts."""
-
-    slot: int  # k: the row of Rollout.x_next / log_probs' K axis
-    rows: slice  # the prompts
-    mask: torch.Tensor | None = None  # [Pc, G] the branches scored; None: all
-    step_index: int = -1  # the grid index e of the SDE step (units of training_units())
-    adv_slot: int = -1
-    source: int = -1  # the row of Rollout.x_k[prompt]
-    x: torch.Tensor | None = None  # the source state [...]
-    x_next: torch.Tensor | None = None  # [n, ...]
-    old_log_probs: torch.Tensor | None = None  # [n]
-
-    @property
-    def prompt(self) -> int:
-        if self.rows.stop - self.rows.start != 1:
-            raise ValueError(f"unit of prompts {self.rows.start}..{self.rows.stop - 1} has no single prompt")
-        return self.rows.start
-
-    @property
-    def branches(self) -> torch.Tensor:
-        """The group members ``g`` of a one-prompt unit."""
-        if self.mask is None:
-            raise ValueError("this unit scores every branch: its branches are range(G)")
-        return self.mask[0].nonzero().flatten()
-
-    @property
-    def empty(self) -> bool:
-        """Trains nothing on this rank (run for its collectives only)."""
-        return self.mask is not None and not bool(self.mask.any())
-
-    def selection(self, num_branches: int) -> torch.Tensor:
-        """The ``[Pc, G]`` mask of the transitions the unit scores."""
-        if self.mask is not None:
-            return self.mask
-        return torch.ones(self.rows.stop - self.rows.start, num_branches, dtype=torch.bool)
-
-    def everything(self) -> TrainingUnit:
-        """The same slot and prompts with every branch (what an empty unit's forward runs)."""
-        return TrainingUnit(self.slot, self.rows)
+        """What a trainer needs, for any strategy: one unit per (prompt, transition slot, source state)
+        (:func:`g2rpo.rollout.units.training_units`)."""
+        return training_units(self)
 
 
 def _branch_noise(per_prompt: int, P: int, shape: torch.Size, generator, device,
@@ -208,7 +150,7 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 class RolloutEngine:
     """Runs plans through a velocity model ``model(x [B, ...], sigma [B], cond) -> v``."""
 
-    def __init__(self, model: VelocityModel, num_steps: int = 16, shift: float = 3.0, max_batch: int | None = 64,
+    def __init__(self, model: VelocityModel, num_steps: int = 16, *, shift: float = 3.0, max_batch: int | None = 64,
                  quantize_timesteps: bool = False, check_finite: bool = True, ops_backend: str = "auto",
                  cuda_graphs: bool = False, compile_options: Mapping[str, object] | None = None,
                  batch_buckets: Sequence[int] | None = None, schedule_precision: str = "float64",

@@ -16,9 +16,10 @@ import torch
 from .. import ops
 from ..schedule import model_timesteps
 from ..sde import sde_coefficients, sde_step_with_logprob
-from .engine import Rollout, TrainingUnit, gather_cond
+from .engine import Rollout, gather_cond
+from .units import TrainingUnit, training_units
 
-__all__ = ["Recomputed", "Scored", "TrainingUnit", "recompute_old_logprobs", "score_unit", "source_rows",
+__all__ = ["Recomputed", "Scored", "TrainingUnit", "training_units", "recompute_old_logprobs", "score_unit", "source_rows",
            "unit_forward_rows", "work_units"]
 
 

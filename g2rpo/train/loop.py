@@ -238,7 +238,7 @@ class Trainer:
                 for pos in positions]
         return noise, gens
 
-    def score(self, rollout: Rollout, prompts: list[str], iteration: int) -> torch.Tensor:
+    def score_rewards(self, rollout: Rollout, prompts: list[str], iteration: int) -> torch.Tensor:
         """Rewards ``[R, P, K', J, G]`` of the rollout's final latents, decoded and scored in chunks."""
         P, Kf, J, G = rollout.reward_shape
         flat = rollout.flat_finals()
@@ -285,7 +285,7 @@ class Trainer:
             raise TrainingError(f"iteration {iteration + 1}: rollout failed: {err}; prompts {prompts}") from None
         t1 = time.perf_counter()
         _fault_point(iteration, "score")
-        rewards = self.score(rollout, prompts, iteration)
+        rewards = self.score_rewards(rollout, prompts, iteration)
         t2 = time.perf_counter()
         adv = self.advantages(rewards, rollout)
         if self.stop is not None:  # the last point where the iteration can be abandoned (no weight changed)

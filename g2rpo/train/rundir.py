@@ -190,12 +190,12 @@ def resume_base(paths, overrides: list[str]) -> dict[str, Any]:
     """For ``--resume``: the config stored in the newest readable checkpoint of the output_dir that the
     command line names (or, failing that, its ``--config`` files or the embedded default name). The
     command line is then applied on top of it (and may only change :data:`RESUMABLE` keys)."""
-    from ..config import _merge, _read_yaml, default_config_path, parse_overrides
+    from ..config import default_config_path, merge_dicts, parse_overrides, read_config_file
 
     data: dict[str, Any] = {}
     for p in ([Path(p) for p in paths] if paths else [default_config_path()]):
-        data = _merge(data, _read_yaml(p))
-    data = _merge(data, parse_overrides(overrides))
+        data = merge_dicts(data, read_config_file(p))
+    data = merge_dicts(data, parse_overrides(overrides))
     out = Path(str(data.get("output_dir", TrainConfig().output_dir)))
     return stored_config_of(out)
 

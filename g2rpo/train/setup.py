@@ -21,7 +21,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 from ..distributed import DistContext, shard_module
-from ..policy import TORCH_DTYPES, load_policy, resolve_trained_experts
+from ..policy import TORCH_DTYPES, load_configured_policy, resolve_trained_experts
 
 __all__ = ["EXPORT_MARKER", "PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast",
            "reference_policy", "update_ema", "ema_decay_at", "export_is_current", "export_policy", "seed_of"]
@@ -40,7 +40,7 @@ class PolicySetup:
 def build_policy(cfg: TrainConfig, ctx: DistContext, log=print, prompt_images: dict | None = None) -> PolicySetup:
     """The policy, its trained module (sharded across ranks), the reference for the KL term and the trained
     parameters; an image-to-video policy gets ``prompt_images`` (checked by :func:`.rundir.preflight`)."""
-    loaded = load_policy(cfg.model, log=log)
+    loaded = load_configured_policy(cfg.model, log=log)
     policy = loaded.policy.to(ctx.device)
     policy.requires_grad_(False)
     try:
@@ -201,7 +201,7 @@ def export_policy(cfg: TrainConfig, ctx: DistContext, module: torch.nn.Module, e
             full[n] = (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
     if ctx.is_main:
         folder = Path(folder)
-        fresh = load_policy(cfg.model, log=lambda *a, **k: None).policy
+        fresh = load_configured_policy(cfg.model, log=lambda *a, **k: None).policy
         resolve_trained_experts(cfg, fresh, log=lambda *a, **k: None)
         adapters = {}  # pipeline component -> (LoRA state, its config)
         if cfg.lora.enabled:

@@ -98,7 +98,7 @@ class PolicyUpdate:
                                 f"first: {first}){where}; no checkpoint is written with them, the last one is intact")
 
     # ---- one unit ----------------------------------------------------------------------------------
-    def score(self, rollout: Rollout, unit: TrainingUnit, cond: Any, need_mean: bool = False):
+    def new_log_probs(self, rollout: Rollout, unit: TrainingUnit, cond: Any, need_mean: bool = False):
         return score_unit(self.setup.policy, rollout, unit, cond, quantize_timesteps=self.cfg.sampler.quantize_timesteps,
                           backend=self.cfg.ops_backend, need_mean=need_mean)
 
@@ -114,7 +114,7 @@ class PolicyUpdate:
         run = unit.everything() if unit.empty else unit
         selected = run.selection(G).to(old_log_probs.device)
         with self.autocast():
-            scored = self.score(rollout, run, cond, need_mean=cfg.loss.kl_beta > 0)
+            scored = self.new_log_probs(rollout, run, cond, need_mean=cfg.loss.kl_beta > 0)
         forward_rows = unit_forward_rows(rollout, run)
         stats.train_rows += forward_rows
         surrogate = clipped_surrogate(scored.log_prob, old_log_probs[rows, k][selected],
@@ -122,7 +122,7 @@ class PolicyUpdate:
         loss = surrogate.loss.sum() / n_total
         if cfg.loss.kl_beta > 0:
             with reference_policy(self.setup, cfg.lora.enabled), self.autocast():
-                reference_mean = self.score(rollout, run, cond, need_mean=True).mean
+                reference_mean = self.new_log_probs(rollout, run, cond, need_mean=True).mean
             stats.reference_rows += forward_rows
             kl = gaussian_kl(scored.mean, reference_mean, scored.std)
             if cfg.loss.kl_convention == "flow_grpo":  # Flow-GRPO divides by 2 sigma_t^2, not 2 sigma_t^2 |dt|
