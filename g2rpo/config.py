@@ -424,11 +424,9 @@ def check_sde_steps(strategy, sig: torch.Tensor) -> None:
     """Refuse an eta so large that an SDE step's mean coefficient ``a`` (x_next = a x + b v + ...) is <= 0 on
     the schedule ``sig`` (``[T + 1]`` sigmas). Granularities giving one continuation twice are the strategy's own
     check (:class:`~g2rpo.rollout.strategies.G2RPOStrategy`)."""
-    from .rollout.strategies import G2RPOStrategy
     from .sde import sde_coefficients
 
-    T = strategy.num_steps
-    steps = list(strategy.sde_indices) if isinstance(strategy, G2RPOStrategy) else list(range(T))
+    steps = strategy.candidate_sde_steps()
     a, _, _ = sde_coefficients(sig, torch.tensor(steps), float(strategy.eta), strategy.sde_kind)
     if (a <= 0).any():
         i = int(torch.argmin(a))

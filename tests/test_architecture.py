@@ -145,3 +145,13 @@ def test_every_package_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in PKG.rglob("__init__.py")}
     assert found - listed == set(), sorted(found - listed)
+
+
+def test_strategy_specific_branches_live_in_the_strategies():
+    """Code outside the strategies asks the Strategy interface (sde_steps, candidate_sde_steps,
+    continuation_granularities, with_granularities) instead of testing which strategy it holds."""
+    pattern = re.compile(r"isinstance\([^)]*(G2RPOStrategy|TrajectoryStrategy)\)|getattr\([^)]*[\"']granularities[\"']"
+                         r"|hasattr\([^)]*[\"']sde_steps[\"']")
+    found = [f"{p.relative_to(ROOT)}:{n}" for p in PKG.rglob("*.py") if p.name != "strategies.py"
+             for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == [], found

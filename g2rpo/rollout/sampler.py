@@ -71,7 +71,7 @@ class RolloutSampler:
     def plan(self, iteration: int = 0) -> Plan:
         """The (cached) plan of this iteration."""
         s = self.strategy
-        key = tuple(s.sde_steps(iteration)) if hasattr(s, "sde_steps") else ()
+        key = tuple(s.sde_steps(iteration))
         if key not in self._plans:
             self._plans[key] = s.plan(iteration)
         return self._plans[key]
@@ -107,7 +107,7 @@ class RolloutSampler:
             strategy=s.name, sigmas=self.sigmas, eta=float(s.eta), sde_kind=s.sde_kind,
             source_of=plan.source_of, step_index=plan.step_index, adv_slot_of=plan.adv_slot_of,
             sde_indices=tuple(plan.step_index.tolist()),
-            granularities=tuple(getattr(s, "granularities", (1,))), **out,
+            granularities=s.continuation_granularities(), **out,
         )
 
 

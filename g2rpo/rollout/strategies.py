@@ -70,6 +70,25 @@ class Strategy:
     def plan(self, iteration: int = 0) -> Plan:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def sde_steps(self, iteration: int = 0) -> list[int]:
+        """Grid indices with an SDE step at this iteration (every step unless the strategy says otherwise)."""
+        return list(range(self.num_steps))
+
+    def candidate_sde_steps(self) -> list[int]:
+        """Every grid index any iteration may take an SDE step at (what the config checks eta against)."""
+        return list(range(self.num_steps))
+
+    def continuation_granularities(self) -> tuple[int, ...]:
+        """Lambda: the granularities a branch is finished at (one, the full grid, unless the strategy has more)."""
+        return (1,)
+
+    def with_granularities(self, granularities: tuple[int, ...]) -> Strategy:
+        """The same strategy finishing its branches at ``granularities`` (a multi-granularity strategy only)."""
+        if tuple(granularities) != self.continuation_granularities():
+            raise ValueError(f"strategy {self.name!r} finishes its branches at {self.continuation_granularities()}; "
+                             f"it cannot take granularities {tuple(granularities)}")
+        return self
+
     def train_mask(self, plan: Plan, num_prompts: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Which transitions ``[P, K, G]`` (prompt, trained-step slot, branch) are trained this
         iteration: all by default."""
@@ -155,6 +174,15 @@ class G2RPOStrategy(Strategy):
         the first granularity's continuation grid (shared with it), then one step to ``e_next`` if it is off it."""
         path = [i for i in granularity_grid(self.num_steps, e, self.granularities[0]) if i <= e_next]
         return path if path[-1] == e_next else path + [e_next]
+
+    def candidate_sde_steps(self) -> list[int]:
+        return list(self.sde_indices)
+
+    def continuation_granularities(self) -> tuple[int, ...]:
+        return tuple(self.granularities)
+
+    def with_granularities(self, granularities: tuple[int, ...]) -> Strategy:
+        return dataclasses.replace(self, granularities=tuple(granularities))
 
     def sde_steps(self, iteration: int = 0) -> list[int]:
         """The SDE steps rolled out at this iteration: all of ``sde_indices``, or with ``sde_subset`` a sorted

@@ -101,7 +101,8 @@ class Trainer:
         self.cost_totals: dict[str, float] = {}  # cumulative cost metrics (checkpointed: a budget survives --resume)
         # sampler.auto_granularity_threshold: the granularities still evaluated and each one's streak of iterations
         # above the threshold (checkpointed)
-        self.auto_granularities: dict[str, Any] = {"active": list(getattr(strategy, "granularities", ())), "streak": {}}
+        self.auto_granularities: dict[str, Any] = {"active": list(strategy.continuation_granularities()),
+                                                   "streak": {}}
         self.start_iteration = self._restore(candidates) if cfg.resume else 0
         self.runlog = RunLog(self.out, cfg, self.ctx.is_main, self.start_iteration, self.log)
         self.stop: StopRequest | None = None  # set while run() holds the signal handlers
@@ -337,12 +338,10 @@ class Trainer:
 
     def _apply_granularities(self) -> None:
         """Roll out with the granularities still active (after an automatic drop, or restored on resume)."""
-        import dataclasses
-
         active = tuple(self.auto_granularities["active"])
         strategy = self.sampler.strategy
-        if active and tuple(getattr(strategy, "granularities", active)) != active:
-            self.sampler.set_strategy(dataclasses.replace(strategy, granularities=active))
+        if active and strategy.continuation_granularities() != active:
+            self.sampler.set_strategy(strategy.with_granularities(active))
 
     def _auto_granularity(self, m: dict[str, float], rollout: Rollout) -> None:
         """sampler.auto_granularity_threshold: a granularity whose mean Spearman correlation with the finest stays
