@@ -1,7 +1,8 @@
 """The trainer: one iteration is prompts -> rollout -> score -> advantages -> update -> log -> checkpoint.
 
-Set-up lives in :mod:`.setup`, the update's math in :mod:`.update`, the optimizer steps of one
-iteration in :mod:`.optimize`, logs in :mod:`.logs`, the run directory's rules in :mod:`.rundir`.
+Set-up (the policy, optimizer, schedule) lives in :mod:`.setup`, the update (the trained transitions' draw, the
+optimizer steps, the loss) in :mod:`.update`, the granularities (MGAI diagnostics, auto granularity) in
+:mod:`.granularity`, logs in :mod:`.logs`, the run directory (checks, lock, resume rules) in :mod:`.rundir`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..advantage import batch_std, check_finite_rewards, integrate_advantages, mgai_diagnostics, reward_weights
+from ..advantage import batch_std, check_finite_rewards, integrate_advantages, reward_weights
 from ..checkpoint import CheckpointWriteError, complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..distributed import DistContext, rollout_mode
@@ -25,12 +26,13 @@ from ..policy import TORCH_DTYPES, build_rewards
 from ..rewards.remote import RemoteRewardError
 from ..prompts import PromptSchedule
 from ..rollout import G2RPOSampler, Rollout, make_strategy
+from .granularity import GranularityController
 from .interrupts import Interrupted, RolloutStopped, StopRequest
 from .logs import RunLog, save_prompt_grid, save_video_gif
 from .metrics import COST_KEYS, REDUCE, advantage_stats, iteration_cost
 from .update import PolicyUpdate, TrainingError
-from .rundir import OutputLock, preflight, resume_changes, stored_config
-from .setup import apply_lr, autocast, build_optimizer, build_policy, export_policy, seed_of
+from .rundir import RunDir, preflight
+from .setup import apply_lr, autocast, build_optimizer, build_policy, export_policy, run_schedule, seed_of
 
 __all__ = ["Trainer", "TrainingError"]
 
@@ -64,21 +66,9 @@ class Trainer:
                    "(a sign-only signal); use 4 or more for a graded one")
             warnings.warn(msg, stacklevel=2)
             self.log(f"warning: {msg}")
-        self.out = Path(cfg.output_dir)
-        self.lock = self._lock()
-        self._out_identity = self._output_identity()
-        candidates = complete_checkpoints(self.out)
-        if not cfg.resume and candidates:
-            if not cfg.overwrite:
-                raise ConfigError(f"output_dir {self.out} holds checkpoints of an earlier run: continue it with "
-                                  "--resume, start over with overwrite=true, or pick another output_dir")
-            if self.ctx.is_main:
-                import shutil
-
-                shutil.rmtree(self.out / "checkpoints")
-            self.ctx.barrier()
-            candidates = []
-        self.changes = self._resume_changes(candidates) if cfg.resume else []
+        self.rundir = RunDir(cfg, self.ctx)
+        self.out, candidates = self.rundir.out, self.rundir.candidates
+        self.changes = self.rundir.resume_changes(cfg) if cfg.resume else []
         self.prompts = PromptSchedule(prompts, cfg.seed, cfg.data.shuffle)
         torch.manual_seed(cfg.seed)
         s = build_policy(cfg, self.ctx, self.log, prompt_images=prompt_images)
@@ -92,95 +82,26 @@ class Trainer:
         if "sde_subset" in options:  # the subset of M is drawn from the sampler seed and the iteration
             options["subset_seed"] = cfg.sampler_seed
         strategy = make_strategy(cfg.sampler.strategy, **options)
-        self.sampler = G2RPOSampler(self.policy, max_batch=cfg.sampler.max_batch, sigmas=self._sigmas(strategy),
+        self.sampler = G2RPOSampler(self.policy, max_batch=cfg.sampler.max_batch, sigmas=run_schedule(cfg, self.policy, strategy, self.log),
                                     strategy=strategy, quantize_timesteps=cfg.sampler.quantize_timesteps,
                                     ops_backend=cfg.ops_backend, cuda_graphs=cfg.sampler.cuda_graphs,
                                     step_noise_dtype=TORCH_DTYPES[cfg.sampler.step_noise_dtype])
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path, prompt_file=cfg.data.prompts)
         self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)
         self.cost_totals: dict[str, float] = {}  # cumulative cost metrics (checkpointed: a budget survives --resume)
-        # sampler.auto_granularity_threshold: the granularities still evaluated and each one's streak of iterations
-        # above the threshold (checkpointed)
-        self.auto_granularities: dict[str, Any] = {"active": list(strategy.continuation_granularities()),
-                                                   "streak": {}}
+        self.granularity = GranularityController(cfg, self.sampler, self._weights(), self.log)
         self.start_iteration = self._restore(candidates) if cfg.resume else 0
         self.runlog = RunLog(self.out, cfg, self.ctx.is_main, self.start_iteration, self.log)
         self.stop: StopRequest | None = None  # set while run() holds the signal handlers
 
     # ---- set-up helpers -----------------------------------------------------------------
-    def _sigmas(self, strategy) -> torch.Tensor:
-        """The run's schedule (``sampler.schedule``): the family pipeline's own default sigmas, or the static shift
-        (``sampler.shift``; with ``sampler.dynamic_shift`` the pipeline's exp(mu) for this image size); checked
-        against eta as the config checks its own static schedule."""
-        from ..config import check_sde_steps
-        from ..schedule import sigma_schedule
-
-        s, T = self.cfg.sampler, strategy.num_steps
-        if s.resolved_schedule(self.cfg.model.kind) == "pipeline":
-            try:
-                sig = self.policy.pipeline_sigmas(T)
-            except (ValueError, NotImplementedError) as err:
-                raise ConfigError(f"sampler.schedule: pipeline: {err}") from None
-            self.log(f"sampler.schedule: the pipeline's own ({T} steps: sigma {float(sig[1]):.4f} after the first "
-                     f"step, {float(sig[-2]):.4f} before the last)")
-        elif s.dynamic_shift:
-            try:
-                shift = self.policy.dynamic_shift()
-            except (ValueError, NotImplementedError) as err:
-                raise ConfigError(f"sampler.dynamic_shift: {err}") from None
-            self.log(f"sampler.dynamic_shift: shift {shift:.4f} for {self.policy.image_seq_len} image tokens")
-            sig = sigma_schedule(T, shift, s.schedule_precision)
-        else:
-            return sigma_schedule(T, s.static_shift, s.schedule_precision)  # checked by the config
-        check_sde_steps(strategy, sig)
-        return sig
-
-    def _lock(self) -> OutputLock | None:
-        lock, err = None, None
-        if self.ctx.is_main:
-            try:
-                lock = OutputLock(self.out)
-            except ConfigError as e:
-                err = e
-        failed = self.ctx.all_reduce_sum(torch.tensor([float(err is not None)]))
-        if float(failed[0]):
-            raise err or ConfigError(f"output_dir {self.out} is in use by another run (rank 0 could not lock it)")
-        return lock
-
-    def _output_identity(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.out)
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino
-
     def check_output_dir(self, iteration: int) -> None:
         """Stop (every rank) when output_dir was deleted or replaced while the run writes into it: metrics and
         checkpoints would go to deleted files, and the lock would no longer hold."""
-        gone = 0.0
-        if self.ctx.is_main:
-            lock_ok = True
-            if self.lock is not None and self.lock._fd is not None:
-                try:
-                    lock_ok = os.stat(self.lock.path).st_ino == os.fstat(self.lock._fd).st_ino
-                except OSError:
-                    lock_ok = False
-            gone = float(self._output_identity() != self._out_identity or not lock_ok)
-        if float(self.ctx.all_reduce_sum(torch.tensor([gone]))[0]):
+        if not self.rundir.intact():
             raise TrainingError(f"iteration {iteration}: output_dir {self.out} was deleted or replaced while the run "
                                 "was writing to it; stopping (its metrics and checkpoints are gone; start a new run "
                                 "or restore the folder and --resume)")
-
-    def _resume_changes(self, candidates: list[Path]) -> list[tuple[str, Any, Any]]:
-        """Checked before any model loads: refused differences stop the run, allowed ones are listed."""
-        for ckpt in candidates:
-            try:
-                stored = stored_config(ckpt)
-            except Exception as err:  # noqa: BLE001  (a damaged trainer state: the fallback below)
-                warnings.warn(f"{ckpt}: unreadable trainer state ({type(err).__name__}: {err})", stacklevel=2)
-                continue
-            return resume_changes(stored, config_to_dict(self.cfg))
-        return []
 
     def _restore(self, candidates: list[Path]) -> int:
         """Load the newest loadable checkpoint; a damaged one falls back, with a warning, to the previous."""
@@ -196,8 +117,7 @@ class Trainer:
             self.update.optimizer_steps_done = int(state.get("optimizer_steps_done", 0))
             self.cost_totals = dict(state.get("cost_totals", {}))
             if "auto_granularities" in state:
-                self.auto_granularities = state["auto_granularities"]
-                self._apply_granularities()
+                self.granularity.load_state_dict(state["auto_granularities"])
             written_by = int(state.get("world_size", self.ctx.world))
             if written_by != self.ctx.world:  # nothing in the update depends on the number of ranks
                 self.log(f"resume: {self.ctx.world} ranks now, {written_by} wrote the checkpoint; the run continues "
@@ -294,7 +214,7 @@ class Trainer:
         _fault_point(iteration, "train")
         m = self.train_on(rollout, adv, cond, iteration, prompts)
         t3 = time.perf_counter()
-        m.update(self._mgai(rewards, rollout))
+        m.update(self.granularity.diagnostics(rewards, rollout))
         for name, model, _ in self.rewards:  # a VLM judge's unparseable answers (scored its fallback)
             fallbacks = getattr(getattr(model, "model", model), "fallbacks", None)
             if fallbacks is not None:
@@ -312,7 +232,7 @@ class Trainer:
         m = self.ctx.reduce_metrics(m, REDUCE)
         m["iteration"] = iteration + 1
         self.account(m)
-        self._auto_granularity(m, rollout)  # on the reduced metrics: every rank decides alike
+        self.granularity.observe(m, rollout)  # on the reduced metrics: every rank decides alike
         if self.cfg.image_every and (iteration + 1) % self.cfg.image_every == 0:
             self.save_grid(iteration + 1)
         return m
@@ -336,65 +256,10 @@ class Trainer:
         """The rewards' weights in Eq. 11 (``advantage.normalize_weights``: divided by their sum, MixGRPO's code)."""
         return reward_weights([w for _, _, w in self.rewards], self.cfg.advantage.normalize_weights)
 
-    def _apply_granularities(self) -> None:
-        """Roll out with the granularities still active (after an automatic drop, or restored on resume)."""
-        active = tuple(self.auto_granularities["active"])
-        strategy = self.sampler.strategy
-        if active and strategy.continuation_granularities() != active:
-            self.sampler.set_strategy(strategy.with_granularities(active))
-
-    def _auto_granularity(self, m: dict[str, float], rollout: Rollout) -> None:
-        """sampler.auto_granularity_threshold: a granularity whose mean Spearman correlation with the finest stays
-        above the threshold for the window stops being evaluated (its continuations are no longer rolled out)."""
-        s = self.cfg.sampler
-        if s.auto_granularity_threshold is None:
-            return
-        state, dropped = self.auto_granularities, []
-        m["mgai/active_granularities"] = float(len(state["active"]))
-        for lam in rollout.granularities[1:]:
-            values = [v for k, v in m.items() if k.startswith("mgai/e") and k.endswith(f"/lambda{lam}/spearman")
-                      and v == v]
-            key = str(lam)
-            high = bool(values) and sum(values) / len(values) > s.auto_granularity_threshold
-            state["streak"][key] = state["streak"].get(key, 0) + 1 if high else 0
-            if state["streak"][key] >= s.auto_granularity_window:
-                dropped.append(lam)
-        if dropped:
-            state["active"] = [g for g in state["active"] if g not in dropped]
-            self._apply_granularities()
-            self.log(f"auto granularity: dropped {dropped} (Spearman with the finest above "
-                     f"{s.auto_granularity_threshold} for {s.auto_granularity_window} iterations); now {state['active']}")
-            m["mgai/active_granularities"] = float(len(state["active"]))
-
-    def _mgai(self, rewards: torch.Tensor, rollout: Rollout) -> dict[str, float]:
-        """MGAI diagnostics per SDE step e and granularity (:func:`g2rpo.advantage.mgai_diagnostics`):
-        ``mgai/e{e}/lambda{lam}/spearman`` against the finest granularity and ``.../var_share`` of the summed
-        advantage's variance. Only with several granularities."""
-        if rewards.shape[3] < 2:
-            return {}
-        a = self.cfg.advantage
-        spearman, share = mgai_diagnostics(rewards, self._weights(), eps=a.eps, unbiased=a.unbiased)
-        out = {}
-        for k, e in enumerate(rollout.step_index.tolist()):
-            for j, lam in enumerate(rollout.granularities):
-                if j:
-                    out[f"mgai/e{e}/lambda{lam}/spearman"] = float(spearman[k, j])
-                out[f"mgai/e{e}/lambda{lam}/var_share"] = float(share[k, j])
-        return out
-
     def train_on(self, rollout: Rollout, adv: torch.Tensor, cond: Any, iteration: int, prompts: list[str]) -> dict:
-        """The policy update of one iteration: the strategy's trained transitions are drawn for the GLOBAL
-        batch (the same on every rank, the same as on one rank) and the update slices them."""
-        generator = torch.Generator().manual_seed(seed_of(self.cfg.seed, iteration, 2))
-        P = rollout.log_probs.shape[0]
-        global_mask = self.sampler.strategy.train_mask(self.sampler.plan(iteration), P * self.ctx.world, generator)
-        if self.cfg.loss.skip_zero_advantage:  # samples whose advantage is zero at every step: out of the loss
-            zero = torch.zeros(P * self.ctx.world, adv.shape[2], dtype=torch.float64)
-            lo = self.ctx.rank * P
-            zero[lo:lo + P] = (adv.abs().sum(dim=1) == 0).double().cpu()
-            zero = self.ctx.all_reduce_sum(zero) > 0
-            global_mask = global_mask & ~zero[:, None, :]
-        return self.update.step(rollout, adv, cond, iteration, prompts, global_mask, generator)
+        """The policy update of one iteration (:meth:`.update.PolicyUpdate.train`)."""
+        return self.update.train(rollout, adv, cond, iteration, prompts, self.sampler.strategy,
+                                 self.sampler.plan(iteration))
 
     @torch.no_grad()
     def save_grid(self, iteration: int, per_prompt: int = 4) -> None:
@@ -421,7 +286,7 @@ class Trainer:
         self.update.check_finite_params(iteration, "before writing a checkpoint")  # never save a non-finite state
         extra = {"prompts_consumed": iteration * self.cfg.data.prompts_per_iteration, "config": config_to_dict(self.cfg),
                  "optimizer_steps_done": self.update.optimizer_steps_done, "world_size": self.ctx.world,
-                 "cost_totals": dict(self.cost_totals), "auto_granularities": self.auto_granularities}
+                 "cost_totals": dict(self.cost_totals), "auto_granularities": self.granularity.state_dict()}
         try:
             return save_checkpoint(self.ctx, self.out, iteration, self.module, self.optimizer, self.scheduler,
                                    self.ema, extra)
@@ -491,13 +356,11 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.runlog.close()
-            if self.lock is not None:  # the run's writes are done
-                self.lock.release()
+            self.rundir.release()  # the run's writes are done
         return history
 
     def close(self) -> None:
         """Release the output folder's lock and the process group."""
         self.runlog.close()
-        if self.lock is not None:
-            self.lock.release()
+        self.rundir.release()
         self.ctx.close()

@@ -20,7 +20,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 
-__all__ = ["RESUMABLE", "OutputLock", "preflight", "resume_base", "resume_changes", "stored_config",
+__all__ = ["RESUMABLE", "OutputLock", "RunDir", "preflight", "resume_base", "resume_changes", "stored_config",
            "stored_config_of"]
 
 #: Keys that may differ on ``--resume`` (applied from the resumed iteration on); all others are refused.
@@ -159,6 +159,83 @@ class OutputLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+    def holds(self) -> bool:
+        """Whether the lock file on disk is still the one this run locked (not deleted or replaced)."""
+        if self._fd is None:
+            return True
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except OSError:
+            return False
+
+
+class RunDir:
+    """A run's output folder on every rank: rank 0 locks it (every rank learns whether it could), its identity is
+    kept so that a folder deleted or replaced mid-run stops the run, and an earlier run's checkpoints are refused
+    without ``--resume`` or ``overwrite`` (which clears them). ``candidates``: the complete checkpoints to resume
+    from, newest first."""
+
+    def __init__(self, cfg: TrainConfig, ctx) -> None:
+        from ..checkpoint import complete_checkpoints
+
+        self.out, self.ctx = Path(cfg.output_dir), ctx
+        lock, err = None, None
+        if ctx.is_main:
+            try:
+                lock = OutputLock(self.out)
+            except ConfigError as e:
+                err = e
+        if float(ctx.all_reduce_sum(torch.tensor([float(err is not None)]))[0]):
+            raise err or ConfigError(f"output_dir {self.out} is in use by another run (rank 0 could not lock it)")
+        self.lock = lock
+        self._identity = self._stat()
+        self.candidates = complete_checkpoints(self.out)
+        if not cfg.resume and self.candidates:
+            if not cfg.overwrite:
+                raise ConfigError(f"output_dir {self.out} holds checkpoints of an earlier run: continue it with "
+                                  "--resume, start over with overwrite=true, or pick another output_dir")
+            if ctx.is_main:
+                import shutil
+
+                shutil.rmtree(self.out / "checkpoints")
+            ctx.barrier()
+            self.candidates = []
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.out)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def intact(self) -> bool:
+        """On every rank alike: the folder and its lock are still the ones the run started with."""
+        gone = 0.0
+        if self.ctx.is_main:
+            gone = float(self._stat() != self._identity or (self.lock is not None and not self.lock.holds()))
+        return not float(self.ctx.all_reduce_sum(torch.tensor([gone]))[0])
+
+    def resume_changes(self, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+        """The differences from the newest readable checkpoint's config (checked before any model loads: refused
+        ones stop the run, allowed ones are listed)."""
+        import warnings
+
+        from ..config import config_to_dict
+
+        for ckpt in self.candidates:
+            try:
+                stored = stored_config(ckpt)
+            except Exception as err:  # noqa: BLE001  (a damaged trainer state: the fallback below)
+                warnings.warn(f"{ckpt}: unreadable trainer state ({type(err).__name__}: {err})", stacklevel=2)
+                continue
+            return resume_changes(stored, config_to_dict(cfg))
+        return []
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -24,7 +24,7 @@ from ..distributed import DistContext, shard_module
 from ..policy import TORCH_DTYPES, load_configured_policy, resolve_trained_experts
 
 __all__ = ["EXPORT_MARKER", "PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast",
-           "reference_policy", "update_ema", "ema_decay_at", "export_is_current", "export_policy", "seed_of"]
+           "reference_policy", "run_schedule", "update_ema", "ema_decay_at", "export_is_current", "export_policy", "seed_of"]
 
 
 @dataclass
@@ -138,6 +138,34 @@ def reference_policy(setup: PolicySetup, lora: bool):
                 yield
             finally:
                 setup.policy.set_transformer(saved)
+
+
+def run_schedule(cfg: TrainConfig, policy, strategy, log=print) -> torch.Tensor:
+    """The run's schedule (``sampler.schedule``): the family pipeline's own default sigmas, or the static shift
+    (``sampler.shift``; with ``sampler.dynamic_shift`` the pipeline's exp(mu) for this image size); checked
+    against eta as the config checks its own static schedule."""
+    from ..config import check_sde_steps
+    from ..schedule import sigma_schedule
+
+    s, T = cfg.sampler, strategy.num_steps
+    if s.resolved_schedule(cfg.model.kind) == "pipeline":
+        try:
+            sig = policy.pipeline_sigmas(T)
+        except (ValueError, NotImplementedError) as err:
+            raise ConfigError(f"sampler.schedule: pipeline: {err}") from None
+        log(f"sampler.schedule: the pipeline's own ({T} steps: sigma {float(sig[1]):.4f} after the first "
+            f"step, {float(sig[-2]):.4f} before the last)")
+    elif s.dynamic_shift:
+        try:
+            shift = policy.dynamic_shift()
+        except (ValueError, NotImplementedError) as err:
+            raise ConfigError(f"sampler.dynamic_shift: {err}") from None
+        log(f"sampler.dynamic_shift: shift {shift:.4f} for {policy.image_seq_len} image tokens")
+        sig = sigma_schedule(T, shift, s.schedule_precision)
+    else:
+        return sigma_schedule(T, s.static_shift, s.schedule_precision)  # checked by the config
+    check_sde_steps(strategy, sig)
+    return sig
 
 
 def ema_decay_at(cfg: TrainConfig, step: int) -> float | None:

@@ -24,7 +24,7 @@ from ..rollout import Rollout
 from ..rollout.scoring import (TrainingUnit, recompute_old_logprobs, score_unit, source_rows, unit_forward_rows,
                                work_units)
 from .metrics import UpdateStats, update_metrics
-from .setup import PolicySetup, ema_decay_at, reference_policy, update_ema
+from .setup import PolicySetup, ema_decay_at, reference_policy, seed_of, update_ema
 
 __all__ = ["PolicyUpdate", "TrainingError", "optimizer_steps"]
 
@@ -148,6 +148,23 @@ class PolicyUpdate:
         stats.loss_count += surrogate.loss.numel()
 
     # ---- one iteration -------------------------------------------------------------------------------
+    def train(self, rollout: Rollout, adv: torch.Tensor, cond: Any, iteration: int, prompts: list[str], strategy,
+              plan) -> dict[str, float]:
+        """One iteration's update: the strategy's trained transitions are drawn for the GLOBAL batch (the same on
+        every rank, the same as on one rank; samples whose advantage is zero at every step leave it with
+        ``loss.skip_zero_advantage``), then :meth:`step` slices them to this rank."""
+        cfg, ctx = self.cfg, self.ctx
+        generator = torch.Generator().manual_seed(seed_of(cfg.seed, iteration, 2))
+        P = rollout.log_probs.shape[0]
+        global_mask = strategy.train_mask(plan, P * ctx.world, generator)
+        if cfg.loss.skip_zero_advantage:  # Flow-GRPO's mask = advantages.abs().sum(dim=1) != 0
+            zero = torch.zeros(P * ctx.world, adv.shape[2], dtype=torch.float64)
+            lo = ctx.rank * P
+            zero[lo:lo + P] = (adv.abs().sum(dim=1) == 0).double().cpu()
+            zero = ctx.all_reduce_sum(zero) > 0
+            global_mask = global_mask & ~zero[:, None, :]
+        return self.step(rollout, adv, cond, iteration, prompts, global_mask, generator)
+
     def step(self, rollout: Rollout, adv: torch.Tensor, cond: Any, iteration: int, prompts: list[str],
              global_mask: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
         """The optimizer steps of iteration ``iteration`` (0-based) on this rank's ``rollout``. ``global_mask
