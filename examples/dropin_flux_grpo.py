@@ -14,6 +14,7 @@ import torch
 from diffusers import FluxPipeline
 
 from g2rpo import integrate_advantages
+from g2rpo.hub import dtype_kwarg
 from g2rpo.schedule import distinct_sde_indices
 from g2rpo.pipelines import rollout, unit_log_probs
 
@@ -42,7 +43,7 @@ def main(argv=None):
         reward = getattr(importlib.import_module(module), name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pipe = FluxPipeline.from_pretrained(a.pipeline, torch_dtype=dtype).to(device)
+    pipe = FluxPipeline.from_pretrained(a.pipeline, **dtype_kwarg(dtype)).to(device)  # dtype= (torch_dtype= before)
     pipe.transformer.to(torch.float32).requires_grad_(True)  # fp32 master weights: lr 2e-6 moves them
     opt = torch.optim.AdamW(pipe.transformer.parameters(), lr=a.lr, weight_decay=1e-4)
     prompts = [s.strip() for s in a.prompts.split(",") if s.strip()]

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["PATH_OPTIONS", "HubError", "USUAL_REWARD_REPOS", "is_hub_id", "offline", "resolve_path", "reward_options", "with_usual_repos"]
+__all__ = ["PATH_OPTIONS", "HubError", "dtype_kwarg", "USUAL_REWARD_REPOS", "is_hub_id", "offline", "resolve_path", "reward_options", "with_usual_repos"]
 
 _ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?$")
 #: Where the paper's reward checkpoints usually live, used when a reward's option is not given.
@@ -91,3 +91,13 @@ def reward_options(name: str, options: dict, what: str) -> dict:
         if isinstance(out.get(key), str):
             out[key] = str(resolve_path(out[key], f"{what}.options.{key}"))
     return out
+
+
+def dtype_kwarg(dtype) -> dict:
+    """The keyword diffusers' ``from_pretrained`` takes a dtype by: ``dtype`` where it has it (``torch_dtype``
+    is deprecated there, a FutureWarning), ``torch_dtype`` in the older releases pyproject still allows."""
+    try:
+        from diffusers.utils import deprecation_utils
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from family_e2e import train_and_eval
+from g2rpo.hub import dtype_kwarg
 from g2rpo import G2RPOSampler
 from g2rpo.models import Flux2Policy, load_policy
 from g2rpo.testing.tiny import tiny_flux2_pipeline, with_hub_scheduler
@@ -33,7 +34,7 @@ def test_flux2_ode_equals_the_pipeline(flux2_dir):
     ro = G2RPOSampler(policy, num_steps=T, sde_indices=[1], granularities=(1,), group_size=2,
                       sigmas=policy.pipeline_sigmas(T)).rollout(
         noise, policy.encode_prompts([PROMPT]), generator=torch.Generator().manual_seed(1))
-    pipe = Flux2Pipeline.from_pretrained(flux2_dir, torch_dtype=torch.float32)  # scheduler untouched
+    pipe = Flux2Pipeline.from_pretrained(flux2_dir, **dtype_kwarg(torch.float32))  # scheduler untouched
     kw = dict(prompt=PROMPT, height=32, width=32, num_inference_steps=T,
               guidance_scale=4.0, max_sequence_length=64, text_encoder_out_layers=LAYERS,
               latents=noise.permute(0, 2, 1).reshape(1, 16, 8, 8))  # the pipeline takes them unpacked

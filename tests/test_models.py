@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from g2rpo.hub import dtype_kwarg
 from g2rpo import G2RPOSampler
 from g2rpo.models import FluxPolicy, SD3Policy, load_policy, pack_latents, unpack_latents
 from g2rpo.testing.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, with_hub_scheduler
@@ -44,7 +45,7 @@ def test_flux_anchor_equals_flux_pipeline(flux_dir):
     cond = policy.encode_prompts([PROMPT])
     ro = G2RPOSampler(policy, num_steps=T, sde_indices=[1], granularities=(1,), group_size=2,
                       sigmas=policy.pipeline_sigmas(T)).rollout(noise, cond, generator=torch.Generator().manual_seed(1))
-    pipe = FluxPipeline.from_pretrained(flux_dir, torch_dtype=torch.float32)  # its scheduler and defaults untouched
+    pipe = FluxPipeline.from_pretrained(flux_dir, **dtype_kwarg(torch.float32))  # its scheduler and defaults untouched
     ref = pipe(PROMPT, height=32, width=32, latents=noise.clone(), num_inference_steps=T, guidance_scale=3.5,
                max_sequence_length=24, output_type="latent").images
     assert torch.allclose(ro.sigmas.float(), pipe.scheduler.sigmas)
@@ -70,7 +71,7 @@ def test_sd3_anchor_equals_sd3_pipeline(sd3_dir, guidance):
     ro = G2RPOSampler(policy, num_steps=T, sde_indices=[0], granularities=(1,), group_size=2,
                       sigmas=policy.pipeline_sigmas(T)).rollout(
         noise, policy.encode_prompts([PROMPT]), generator=torch.Generator().manual_seed(1))
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, torch_dtype=torch.float32)  # scheduler untouched
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, **dtype_kwarg(torch.float32))  # scheduler untouched
     ref = pipe(PROMPT, height=32, width=32, latents=noise.clone(), num_inference_steps=T, guidance_scale=guidance,
                max_sequence_length=24, output_type="latent").images
     assert torch.allclose(ro.sigmas.float(), pipe.scheduler.sigmas) and float(ro.sigmas[-2]) < 0.05  # sigma_min

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from family_e2e import train_and_eval
+from g2rpo.hub import dtype_kwarg
 from g2rpo import G2RPOSampler
 from g2rpo.models import QwenImagePolicy, load_policy
 from g2rpo.testing.tiny import tiny_qwen_image_pipeline, with_hub_scheduler
@@ -35,7 +36,7 @@ def test_qwen_image_ode_equals_the_pipeline(qwen_dir, true_cfg):
     ro = G2RPOSampler(policy, num_steps=T, sde_indices=[1], granularities=(1,), group_size=2,
                       sigmas=policy.pipeline_sigmas(T)).rollout(
         noise, policy.encode_prompts([PROMPT]), generator=torch.Generator().manual_seed(1))
-    pipe = QwenImagePipeline.from_pretrained(qwen_dir, torch_dtype=torch.float32)  # scheduler untouched
+    pipe = QwenImagePipeline.from_pretrained(qwen_dir, **dtype_kwarg(torch.float32))  # scheduler untouched
     ref = pipe(PROMPT, negative_prompt=" ", true_cfg_scale=true_cfg, height=32, width=32, num_inference_steps=T,
                latents=noise.clone(), max_sequence_length=SEQ, output_type="latent").images
     assert torch.allclose(ro.sigmas.float(), pipe.scheduler.sigmas) and float(ro.sigmas[-2]) == pytest.approx(0.02)

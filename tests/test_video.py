@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from family_e2e import train_and_eval
+from g2rpo.hub import dtype_kwarg
 from g2rpo import G2RPOSampler
 from g2rpo.models import WanPolicy, load_policy
 from g2rpo.testing.tiny import tiny_wan_pipeline
@@ -33,7 +34,7 @@ def test_wan_ode_equals_wan_pipeline(wan_dir, guidance):
     noise = policy.prepare_latents(1, torch.Generator().manual_seed(0))
     ro = G2RPOSampler(policy, num_steps=T, sde_indices=[1], granularities=(1,), group_size=2).rollout(
         noise, policy.encode_prompts([PROMPT]), generator=torch.Generator().manual_seed(1))
-    pipe = WanPipeline.from_pretrained(wan_dir, torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(wan_dir, **dtype_kwarg(torch.float32))
     set_timesteps = pipe.scheduler.set_timesteps  # the same schedule: our shifted sigmas, as for Flux/SD3
     pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=list(np.linspace(1.0, 1.0 / T, T)),
                                                                          device=device)

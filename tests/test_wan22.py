@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from family_e2e import train_and_eval
+from g2rpo.hub import dtype_kwarg
 from g2rpo import G2RPOSampler
 from g2rpo.config import ConfigError, load_config
 from g2rpo.models import load_policy
@@ -35,7 +36,7 @@ def ti2v_dir(tmp_path_factory):
 def _pipeline_latents(folder, noise, **call):
     from diffusers import WanPipeline
 
-    pipe = WanPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(folder, **dtype_kwarg(torch.float32))
     set_timesteps = pipe.scheduler.set_timesteps  # the same schedule: our shifted sigmas
     pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=list(np.linspace(1.0, 1.0 / T, T)),
                                                                          device=device)
@@ -159,8 +160,8 @@ def test_train_and_eval_end_to_end_on_tiny_wan22(variant, wan22_dir, ti2v_dir, t
     if variant == "2.2":
         from diffusers import WanPipeline
 
-        base = WanPipeline.from_pretrained(folder, torch_dtype=torch.float32)
-        final = WanPipeline.from_pretrained(out / "final", torch_dtype=torch.float32)
+        base = WanPipeline.from_pretrained(folder, **dtype_kwarg(torch.float32))
+        final = WanPipeline.from_pretrained(out / "final", **dtype_kwarg(torch.float32))
         assert final.config.boundary_ratio == 0.875 and final.transformer_2 is not None
         moved = {name: any(not torch.equal(a, b) for a, b in zip(getattr(base, name).parameters(),
                                                                  getattr(final, name).parameters()))
@@ -206,10 +207,10 @@ def test_two_ranks_shard_both_experts_and_match_one_rank(wan22_dir, tmp_path, sd
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     from diffusers import WanPipeline
 
-    p1 = WanPipeline.from_pretrained(tmp_path / "one" / "final", torch_dtype=torch.float32)
-    p2 = WanPipeline.from_pretrained(tmp_path / "two" / "final", torch_dtype=torch.float32)
+    p1 = WanPipeline.from_pretrained(tmp_path / "one" / "final", **dtype_kwarg(torch.float32))
+    p2 = WanPipeline.from_pretrained(tmp_path / "two" / "final", **dtype_kwarg(torch.float32))
     if "transformer_2" not in trained:  # the frozen expert comes back unchanged from the sharded run
-        base = WanPipeline.from_pretrained(wan22_dir, torch_dtype=torch.float32)
+        base = WanPipeline.from_pretrained(wan22_dir, **dtype_kwarg(torch.float32))
         assert all(torch.equal(a, b) for a, b in zip(base.transformer_2.parameters(), p2.transformer_2.parameters()))
     for name in ("transformer", "transformer_2"):
         worst = max((a - b).abs().max().item() for a, b in zip(getattr(p1, name).parameters(),
@@ -236,8 +237,8 @@ def test_lora_on_both_experts_exports_an_adapter_per_expert(wan22_dir, tmp_path)
                        "tensorboard=false", f"output_dir={out}"]) == 0
     assert (out / "final_lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "final_lora_transformer_2" / "pytorch_lora_weights.safetensors").is_file()
-    fused = WanPipeline.from_pretrained(out / "final", torch_dtype=torch.float32)
-    pipe = WanPipeline.from_pretrained(wan22_dir, torch_dtype=torch.float32)
+    fused = WanPipeline.from_pretrained(out / "final", **dtype_kwarg(torch.float32))
+    pipe = WanPipeline.from_pretrained(wan22_dir, **dtype_kwarg(torch.float32))
     before = {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()} for n in ("transformer",
                                                                                             "transformer_2")}
     pipe.load_lora_weights(out / "final_lora", adapter_name="high")

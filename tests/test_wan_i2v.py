@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from family_e2e import train_and_eval
+from g2rpo.hub import dtype_kwarg
 from g2rpo import G2RPOSampler
 from g2rpo.models import load_policy
 from g2rpo.models.wan_i2v import WanI2VPolicy
@@ -47,7 +48,7 @@ def _ode(policy, noise):
 def _pipeline_latents(folder, noise, image, last=None, **call):
     from diffusers import WanImageToVideoPipeline
 
-    pipe = WanImageToVideoPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = WanImageToVideoPipeline.from_pretrained(folder, **dtype_kwarg(torch.float32))
     set_timesteps = pipe.scheduler.set_timesteps  # the same schedule: our shifted sigmas
     pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=list(np.linspace(1.0, 1.0 / T, T)),
                                                                          device=device)
@@ -195,7 +196,7 @@ def test_the_drop_in_rollout_takes_an_image_per_prompt(folders):
     from g2rpo.pipelines import rollout
     from g2rpo.testing.tiny import tiny_wan_pipeline
 
-    pipe = WanImageToVideoPipeline.from_pretrained(folders["2.2"], torch_dtype=torch.float32)
+    pipe = WanImageToVideoPipeline.from_pretrained(folders["2.2"], **dtype_kwarg(torch.float32))
     kw = dict(num_steps=4, group_size=2, sde_indices=[0], granularities=(1,), height=16, width=16,
               max_sequence_length=16, num_frames=5)
     out = rollout(pipe, ["a", "b"], images=[folders["first"], (folders["last"], folders["first"])], **kw)

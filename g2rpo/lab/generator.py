@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel
 
+from ..hub import dtype_kwarg
 from ..models.flux import FluxVelocity, FluxVelocityAdapter, pack_latents, unpack_latents
 from .data import load_splits, to_unit
 from .prompts import LabTextEncoder, class_prompts
@@ -181,6 +182,6 @@ def load_lab_policy(folder: str | Path, dtype: torch.dtype = torch.float32) -> L
     config = LabWorldConfig(**json.loads(cfg_file.read_text()))
     if not (folder / "transformer" / "config.json").is_file():
         raise FileNotFoundError(f"missing {folder / 'transformer' / 'config.json'}")
-    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", **dtype_kwarg(dtype))
     encoder = LabTextEncoder.from_pretrained(folder / "text_encoder")
     return LabPolicy(transformer, encoder, config).eval()

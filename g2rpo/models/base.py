@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..hub import dtype_kwarg
 from ._cache import PromptEmbeddingCache
 
 __all__ = ["PolicyAdapter"]
@@ -116,7 +117,7 @@ class PolicyAdapter(torch.nn.Module):
         """The trained module as saved in an export ``folder`` (the pipeline layout), for :meth:`set_transformer`."""
         from pathlib import Path
 
-        return type(self.transformer).from_pretrained(Path(folder) / "transformer", torch_dtype=dtype)
+        return type(self.transformer).from_pretrained(Path(folder) / "transformer", **dtype_kwarg(dtype))
 
     def lora_modules(self) -> dict[str, torch.nn.Module]:
         """The trained modules holding LoRA adapters, by the pipeline component each is saved for."""

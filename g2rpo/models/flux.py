@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
+from ..hub import dtype_kwarg
 from ._vae import checked_folder, decode_in_chunks, packed_grid
 from .base import PolicyAdapter
 
@@ -134,7 +135,7 @@ class FluxPolicy(FluxVelocityAdapter):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, **settings) -> FluxPolicy:
         """Flux from a local diffusers folder (``model_index.json`` + component folders)."""
-        return cls(FluxPipeline.from_pretrained(checked_folder(path, "flux"), torch_dtype=dtype), **settings)
+        return cls(FluxPipeline.from_pretrained(checked_folder(path, "flux"), **dtype_kwarg(dtype)), **settings)
 
     @property
     def latent_channels(self) -> int:

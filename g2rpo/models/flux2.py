@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..hub import dtype_kwarg
 from ._vae import checked_folder, decode_in_chunks, packed_grid
 from .base import PolicyAdapter
 
@@ -41,7 +42,7 @@ class Flux2Policy(PolicyAdapter):
         """FLUX.2 from a local diffusers ``Flux2Pipeline`` folder."""
         from diffusers import Flux2Pipeline
 
-        return cls(Flux2Pipeline.from_pretrained(checked_folder(path, "flux2"), torch_dtype=dtype), **settings)
+        return cls(Flux2Pipeline.from_pretrained(checked_folder(path, "flux2"), **dtype_kwarg(dtype)), **settings)
 
     @property
     def image_seq_len(self) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..hub import dtype_kwarg
 from ._vae import checked_folder, decode_in_chunks, latent_stats, packed_grid
 from .base import PolicyAdapter
 
@@ -51,7 +52,7 @@ class QwenImagePolicy(PolicyAdapter):
         """Qwen-Image from a local diffusers ``QwenImagePipeline`` folder."""
         from diffusers import QwenImagePipeline
 
-        return cls(QwenImagePipeline.from_pretrained(checked_folder(path, "qwen_image"), torch_dtype=dtype),
+        return cls(QwenImagePipeline.from_pretrained(checked_folder(path, "qwen_image"), **dtype_kwarg(dtype)),
                    **settings)
 
     @property

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from ..hub import dtype_kwarg
 from ._vae import checked_folder, decode_in_chunks
 from .base import PolicyAdapter
 
@@ -35,7 +36,7 @@ class SD3Policy(PolicyAdapter):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, **settings) -> SD3Policy:
-        return cls(StableDiffusion3Pipeline.from_pretrained(checked_folder(path, "sd3"), torch_dtype=dtype), **settings)
+        return cls(StableDiffusion3Pipeline.from_pretrained(checked_folder(path, "sd3"), **dtype_kwarg(dtype)), **settings)
 
     @property
     def transformer_rows_per_row(self) -> int:

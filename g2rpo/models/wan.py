@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ..hub import dtype_kwarg
 from ._vae import checked_folder, decode_in_chunks, latent_stats
 from .base import PolicyAdapter
 
@@ -155,7 +156,7 @@ class WanPolicy(PolicyAdapter):
         """Wan text-to-video from a local diffusers ``WanPipeline`` folder."""
         from diffusers import WanPipeline
 
-        pipe = WanPipeline.from_pretrained(checked_folder(path, "wan"), torch_dtype=dtype)
+        pipe = WanPipeline.from_pretrained(checked_folder(path, "wan"), **dtype_kwarg(dtype))
         pipe.vae.to(torch.float32)  # the pipeline decodes in the VAE's dtype; Wan's VAE is kept in fp32
         return cls(pipe, **settings)
 
@@ -189,7 +190,7 @@ class WanPolicy(PolicyAdapter):
         from pathlib import Path
 
         cls = type(self.experts.transformer)
-        loaded = [cls.from_pretrained(Path(folder) / name, torch_dtype=dtype) for name in EXPERTS]
+        loaded = [cls.from_pretrained(Path(folder) / name, **dtype_kwarg(dtype)) for name in EXPERTS]
         experts = WanExperts(*loaded, self.experts.boundary)
         experts.trained = self.experts.trained
         return experts

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..hub import dtype_kwarg
 from ._vae import checked_folder
 from .wan import WanPolicy
 
@@ -51,7 +52,7 @@ class WanI2VPolicy(WanPolicy):
         """Wan image-to-video from a local diffusers ``WanImageToVideoPipeline`` folder."""
         from diffusers import WanImageToVideoPipeline
 
-        pipe = WanImageToVideoPipeline.from_pretrained(checked_folder(path, "wan_i2v"), torch_dtype=dtype)
+        pipe = WanImageToVideoPipeline.from_pretrained(checked_folder(path, "wan_i2v"), **dtype_kwarg(dtype))
         pipe.vae.to(torch.float32)  # as WanPolicy: the VAE (encoding the condition too) in fp32
         if pipe.image_encoder is not None:
             pipe.image_encoder.to(torch.float32)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from diffusers import FluxTransformer2DModel
 
+from ...hub import dtype_kwarg
 from ..generator import LabPolicy, pretrain_flow
 from ..prompts import LabTextEncoder
 from ..world import default_cache_dir, publish
@@ -95,7 +96,7 @@ def load_scene_policy(folder: str | Path, dtype: torch.dtype = torch.float32) ->
     config = _config_of(folder)
     if not (folder / "transformer" / "config.json").is_file():
         raise FileNotFoundError(f"missing {folder / 'transformer' / 'config.json'}")
-    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", **dtype_kwarg(dtype))
     return ScenePolicy(transformer, LabTextEncoder.from_pretrained(folder / "text_encoder"), config).eval()
 
 
