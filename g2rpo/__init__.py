@@ -27,4 +27,5 @@ __all__ = [
 from .advantage import group_advantages, integrate_advantages  # noqa: E402
 from .rollout import G2RPOSampler, Rollout, RolloutEngine, RolloutSampler, make_strategy  # noqa: E402
 
-__all__ += ["G2RPOSampler", "Rollout", "RolloutEngine", "RolloutSampler", "group_advantages", "integrate_advantages", "make_strategy"]
+__all__ += ["G2RPOSampler", "Rollout", "RolloutEngine", "RolloutSampler", "group_advantages", "integrate_advantages",
+            "make_strategy"]

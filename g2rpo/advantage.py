@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["mgai_diagnostics", "GROUP_STD_EPS", "reward_weights", "batch_std", "group_advantages", "integrate_advantages", "check_finite_rewards"]
+__all__ = ["mgai_diagnostics", "GROUP_STD_EPS", "reward_weights", "batch_std", "group_advantages", "integrate_advantages",
+           "check_finite_rewards"]
 
 #: Added to the group's std (DanceGRPO's convention: unbiased std + 1e-8).
 GROUP_STD_EPS = 1e-8

@@ -336,7 +336,8 @@ class TrainConfig:
             ("advantage.eps", self.advantage.eps >= 0, "must be >= 0"),
             ("advantage.normalize_weights", not self.advantage.normalize_weights or
              sum(r.weight for r in self.rewards) > 0,
-             f"divides the rewards' weights by their sum, which must be > 0; got weights {[r.weight for r in self.rewards]}"),
+             "divides the rewards' weights by their sum, which must be > 0; got weights "
+             f"{[r.weight for r in self.rewards]}"),
             ("loss.kl_convention", self.loss.kl_convention in ("transition", "flow_grpo"),
              f"must be transition or flow_grpo, got {self.loss.kl_convention!r}"),
             ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "must be in (0, 1) or null"),
@@ -371,8 +372,8 @@ class TrainConfig:
                 why = "sampler.schedule: pipeline takes the pipeline scheduler's own"
                 checks += [
                     ("sampler.schedule", fam.defaults.schedule == "pipeline",
-                     f"pipeline: {fam.title} has no flow-match Euler pipeline schedule (" + (
-                         "its pipeline's default scheduler is UniPC" if fam.pipeline else "it has no diffusers pipeline")
+                     f"pipeline: {fam.title} has no flow-match Euler pipeline schedule ("
+                     + ("its pipeline's default scheduler is UniPC" if fam.pipeline else "it has no diffusers pipeline")
                      + "); use sampler.schedule: shift"),
                     ("sampler.shift", s.shift is None, f"is set ({s.shift}), but {why} (set sampler.schedule: shift "
                      f"to shift linspace(1, 0, T+1) as the public GRPO scripts do)"),

@@ -291,7 +291,8 @@ def _write(out, rows, grids, names, policies, prompts, grid_prompts, args, fam, 
                "std": {k: v[1] for k, v in stats[list(policies)[-1]].items()},
                "by_policy": {key: {k: {"mean": m, "std": s} for k, (m, s) in st.items()} for key, st in stats.items()},
                "n_prompts": n, "samples_per_prompt": args.samples, "n": n * args.samples, "steps": steps,
-               "shift": shift, "schedule": "pipeline" if shift is None else "shift", "height": int(first.height), "width": int(first.width),
+               "shift": shift, "schedule": "pipeline" if shift is None else "shift", "height": int(first.height),
+               "width": int(first.width),
                "guidance_scale": first.guidance_scale, "seed": args.seed}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     images, labels = [], []

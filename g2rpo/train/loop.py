@@ -25,7 +25,7 @@ from ..distributed import DistContext, rollout_mode
 from ..policy import TORCH_DTYPES, build_rewards
 from ..rewards.remote import RemoteRewardError
 from ..prompts import PromptSchedule
-from ..rollout import G2RPOSampler, Rollout, make_strategy
+from ..rollout import Rollout, RolloutSampler, make_strategy
 from .granularity import GranularityController
 from .interrupts import Interrupted, RolloutStopped, StopRequest
 from .logs import RunLog, save_prompt_grid, save_video_gif
@@ -82,10 +82,11 @@ class Trainer:
         if "sde_subset" in options:  # the subset of M is drawn from the sampler seed and the iteration
             options["subset_seed"] = cfg.sampler_seed
         strategy = make_strategy(cfg.sampler.strategy, **options)
-        self.sampler = G2RPOSampler(self.policy, max_batch=cfg.sampler.max_batch, sigmas=run_schedule(cfg, self.policy, strategy, self.log),
-                                    strategy=strategy, quantize_timesteps=cfg.sampler.quantize_timesteps,
-                                    ops_backend=cfg.ops_backend, cuda_graphs=cfg.sampler.cuda_graphs,
-                                    step_noise_dtype=TORCH_DTYPES[cfg.sampler.step_noise_dtype])
+        self.sampler = RolloutSampler(self.policy, max_batch=cfg.sampler.max_batch, strategy=strategy,
+                                      sigmas=run_schedule(cfg, self.policy, strategy, self.log),
+                                      quantize_timesteps=cfg.sampler.quantize_timesteps, ops_backend=cfg.ops_backend,
+                                      cuda_graphs=cfg.sampler.cuda_graphs,
+                                      step_noise_dtype=TORCH_DTYPES[cfg.sampler.step_noise_dtype])
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path, prompt_file=cfg.data.prompts)
         self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)
         self.cost_totals: dict[str, float] = {}  # cumulative cost metrics (checkpointed: a budget survives --resume)
