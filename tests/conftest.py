@@ -18,6 +18,27 @@ def lab_world(tmp_path_factory):
 
     return build_world(tmp_path_factory.mktemp("lab") / "base", log=None)
 
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory):
+    """A tiny FluxPipeline folder (its scheduler a static shift 3, as tiny_flux_pipeline builds it), saved once per
+    session and only read by the tests."""
+    from g2rpo.testing.tiny import tiny_flux_pipeline
+
+    d = tmp_path_factory.mktemp("flux") / "tiny-flux"
+    tiny_flux_pipeline(seed=0).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def hub_flux_dir(tmp_path_factory):
+    """The same tiny FluxPipeline with FLUX.1-dev's released scheduler config (dynamic shift), saved once."""
+    from g2rpo.testing.tiny import tiny_flux_pipeline, with_hub_scheduler
+
+    d = tmp_path_factory.mktemp("hubflux") / "tiny-flux"
+    with_hub_scheduler(tiny_flux_pipeline(seed=0)).save_pretrained(d)
+    return d
+
+
 TINY_CLIP_CFG = {"embed_dim": 16,
                  "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}

@@ -16,13 +16,6 @@ STRATEGIES = ["g2rpo", "g2rpo_no_mgai", "dance_grpo", "flow_grpo", "mix_grpo"]
 SMALL = dict(num_steps=6, group_size=3, sde_indices=[0, 2], height=32, width=32, max_sequence_length=16)
 
 
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("flux")
-    tiny_flux_pipeline(seed=0).save_pretrained(d)
-    return d
-
-
 def _example(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)

@@ -5,13 +5,11 @@ import pytest
 import torch
 
 from g2rpo.eval import main as eval_main
-from g2rpo.testing.tiny import tiny_flux_pipeline
 
 
-def test_eval_end_to_end_on_tiny_flux_and_tiny_hps(tmp_path, tiny_open_clip):
+def test_eval_end_to_end_on_tiny_flux_and_tiny_hps(tmp_path, tiny_open_clip, flux_dir):
     name, state = tiny_open_clip
-    model = tmp_path / "flux"
-    tiny_flux_pipeline(seed=0).save_pretrained(model)
+    model = flux_dir
     ckpt = tmp_path / "hps.pt"
     torch.save({"state_dict": state}, ckpt)
     (tmp_path / "rewards.yaml").write_text(f"hps: {{checkpoint: {ckpt}, model_name: {name}}}\n")

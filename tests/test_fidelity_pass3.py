@@ -143,11 +143,8 @@ def test_the_schedule_keys_are_checked_before_any_model_loads(lab_world, tmp_pat
         assert cfg.sampler.resolved_schedule(cfg.model.kind) == expected, preset
 
 
-def test_the_trainer_samples_on_the_pipelines_schedule(tmp_path):
-    from g2rpo.testing.tiny import tiny_flux_pipeline, with_hub_scheduler
-
-    folder = tmp_path / "flux"
-    with_hub_scheduler(tiny_flux_pipeline()).save_pretrained(folder)
+def test_the_trainer_samples_on_the_pipelines_schedule(tmp_path, hub_flux_dir):
+    folder = hub_flux_dir
     base = {"model": {"kind": "flux", "path": str(folder), "height": 32, "width": 32, "max_sequence_length": 16},
             "rewards": [{"name": "tests.test_fidelity_pass3:mean_brightness"}],
             "sampler": {"num_steps": 6, "sde_indices": [0], "granularities": [1], "group_size": 3},

@@ -4,17 +4,10 @@ import torch
 from g2rpo.hub import dtype_kwarg
 from g2rpo import G2RPOSampler
 from g2rpo.models import FluxPolicy, SD3Policy, load_policy, pack_latents, unpack_latents
-from g2rpo.testing.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, with_hub_scheduler
+from g2rpo.testing.tiny import tiny_sd3_pipeline, with_hub_scheduler
 
 T = 6
 PROMPT = "a red cube on a table"
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("flux") / "tiny-flux"
-    with_hub_scheduler(tiny_flux_pipeline(seed=0)).save_pretrained(d)  # FLUX.1-dev's: dynamic shift
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +27,10 @@ def test_pack_unpack_roundtrip():
 
 
 @torch.no_grad()
-def test_flux_anchor_equals_flux_pipeline(flux_dir):
+def test_flux_anchor_equals_flux_pipeline(hub_flux_dir):
     from diffusers import FluxPipeline
 
-    policy = load_policy("flux", flux_dir, dtype=torch.float32, height=32, width=32, guidance_scale=3.5,
+    policy = load_policy("flux", hub_flux_dir, dtype=torch.float32, height=32, width=32, guidance_scale=3.5,
                          max_sequence_length=24)
     assert isinstance(policy, FluxPolicy) and policy.latent_channels == 4
     noise = policy.prepare_latents(1, torch.Generator().manual_seed(0))
@@ -45,7 +38,7 @@ def test_flux_anchor_equals_flux_pipeline(flux_dir):
     cond = policy.encode_prompts([PROMPT])
     ro = G2RPOSampler(policy, num_steps=T, sde_indices=[1], granularities=(1,), group_size=2,
                       sigmas=policy.pipeline_sigmas(T)).rollout(noise, cond, generator=torch.Generator().manual_seed(1))
-    pipe = FluxPipeline.from_pretrained(flux_dir, **dtype_kwarg(torch.float32))  # its scheduler and defaults untouched
+    pipe = FluxPipeline.from_pretrained(hub_flux_dir, **dtype_kwarg(torch.float32))  # scheduler untouched
     ref = pipe(PROMPT, height=32, width=32, latents=noise.clone(), num_inference_steps=T, guidance_scale=3.5,
                max_sequence_length=24, output_type="latent").images
     assert torch.allclose(ro.sigmas.float(), pipe.scheduler.sigmas)
@@ -78,18 +71,18 @@ def test_sd3_anchor_equals_sd3_pipeline(sd3_dir, guidance):
     assert torch.allclose(ro.anchor[:, -1], ref, atol=1e-5, rtol=1e-5)
 
 
-def test_missing_files_are_named(tmp_path, flux_dir):
+def test_missing_files_are_named(tmp_path, hub_flux_dir):
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         load_policy("flux", tmp_path / "nope")
     import shutil
 
     broken = tmp_path / "broken"
-    shutil.copytree(flux_dir, broken)
+    shutil.copytree(hub_flux_dir, broken)
     shutil.rmtree(broken / "text_encoder_2")
     with pytest.raises(FileNotFoundError, match="text_encoder_2/config.json"):
         load_policy("flux", broken)
     with pytest.raises(ValueError, match="unknown policy kind"):
-        load_policy("sdxl", flux_dir)
+        load_policy("sdxl", hub_flux_dir)
 
 
 @torch.no_grad()
