@@ -264,9 +264,9 @@ class TrainConfig:
             options = s.strategy_options()  # the keys the strategy uses: G2RPO-only keys checked for G2RPO only
         except ValueError as err:
             raise ConfigError(f"sampler.strategy: {err}") from None
-        g2rpo_keys = "sde_indices" in {f.name for f in dataclasses.fields(STRATEGY_CLASSES[s.strategy])}
         # the values the strategy will use: the config's, else the strategy's own defaults
         defaults = {f.name: f.default for f in dataclasses.fields(STRATEGY_CLASSES[s.strategy])}
+        g2rpo_keys = "sde_indices" in defaults
         sde_indices = list(options.get("sde_indices", defaults.get("sde_indices", ())))
         granularities = list(options.get("granularities", defaults.get("granularities", ())))
         if s.strategy == "g2rpo_no_mgai":

@@ -139,12 +139,16 @@ class PolicyAdapter(torch.nn.Module):
         if config is None or not config.get("use_dynamic_shifting", False):
             raise ValueError(f"{type(self).__name__}: the pipeline's scheduler does not shift dynamically "
                              "(sampler.dynamic_shift needs use_dynamic_shifting in scheduler/scheduler_config.json)")
+        return math.exp(self._pipeline_mu(config))
+
+    def _pipeline_mu(self, config, max_shift: float = 1.15) -> float:
+        """``mu = calculate_shift(image_seq_len, ...)`` from a scheduler config, with the defaults the pipelines use
+        for keys it lacks (FluxPipeline, QwenImagePipeline: ``max_shift`` 1.15; StableDiffusion3Pipeline: 1.16)."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        mu = calculate_shift(self.image_seq_len, config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
-        return math.exp(mu)
+        return calculate_shift(self.image_seq_len, config.get("base_image_seq_len", 256),
+                               config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                               config.get("max_shift", max_shift))
 
     def pipeline_sigmas(self, num_steps: int) -> torch.Tensor:
         """The ``num_steps + 1`` sigmas (float64) the family's diffusers pipeline samples with when called with its
@@ -172,12 +176,8 @@ class PolicyAdapter(torch.nn.Module):
         QwenImagePipeline (diffusers 0.42): ``linspace(1, 1/T, T)`` and ``mu = calculate_shift(image_seq_len, ...)``
         from the scheduler config (used only when it shifts dynamically)."""
         import numpy as np
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        mu = calculate_shift(self.image_seq_len, config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
-        return np.linspace(1.0, 1 / num_steps, num_steps), mu
+        return np.linspace(1.0, 1 / num_steps, num_steps), self._pipeline_mu(config)
 
     # ---- latents, images, saving ---------------------------------------------------------------
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

@@ -73,13 +73,8 @@ class SD3Policy(PolicyAdapter):
     def _pipeline_schedule_inputs(self, num_steps: int, config) -> tuple:
         """StableDiffusion3Pipeline (diffusers 0.42) passes no sigmas: the scheduler spaces its own sigma_max ..
         sigma_min (SD3.5: 1 .. 0.0089 at shift 3) and shifts them; ``mu`` only with ``use_dynamic_shifting``."""
-        if not config.get("use_dynamic_shifting", False):
-            return None, None
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-        return None, calculate_shift(self.image_seq_len, config.get("base_image_seq_len", 256),
-                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                     config.get("max_shift", 1.16))
+        mu = self._pipeline_mu(config, max_shift=1.16) if config.get("use_dynamic_shifting", False) else None
+        return None, mu
 
     def prepare_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         c = self.transformer.config.in_channels
