@@ -24,8 +24,15 @@ __all__ = [
     "sigma_schedule",
 ]
 
-from .advantage import group_advantages, integrate_advantages  # noqa: E402
-from .rollout import G2RPOSampler, Rollout, RolloutEngine, RolloutSampler, make_strategy  # noqa: E402
+#: Imported when first named, so that ``import g2rpo.config`` loads no strategy or engine.
+_LAZY = {"group_advantages": ".advantage", "integrate_advantages": ".advantage", "G2RPOSampler": ".rollout",
+         "Rollout": ".rollout", "RolloutEngine": ".rollout", "RolloutSampler": ".rollout", "make_strategy": ".rollout"}
+__all__ += list(_LAZY)
 
-__all__ += ["G2RPOSampler", "Rollout", "RolloutEngine", "RolloutSampler", "group_advantages", "integrate_advantages",
-            "make_strategy"]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from .models.registry import DEFAULT_FAMILY, FAMILIES
@@ -127,24 +126,9 @@ class SamplerConfig:
         """The shift of the ``shift`` schedule (3.0 when unset)."""
         return 3.0 if self.shift is None else float(self.shift)
 
-    def strategy_options(self) -> dict[str, Any]:
-        """The strategy's options (:func:`g2rpo.rollout.strategies.strategy_options`: the keys it takes)."""
-        from .rollout.strategies import strategy_options
-
-        return strategy_options(self.strategy, num_steps=self.num_steps, group_size=self.group_size, eta=self.eta,
-                                sde_indices=self.sde_indices, granularities=self.granularities,
-                                sde_subset=self.sde_subset, chain_sources=self.chain_sources,
-                                **{k: getattr(self, k) for k in TRAJECTORY_OPTIONS})
-
 
 #: The dtypes noise may be drawn in (sampler.noise_dtype, sampler.step_noise_dtype).
 NOISE_DTYPES = ("float32", "bfloat16", "float16")
-
-#: SamplerConfig keys of the trajectory strategies (None: the strategy's default).
-TRAJECTORY_OPTIONS = ("train_fraction", "shared_noise", "window_size", "window_stride", "shift_interval",
-                      "window_max_start", "train_selection", "train_last_step", "window_end", "window_roll_back",
-                      "score_x0")
-
 
 @dataclass
 class RewardSpec:
@@ -256,21 +240,9 @@ class TrainConfig:
     dist_timeout_s: int = 900  # torch.distributed collectives: a hung rank stops the others after this
 
     def validate(self) -> None:
-        """Impossible combinations, named by key (no model is loaded)."""
-        from .rollout.strategies import STRATEGY_CLASSES, make_strategy
-
+        """Impossible combinations of the config's own keys, named by key (nothing above the config is imported:
+        the strategy's and the rewards' own checks are :func:`g2rpo.train.check_config`'s)."""
         s = self.sampler
-        try:
-            options = s.strategy_options()  # the keys the strategy uses: G2RPO-only keys checked for G2RPO only
-        except ValueError as err:
-            raise ConfigError(f"sampler.strategy: {err}") from None
-        # the values the strategy will use: the config's, else the strategy's own defaults
-        defaults = {f.name: f.default for f in dataclasses.fields(STRATEGY_CLASSES[s.strategy])}
-        g2rpo_keys = "sde_indices" in defaults
-        sde_indices = list(options.get("sde_indices", defaults.get("sde_indices", ())))
-        granularities = list(options.get("granularities", defaults.get("granularities", ())))
-        if s.strategy == "g2rpo_no_mgai":
-            granularities = [1]
         checks = [
             ("iterations", self.iterations >= 1, "must be >= 1"),
             ("max_cost", self.max_cost is None or (math.isfinite(self.max_cost) and self.max_cost > 0),
@@ -287,13 +259,6 @@ class TrainConfig:
             ("sampler.auto_granularity_threshold", s.auto_granularity_threshold is None or
              -1.0 <= s.auto_granularity_threshold <= 1.0, "must be a correlation in [-1, 1] or null"),
             ("sampler.auto_granularity_window", s.auto_granularity_window >= 1, "must be >= 1"),
-            ("sampler.sde_subset", s.sde_subset is None or g2rpo_keys,
-             f"is a G2RPO option (a subset of sde_indices); strategy {s.strategy!r} has no sde_indices"),
-            ("sampler.chain_sources", not s.chain_sources or g2rpo_keys,
-             f"is a G2RPO option (chained SDE sources); strategy {s.strategy!r} has no sde_indices"),
-            ("sampler.auto_granularity_threshold", s.auto_granularity_threshold is None or len(granularities) >= 2,
-             f"drops granularities of a G2RPO plan with several; strategy {s.strategy!r} with granularities "
-             f"{granularities} has none to drop"),
             ("sampler.noise_dtype", s.noise_dtype in NOISE_DTYPES,
              f"must be one of {', '.join(NOISE_DTYPES)}, got {s.noise_dtype!r}"),
             ("sampler.step_noise_dtype", s.step_noise_dtype in NOISE_DTYPES,
@@ -304,11 +269,6 @@ class TrainConfig:
             ("sampler.schedule", s.schedule in (None, "pipeline", "shift"),
              f"must be pipeline, shift or null (the model family's), got {s.schedule!r}"),
             ("sampler.num_steps", s.num_steps >= 1, "must be >= 1"),
-            ("sampler.sde_indices", not g2rpo_keys or all(0 <= e < s.num_steps for e in sde_indices),
-             f"must be in 0..sampler.num_steps-1 = 0..{s.num_steps - 1}, got {sde_indices}"
-             + ("" if s.sde_indices is not None else f" (the {s.strategy} default: set sampler.sde_indices)")),
-            ("sampler.granularities", not g2rpo_keys or bool(granularities) and all(g >= 1 for g in granularities),
-             "must be a non-empty list of ints >= 1"),
             ("sampler.group_size", s.group_size >= 2, "must be >= 2"),
             ("data.prompts_per_iteration", self.data.prompts_per_iteration >= 1, "must be >= 1"),
             ("loss.clip_range", self.loss.clip_range > 0, "must be > 0"),
@@ -393,49 +353,11 @@ class TrainConfig:
             ("loss.clip_range", finite(self.loss.clip_range), f"must be finite, got {self.loss.clip_range}"),
             ("loss.adv_clip_max", finite(self.loss.adv_clip_max), f"must be finite, got {self.loss.adv_clip_max}"),
             ("loss.kl_beta", finite(self.loss.kl_beta), f"must be finite, got {self.loss.kl_beta}"),
-            ("sampler.granularities", not g2rpo_keys or all(g < s.num_steps for g in granularities),
-             f"must be < sampler.num_steps ({s.num_steps}): a granularity is a stride over the remaining steps, "
-             f"got {granularities}"),
             ("dist_timeout_s", self.dist_timeout_s >= 1, "must be >= 1"),
         ]
         for key, ok, msg in checks:
             if not ok:
                 raise ConfigError(f"{key} {msg}")
-        try:
-            strategy = make_strategy(s.strategy, **options)
-        except ValueError as err:
-            raise ConfigError(f"sampler: {err}") from None
-        if s.resolved_schedule(self.model.kind) == "shift" and not s.dynamic_shift:  # else: at set-up, on its sigmas
-            from .schedule import sigma_schedule
-
-            check_sde_steps(strategy, sigma_schedule(strategy.num_steps, s.static_shift, s.schedule_precision))
-        from .rewards import BUILTIN_REWARDS, FRAME_REDUCTIONS, resolve_reward
-
-        for i, r in enumerate(self.rewards):
-            if r.frames not in FRAME_REDUCTIONS:
-                raise ConfigError(f"rewards[{i}].frames must be one of {FRAME_REDUCTIONS}, got {r.frames!r}")
-            if r.name not in BUILTIN_REWARDS:  # plug-ins and module:callable paths are imported (no model loads)
-                try:
-                    resolve_reward(r.name)
-                except ValueError as err:
-                    raise ConfigError(f"rewards[{i}].name: {err}") from None
-
-
-def check_sde_steps(strategy, sig: torch.Tensor) -> None:
-    """Refuse an eta so large that an SDE step's mean coefficient ``a`` (x_next = a x + b v + ...) is <= 0 on
-    the schedule ``sig`` (``[T + 1]`` sigmas). Granularities giving one continuation twice are the strategy's own
-    check (:class:`~g2rpo.rollout.strategies.G2RPOStrategy`)."""
-    from .sde import sde_coefficients
-
-    steps = strategy.candidate_sde_steps()
-    a, _, _ = sde_coefficients(sig, torch.tensor(steps), float(strategy.eta), strategy.sde_kind)
-    if (a <= 0).any():
-        i = int(torch.argmin(a))
-        a1, _, _ = sde_coefficients(sig, torch.tensor(steps), 1.0, strategy.sde_kind)
-        eta_max = float(torch.sqrt(1.0 / (1.0 - a1).clamp_min(1e-12)).min())  # a = 1 - eta^2 (1 - a(eta=1))
-        raise ConfigError(f"sampler.eta={strategy.eta:g} is too large: the SDE step at grid index {steps[i]} "
-                          f"(sigma {float(sig[steps[i]]):.4f}) would scale x by {float(a[i]):.3g} <= 0; "
-                          f"eta must be < {eta_max:.3f} here (the public code uses 0.3-0.7)")
 
 
 # ---- strict (de)serialisation -----------------------------------------------------------

@@ -11,13 +11,14 @@ PKG = ROOT / "g2rpo"
 #: Floors, bottom to top: a module may import its own floor and those below. ``__main__`` modules are
 #: entry points, above everything. Modules not listed fail the test (every new module takes a floor).
 FLOORS = [
-    ("foundation", ["g2rpo.yaml_numbers", "g2rpo.hub", "g2rpo.distributed", "g2rpo.schedule", "g2rpo.models.registry"]),
+    ("foundation", ["g2rpo.yaml_numbers", "g2rpo.hub", "g2rpo.distributed", "g2rpo.schedule", "g2rpo.models.registry",
+                    "g2rpo.config"]),
     ("math", ["g2rpo.sde", "g2rpo.ops*", "g2rpo.loss", "g2rpo.advantage"]),
     ("rollout", ["g2rpo.rollout*"]),
     ("models, rewards, prompts", ["g2rpo.models*", "g2rpo.rewards*", "g2rpo.prompts", "g2rpo.compat*",
                                   "g2rpo.testing*"]),
     ("worlds", ["g2rpo.lab*"]),
-    ("configuration and the drop-in API", ["g2rpo.config", "g2rpo.policy", "g2rpo.checkpoint", "g2rpo.pipelines"]),
+    ("configuration and the drop-in API", ["g2rpo.checkpoint", "g2rpo.pipelines"]),
     ("trainer", ["g2rpo.train*"]),
     ("tools above the trainer", ["g2rpo.eval", "g2rpo.export", "g2rpo.experiments*", "g2rpo"]),
 ]
@@ -63,7 +64,9 @@ def _floor(name: str) -> int:
     best = None
     for i, (_, patterns) in enumerate(FLOORS):
         for p in patterns:
-            if (p.endswith("*") and (name == p[:-1] or name.startswith(p[:-1] + "."))) or name == p:
+            if name == p:  # a module named exactly takes that floor over any pattern (models.registry)
+                return i
+            if p.endswith("*") and (name == p[:-1] or name.startswith(p[:-1] + ".")):
                 best = i
     assert best is not None, f"{name} has no floor in tests/test_architecture.py: give it one"
     return best
@@ -155,3 +158,21 @@ def test_strategy_specific_branches_live_in_the_strategies():
     found = [f"{p.relative_to(ROOT)}:{n}" for p in PKG.rglob("*.py") if p.name != "strategies.py"
              for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == [], found
+
+
+def test_importing_the_config_loads_no_strategy_trainer_model_or_reward():
+    """The config is at the bottom: importing it (in a fresh interpreter) loads nothing from ``rollout`` or
+    ``train``, no model adapter or reward implementation (the registries of names are fine), and no diffusers,
+    transformers or open_clip."""
+    import subprocess
+    import sys
+
+    code = ("import sys, g2rpo.config; print(' '.join(m for m in sys.modules if m.startswith(('g2rpo', 'diffusers',"
+            " 'transformers', 'open_clip'))))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                cwd=ROOT).stdout.split())
+    assert "g2rpo.config" in loaded
+    above = sorted(m for m in loaded if m.startswith(("g2rpo.rollout", "g2rpo.train", "g2rpo.rewards", "g2rpo.lab",
+                                                      "g2rpo.experiments", "diffusers", "transformers", "open_clip"))
+                   or m.startswith("g2rpo.models.") and m != "g2rpo.models.registry")
+    assert above == [], above

@@ -73,13 +73,13 @@ def test_every_cheaper_variant_is_a_valid_lab_config_and_cheaper_than_g2rpo():
     dropped) and rolls out fewer rows per iteration than the paper's G2RPO (the auto one once it drops)."""
     from g2rpo.config import default_config_path, load_config, merge_dicts
     from g2rpo.experiments.compare import CHEAPER_VARIANTS, LAB_WORLD, CompareSettings, preset_path
-    from g2rpo.rollout.strategies import make_strategy
+    from g2rpo.rollout.configured import strategy_from_config
 
     scale = merge_dicts(LAB_WORLD, CompareSettings().lab_scale)
     rows = {}
     for name, (method, family, extra) in {"g2rpo": ("g2rpo", "paper", {}), **CHEAPER_VARIANTS}.items():
         cfg = load_config([default_config_path(), preset_path(method, family)], merge_dicts(scale, extra))
-        rows[name] = make_strategy(cfg.sampler.strategy, **cfg.sampler.strategy_options()).plan(0).forward_rows
+        rows[name] = strategy_from_config(cfg.sampler).plan(0).forward_rows
     assert all(rows[n] < rows["g2rpo"] for n in ("g2rpo_x0", "g2rpo_coarse", "g2rpo_chain", "g2rpo_coarse_chain",
                                                   "g2rpo_subset2"))
     assert rows["g2rpo_coarse_chain"] < rows["g2rpo_coarse"] and rows["g2rpo_auto"] == rows["g2rpo"]

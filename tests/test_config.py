@@ -1,6 +1,7 @@
 import pytest
 
 from g2rpo.config import ConfigError, load_config, parse_overrides
+from g2rpo.train.checks import check_config
 
 
 def test_default_config_is_the_lab_world():
@@ -33,7 +34,7 @@ def test_overrides_dotted_and_flag_forms():
 ])
 def test_bad_configs_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
-        load_config(None, override)
+        check_config(load_config(None, override))
     assert key in str(err.value)
 
 
@@ -146,5 +147,5 @@ def test_a_method_preset_alone_says_what_it_combined_with():
 ])
 def test_cheaper_g2rpo_options_are_not_silently_ignored(overrides, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(None, overrides)
-    assert load_config(None, ["sampler.sde_subset=2", "sampler.auto_granularity_threshold=0.9"])
+        check_config(load_config(None, overrides))
+    assert check_config(load_config(None, ["sampler.sde_subset=2", "sampler.auto_granularity_threshold=0.9"]))

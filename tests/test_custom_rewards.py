@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from g2rpo.config import ConfigError, load_config
+from g2rpo.train.checks import check_config
 from g2rpo.rewards import make_reward
 
 MODULE = textwrap.dedent('''
@@ -60,7 +61,7 @@ def test_module_callable_rewards_of_each_shape(user_module):
                                          ("hps_v9", "unknown reward 'hps_v9'")])
 def test_bad_reward_paths_are_refused_by_the_config_naming_the_problem(user_module, name, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(None, {"rewards": [{"name": name}]})
+        check_config(load_config(None, {"rewards": [{"name": name}]}))
 
 
 def test_entry_point_rewards(tmp_path, monkeypatch):
@@ -80,9 +81,11 @@ def test_entry_point_rewards(tmp_path, monkeypatch):
     assert "shiny" in known_rewards()
     images = torch.rand(2, 3, 4, 4)
     assert torch.allclose(make_reward("shiny").score(images, ["x", "y"]), images.flatten(1).mean(1))
-    assert load_config(None, {"rewards": [{"name": "shiny"}]}).rewards[0].name == "shiny"
+    cfg = load_config(None, {"rewards": [{"name": "shiny"}]})
+    check_config(cfg)
+    assert cfg.rewards[0].name == "shiny"
     with pytest.raises(ConfigError, match="entry point 'plugin_rewards_pkg:missing' .* failed to load"):
-        load_config(None, {"rewards": [{"name": "broken"}]})
+        check_config(load_config(None, {"rewards": [{"name": "broken"}]}))
 
 
 def test_trainer_and_eval_with_a_module_callable_reward(user_module, lab_world, tmp_path):

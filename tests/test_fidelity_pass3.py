@@ -44,10 +44,11 @@ def test_mix_grpo_official_normalises_the_reward_weights(lab_world, tmp_path):
 
 def test_dance_grpo_never_trains_the_last_step_whose_noise_never_reaches_the_x0_scored_image():
     from g2rpo.rollout import make_strategy
+    from g2rpo.rollout.configured import strategy_from_config
 
     for preset in ("dance_grpo-paper", "dance_grpo-official"):
         cfg = load_config([LAB, METHODS / f"{preset}.yaml"])
-        s = make_strategy("dance_grpo", **cfg.sampler.strategy_options())
+        s = strategy_from_config(cfg.sampler)
         assert s.score_x0 and s.train_last_step is False, preset
         g = torch.Generator().manual_seed(0)
         plan = s.plan(0)
@@ -75,6 +76,7 @@ def test_each_strategy_default_lives_in_the_strategy(name):
     from g2rpo.experiments.compare import preset_path
     from g2rpo.pipelines import rollout
     from g2rpo.rollout import G2RPOSampler, make_strategy
+    from g2rpo.rollout.configured import sampler_strategy_options, strategy_from_config
     from g2rpo.testing.tiny import tiny_flux_pipeline
 
     own = make_strategy(name, num_steps=16, group_size=2)
@@ -85,11 +87,11 @@ def test_each_strategy_default_lives_in_the_strategy(name):
     assert _defaults(out.sampler.strategy) == _defaults(own)
     cfg = load_config(None, {"sampler": {"strategy": name, "sde_indices": None, "granularities": None,
                                          "num_steps": 16, "group_size": 2}})
-    assert _defaults(make_strategy(name, **cfg.sampler.strategy_options())) == _defaults(own)
+    assert _defaults(strategy_from_config(cfg.sampler)) == _defaults(own)
     from g2rpo.experiments.compare import LAB_WORLD
 
     for family in ("paper", "official"):  # what the compare tool trains: the presets name the default or a source
-        preset = load_config([LAB, preset_path(name, family)], LAB_WORLD).sampler.strategy_options()
+        preset = sampler_strategy_options(load_config([LAB, preset_path(name, family)], LAB_WORLD).sampler)
         if family == "paper":
             assert preset["eta"] == own.eta
     with pytest.raises(ValueError, match="built strategy"):
@@ -278,7 +280,7 @@ def test_wan_configs_use_the_cited_fp32_schedule_and_say_which_expert_owns_each_
     import re
 
     from g2rpo.models.wan import expert_for
-    from g2rpo.policy import plan_trained_experts
+    from g2rpo.models.wan import plan_trained_experts
 
     for name in ("wan_t2v_hps", "wan22_t2v_hps", "wan_i2v_hps"):
         cfg = load_config([ROOT / "configs" / f"{name}.yaml"])

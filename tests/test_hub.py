@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from g2rpo.config import ModelConfig, RewardSpec
-from g2rpo.policy import check_paths
+from g2rpo.models.loading import check_paths
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -103,7 +103,7 @@ def test_a_config_without_guidance_gets_its_familys_default(sd3_dir, tmp_path):
     """Defaults come from the family (models.registry: the diffusers pipeline's own __call__ defaults), not
     Flux's 3.5: SD3 7.0, Wan 5.0 (and 480x832, 81 frames); Flux 3.5."""
     from g2rpo.config import load_config
-    from g2rpo.policy import load_configured_policy as load_from_config
+    from g2rpo.models.loading import load_configured_policy as load_from_config
     from g2rpo.testing.tiny import tiny_wan_pipeline
 
     sd3 = load_from_config(load_config(None, {"model": {"kind": "sd3", "path": str(sd3_dir), "height": 32,

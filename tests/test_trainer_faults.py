@@ -13,6 +13,7 @@ import torch
 
 import g2rpo.train.setup as setup_mod
 from g2rpo.config import ConfigError, load_config
+from g2rpo.train.checks import check_config
 from g2rpo.train import Trainer, TrainingError, main
 
 from test_train import ROOT, _flat, _metrics, run, tiny
@@ -167,7 +168,7 @@ def test_bad_inputs_are_found_before_any_model_loads(lab_world, tmp_path, no_mod
 ])
 def test_nonsense_settings_are_refused(override, msg):
     with pytest.raises(ConfigError, match=msg):
-        load_config(None, override)
+        check_config(load_config(None, override))
 
 
 # 9 ---------------------------------------------------------------------------------------------
@@ -369,7 +370,7 @@ def test_a_full_disk_while_checkpointing_is_named_and_leaves_no_tmp(lab_world, t
 ])
 def test_more_nonsense_is_refused(override, msg):
     with pytest.raises(ConfigError, match=msg):
-        load_config(None, override)
+        check_config(load_config(None, override))
 
 
 def test_g2rpo_keys_are_not_checked_for_trajectory_strategies():

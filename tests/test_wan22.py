@@ -111,7 +111,7 @@ def _train_cfg(folder, out, **extra):
 
 
 def test_the_trained_experts_own_the_trained_sde_steps(wan22_dir, tmp_path):
-    from g2rpo.policy import resolve_trained_experts
+    from g2rpo.train.setup import resolve_trained_experts
 
     def trained(**extra):
         policy = load_policy("wan", wan22_dir, dtype=torch.float32, **SIZE)

@@ -55,7 +55,9 @@ def run_compare(args: argparse.Namespace) -> None:
         overrides = parse_overrides(args.set)
         from .worlds import world_spec
 
-        load_config(None, merge_dicts(world_spec(args.world).reset, overrides))  # refused before any run starts
+        from ..train import check_config
+
+        check_config(load_config(None, merge_dicts(world_spec(args.world).reset, overrides)))  # before any run
     except ConfigError as err:
         sys.exit(f"--set: {err}")
     known = {**CHEAPER_VARIANTS, **LAMBDA_ABLATION}

@@ -68,6 +68,9 @@ class ModelFamily:
     # "module:function"(folder) -> (expert names, route(sigma, integer_timesteps) -> name) or None: a folder holding
     # several experts split by noise level, read from its files before any model loads (Wan 2.2 A14B)
     experts_of_folder: str | None = None
+    # "module:function"(cfg, expert names, expert_of_sigma) -> (trained experts, {expert: SDE steps it owns}): which
+    # experts a config trains (model.kind's own option); None: the one transformer trains
+    plan_experts: str | None = None
     prompt_images: bool = False  # every prompt names a conditioning image (image-to-video): the prompt file is read
     # with g2rpo.prompts.load_prompt_images and given to the policy's set_prompt_images
 
@@ -124,14 +127,16 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
                 FamilyDefaults(480, 832, steps=50, eval_steps=50, guidance_scale=5.0, max_sequence_length=512,
                                num_frames=81),
                 "diffusers:WanPipeline", ("WanPipeline",), options=("num_frames", "guidance_scale_2", "train_experts"),
-                guidance_note="classifier-free guidance", experts_of_folder="g2rpo.models.wan:experts_of_folder"),
+                guidance_note="classifier-free guidance", experts_of_folder="g2rpo.models.wan:experts_of_folder",
+                plan_experts="g2rpo.models.wan:plan_trained_experts"),
     ModelFamily("wan_i2v", "Wan image-to-video", "g2rpo.models.wan_i2v:WanI2VPolicy", _DIFFUSERS,
                 FamilyDefaults(480, 832, steps=50, eval_steps=50, guidance_scale=5.0, max_sequence_length=512,
                                num_frames=81),
                 "diffusers:WanImageToVideoPipeline", ("WanImageToVideoPipeline",),
                 options=("num_frames", "guidance_scale_2", "train_experts"),
                 guidance_note="classifier-free guidance", prompt_images=True,
-                experts_of_folder="g2rpo.models.wan:experts_of_folder"),
+                experts_of_folder="g2rpo.models.wan:experts_of_folder",
+                plan_experts="g2rpo.models.wan:plan_trained_experts"),
 )}
 #: The family of the embedded default config (the CPU lab world).
 DEFAULT_FAMILY = "lab"

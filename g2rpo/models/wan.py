@@ -29,7 +29,8 @@ from ..hub import dtype_kwarg
 from ._vae import checked_folder, decode_in_chunks, latent_stats
 from .base import PolicyAdapter
 
-__all__ = ["EXPERTS", "WanExperts", "WanPolicy", "expert_for", "experts_of_folder", "load_wan_policy"]
+__all__ = ["EXPERTS", "WanExperts", "WanPolicy", "expert_for", "experts_of_folder", "load_wan_policy",
+           "plan_trained_experts"]
 
 #: Wan 2.2 A14B's experts by their pipeline component names: high noise, low noise.
 EXPERTS = ("transformer", "transformer_2")
@@ -42,6 +43,41 @@ def expert_for(sigma: float, boundary: float, integer_timesteps: bool = False) -
     if integer_timesteps:
         t = float(round(t))
     return EXPERTS[0] if t >= boundary else EXPERTS[1]
+
+
+#: model.train_experts aliases by noise level.
+EXPERT_ALIASES = {"high": "transformer", "low": "transformer_2"}
+
+
+def plan_trained_experts(cfg, names: tuple[str, ...], expert_of_sigma) -> tuple[tuple[str, ...], dict[str, list[int]]]:
+    """``(trained experts, {expert: SDE steps it owns})`` for a :class:`TrainConfig` (``model.train_experts``) and a
+    model with experts ``names`` routed by ``expert_of_sigma(sigma)``: ``auto`` takes those that own the SDE steps
+    the strategy can train over the run (their sigma as the model sees it). A trained SDE step owned by a frozen
+    expert raises ValueError: no gradient could reach it. A one-transformer model trains it."""
+    from ..rollout.configured import strategy_from_config
+    from ..schedule import model_timesteps, sigma_schedule
+
+    choice = EXPERT_ALIASES.get(cfg.model.train_experts, cfg.model.train_experts)
+    if len(names) == 1:
+        if choice not in ("auto", "both", names[0]):
+            raise ValueError(f"model.train_experts={cfg.model.train_experts}: this model has one transformer")
+        return names, {}
+    s = cfg.sampler
+    strategy = strategy_from_config(s)
+    steps = sorted({e for it in range(cfg.iterations) for e in strategy.sde_steps(it)})
+    sig = sigma_schedule(s.num_steps, s.static_shift, s.schedule_precision)  # multi-expert families: the shift schedule
+    seen = model_timesteps(sig, s.quantize_timesteps)  # the noise level the model is given (and routed by)
+    owner = {e: expert_of_sigma(float(seen[e])) for e in steps}
+    trained = (tuple(n for n in names if n in owner.values()) if choice == "auto"
+               else names if choice == "both" else (choice,))
+    frozen = {e: o for e, o in owner.items() if o not in trained}
+    if frozen:
+        raise ValueError(f"model.train_experts={cfg.model.train_experts}: the SDE steps {sorted(frozen)} (sigma "
+                         f"{', '.join(f'{float(sig[e]):.3f}' for e in sorted(frozen))}) are predicted by the frozen "
+                         f"{', '.join(sorted(set(frozen.values())))}; train it too (auto or both) or keep sampler."
+                         f"sde_indices on {', '.join(trained)}")
+    return trained, {n: [e for e in steps if owner[e] == n] for n in names}
+
 
 
 def experts_of_folder(folder) -> tuple[tuple[str, ...], Callable[[float, bool], str]] | None:

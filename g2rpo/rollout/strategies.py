@@ -94,6 +94,35 @@ class Strategy:
         iteration: all by default."""
         return torch.ones(num_prompts, plan.num_k, plan.group_size, dtype=torch.bool)
 
+    @classmethod
+    def config_problems(cls, name: str, sampler: Any, options: dict[str, Any]) -> list[str]:
+        """What is wrong with a ``sampler`` config (:class:`g2rpo.config.SamplerConfig`) for this strategy, one
+        ``"key message"`` each, before it is built from ``options`` (:func:`strategy_options`): G2RPO's options
+        on a strategy without SDE candidates."""
+        out = []
+        for key, what in (("sde_subset", "a subset of sde_indices"), ("chain_sources", "chained SDE sources")):
+            if getattr(sampler, key) not in (None, False):
+                out.append(f"sampler.{key} is a G2RPO option ({what}); strategy {name!r} has no sde_indices")
+        if sampler.auto_granularity_threshold is not None:
+            out.append(f"sampler.auto_granularity_threshold drops granularities of a G2RPO plan with several; "
+                       f"strategy {name!r} finishes its branches at one")
+        return out
+
+    def check_schedule(self, sigmas: torch.Tensor) -> None:
+        """ValueError when eta is so large that an SDE step's mean coefficient ``a`` (x_next = a x + b v + ...)
+        is <= 0 on the schedule ``sigmas`` (``[T + 1]``) at a grid index any iteration may take."""
+        from ..sde import sde_coefficients
+
+        steps = self.candidate_sde_steps()
+        a, _, _ = sde_coefficients(sigmas, torch.tensor(steps), float(self.eta), self.sde_kind)
+        if (a <= 0).any():
+            i = int(torch.argmin(a))
+            a1, _, _ = sde_coefficients(sigmas, torch.tensor(steps), 1.0, self.sde_kind)
+            eta_max = float(torch.sqrt(1.0 / (1.0 - a1).clamp_min(1e-12)).min())  # a = 1 - eta^2 (1 - a(eta=1))
+            raise ValueError(f"sampler.eta={self.eta:g} is too large: the SDE step at grid index {steps[i]} "
+                             f"(sigma {float(sigmas[steps[i]]):.4f}) would scale x by {float(a[i]):.3g} <= 0; "
+                             f"eta must be < {eta_max:.3f} here (the public code uses 0.3-0.7)")
+
 
 @dataclass(frozen=True)
 class G2RPOStrategy(Strategy):
@@ -109,6 +138,27 @@ class G2RPOStrategy(Strategy):
     # state its predecessor's first branch reaches on its finest continuation, instead of from a separate anchor ODE
     # trajectory; the states on that path are computed once for both. False: the anchor trajectory (G2RPO)
     chain_sources: bool = False
+
+    @classmethod
+    def config_problems(cls, name: str, sampler: Any, options: dict[str, Any]) -> list[str]:
+        """The range of M and Lambda against ``sampler.num_steps``, and auto granularity's need for several."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        sde_indices = list(options.get("sde_indices", defaults["sde_indices"]))
+        granularities = [1] if name == "g2rpo_no_mgai" else list(options.get("granularities",
+                                                                             defaults["granularities"]))
+        T, out = sampler.num_steps, []
+        if not all(0 <= e < T for e in sde_indices):
+            out.append(f"sampler.sde_indices must be in 0..sampler.num_steps-1 = 0..{T - 1}, got {sde_indices}"
+                       + ("" if sampler.sde_indices is not None else f" (the {name} default: set sampler.sde_indices)"))
+        if not granularities or not all(isinstance(g, int) and g >= 1 for g in granularities):
+            out.append("sampler.granularities must be a non-empty list of ints >= 1")
+        elif not all(g < T for g in granularities):
+            out.append(f"sampler.granularities must be < sampler.num_steps ({T}): a granularity is a stride over the "
+                       f"remaining steps, got {granularities}")
+        if sampler.auto_granularity_threshold is not None and len(granularities) < 2:
+            out.append(f"sampler.auto_granularity_threshold drops granularities of a G2RPO plan with several; "
+                       f"strategy {name!r} with granularities {granularities} has none to drop")
+        return out
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -9,12 +9,14 @@
 - :mod:`.loop`: the :class:`Trainer`, one iteration: prompts -> rollout -> score -> advantages ->
   update -> log -> checkpoint;
 - :mod:`.logs`: metrics.jsonl, TensorBoard, wandb, image grids;
-- :mod:`.rundir`: checks before models load, the output folder's lock, the resume policy;
+- :mod:`.checks`: the config's, its strategy's and its rewards' checks (:func:`check_config`);
+- :mod:`.rundir`: checks before models load (files, prompts), the output folder's lock, the resume policy;
 - :mod:`.cli` / ``__main__``: ``python -m g2rpo.train`` / ``torchrun --nproc_per_node N -m g2rpo.train``.
 """
 
+from .checks import check_config
 from .cli import main
 from .loop import Trainer
 from .update import TrainingError
 
-__all__ = ["Trainer", "TrainingError", "main"]
+__all__ = ["Trainer", "TrainingError", "check_config", "main"]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, load_config
+from .checks import check_config
 from ..distributed import rollout_mode
 from .loop import Trainer
 from .interrupts import Interrupted
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, overrides, base=base)
         else:
             cfg = load_config(args.config, overrides, log=lambda msg: print(msg, file=sys.stderr))
+        check_config(cfg)
     except (ConfigError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

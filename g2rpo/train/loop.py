@@ -22,10 +22,13 @@ from ..advantage import batch_std, check_finite_rewards, integrate_advantages, r
 from ..checkpoint import CheckpointWriteError, complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..distributed import DistContext, rollout_mode
-from ..policy import TORCH_DTYPES, build_rewards
+from ..models.loading import TORCH_DTYPES
+from ..rewards.configured import build_rewards, score_in_chunks
 from ..rewards.remote import RemoteRewardError
 from ..prompts import PromptSchedule
-from ..rollout import Rollout, RolloutSampler, make_strategy
+from ..rollout import Rollout, RolloutSampler
+from ..rollout.configured import strategy_from_config
+from .checks import check_config
 from .granularity import GranularityController
 from .interrupts import Interrupted, RolloutStopped, StopRequest
 from .logs import RunLog, save_prompt_grid, save_video_gif
@@ -57,6 +60,7 @@ class Trainer:
         self.cfg = cfg
         self.ctx = DistContext.init(timeout_s=cfg.dist_timeout_s)
         self.log = log if self.ctx.is_main else (lambda *a, **k: None)
+        check_config(cfg)  # a config built in Python, not by load_config + check_config, is checked here too
         if cfg.data.prompts_per_iteration % self.ctx.world:
             raise ConfigError(f"data.prompts_per_iteration ({cfg.data.prompts_per_iteration}) must be divisible "
                               f"by the number of ranks ({self.ctx.world})")
@@ -78,10 +82,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(cfg, self.params)
         self.ema = ({n: p.detach().clone().float() for n, p in self.module.named_parameters() if p.requires_grad}
                     if cfg.ema_decay is not None else None)
-        options = cfg.sampler.strategy_options()
-        if "sde_subset" in options:  # the subset of M is drawn from the sampler seed and the iteration
-            options["subset_seed"] = cfg.sampler_seed
-        strategy = make_strategy(cfg.sampler.strategy, **options)
+        strategy = strategy_from_config(cfg.sampler, subset_seed=cfg.sampler_seed)  # M's subset: sampler seed
         self.sampler = RolloutSampler(self.policy, max_batch=cfg.sampler.max_batch, strategy=strategy,
                                       sigmas=run_schedule(cfg, self.policy, strategy, self.log),
                                       quantize_timesteps=cfg.sampler.quantize_timesteps, ops_backend=cfg.ops_backend,
@@ -163,20 +164,13 @@ class Trainer:
     def score_rewards(self, rollout: Rollout, prompts: list[str], iteration: int) -> torch.Tensor:
         """Rewards ``[R, P, K', J, G]`` of the rollout's final latents, decoded and scored in chunks."""
         P, Kf, J, G = rollout.reward_shape
-        flat = rollout.flat_finals()
         per_image = [p for p in prompts for _ in range(Kf * J * G)]
-        step = self.cfg.reward_batch
-        parts: list[list[torch.Tensor]] = [[] for _ in self.rewards]
-        for lo in range(0, flat.shape[0], step):
-            images = self.policy.decode(flat[lo:lo + step])
-            for r, (name, model, _) in enumerate(self.rewards):
-                try:
-                    scores = model.score(images, per_image[lo:lo + step])
-                except RemoteRewardError as err:  # a served reward is down: stop cleanly, the checkpoint is intact
-                    raise TrainingError(f"iteration {iteration + 1}: reward {name}: {err}; the last checkpoint is "
-                                        "intact (--resume once the server is back)") from None
-                parts[r].append(scores.float().to(self.ctx.device))
-        rewards = torch.stack([torch.cat(p).reshape(P, Kf, J, G) for p in parts])
+        try:
+            rewards = score_in_chunks(self.rewards, self.policy.decode, rollout.flat_finals(), per_image,
+                                      self.cfg.reward_batch, self.ctx.device).reshape(-1, P, Kf, J, G)
+        except RemoteRewardError as err:  # a served reward is down: stop cleanly, the checkpoint is intact
+            raise TrainingError(f"iteration {iteration + 1}: {err}; the last checkpoint is intact (--resume once "
+                                "the server is back)") from None
         try:
             check_finite_rewards(rewards, [n for n, _, _ in self.rewards])
         except ValueError as err:

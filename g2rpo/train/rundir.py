@@ -35,7 +35,8 @@ RESUMABLE = (
 def preflight(cfg: TrainConfig) -> tuple[list[str], dict | None]:
     """Every check that needs no model: files the config names, the output folder, the prompts. Returns the prompts
     and, for an image-to-video family, their checked images (``{prompt: ImagePrompt}``; else None)."""
-    from ..policy import check_paths, check_world_rewards
+    from ..models.loading import check_paths
+    from ..rewards.configured import check_world_rewards
     from ..prompts import load_prompts
 
     check_world_rewards(cfg.model, cfg.rewards)
@@ -81,11 +82,9 @@ def preflight(cfg: TrainConfig) -> tuple[list[str], dict | None]:
     if fam.experts_of_folder is not None and cfg.model.path and Path(cfg.model.path).is_dir():
         split = import_path(fam.experts_of_folder)(cfg.model.path)  # several experts: which ones train, from files
         if split is not None:
-            from ..policy import plan_trained_experts
-
             names, route = split
             try:
-                plan_trained_experts(cfg, names, lambda sigma: route(sigma, cfg.sampler.quantize_timesteps))
+                import_path(fam.plan_experts)(cfg, names, lambda sigma: route(sigma, cfg.sampler.quantize_timesteps))
             except ValueError as err:
                 raise ConfigError(str(err)) from None
     images = None

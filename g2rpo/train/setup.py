@@ -21,10 +21,12 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 from ..distributed import DistContext, shard_module
-from ..policy import TORCH_DTYPES, load_configured_policy, resolve_trained_experts
+from ..models.loading import TORCH_DTYPES, load_configured_policy
+from ..models.registry import family, import_path
+from ..rollout.configured import check_strategy_schedule
 
 __all__ = ["EXPORT_MARKER", "PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast",
-           "reference_policy", "run_schedule", "update_ema", "ema_decay_at", "export_is_current", "export_policy", "seed_of"]
+           "reference_policy", "resolve_trained_experts", "run_schedule", "update_ema", "ema_decay_at", "export_is_current", "export_policy", "seed_of"]
 
 
 @dataclass
@@ -76,6 +78,20 @@ def build_policy(cfg: TrainConfig, ctx: DistContext, log=print, prompt_images: d
         shard_module(module, ctx.device, param_dtype=None if dtype == torch.float32 else dtype)
     params = [p for p in module.parameters() if p.requires_grad]
     return PolicySetup(policy, module, loaded.path, dtype, ref, params)
+
+
+def resolve_trained_experts(cfg: TrainConfig, policy, log=print) -> tuple[str, ...]:
+    """Set and return the experts ``policy`` trains: its one transformer, or as the family's ``plan_experts`` hook
+    decides from the config (Wan 2.2's two experts); logs which, and the SDE steps each owns, for several."""
+    fam, names = family(cfg.model.kind), policy.expert_names()
+    if fam.plan_experts is None:
+        trained, by = names, {}
+    else:
+        trained, by = import_path(fam.plan_experts)(cfg, names, policy.expert_of_sigma)
+    policy.set_trained_experts(trained)
+    if len(names) > 1:
+        log(f"experts: trained {', '.join(trained)}; SDE steps by expert: " + "; ".join(f"{n} {by[n]}" for n in names))
+    return trained
 
 
 def seed_of(*parts: int) -> int:
@@ -144,7 +160,6 @@ def run_schedule(cfg: TrainConfig, policy, strategy, log=print) -> torch.Tensor:
     """The run's schedule (``sampler.schedule``): the family pipeline's own default sigmas, or the static shift
     (``sampler.shift``; with ``sampler.dynamic_shift`` the pipeline's exp(mu) for this image size); checked
     against eta as the config checks its own static schedule."""
-    from ..config import check_sde_steps
     from ..schedule import sigma_schedule
 
     s, T = cfg.sampler, strategy.num_steps
@@ -164,7 +179,7 @@ def run_schedule(cfg: TrainConfig, policy, strategy, log=print) -> torch.Tensor:
         sig = sigma_schedule(T, shift, s.schedule_precision)
     else:
         return sigma_schedule(T, s.static_shift, s.schedule_precision)  # checked by the config
-    check_sde_steps(strategy, sig)
+    check_strategy_schedule(strategy, sig)
     return sig
 
 
