@@ -131,16 +131,17 @@ def is_fsdp(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def shard_module(module: torch.nn.Module, device: torch.device, param_dtype: torch.dtype | None) -> torch.nn.Module:
-    """FSDP2: shard every transformer block, then the root. With ``param_dtype`` (bf16 for Flux on
-    GPU) the fp32 master shards are gathered in that dtype for compute and gradients are reduced in fp32."""
+def shard_module(module: torch.nn.Module, blocks: list[torch.nn.Module], device: torch.device,
+                 param_dtype: torch.dtype | None) -> torch.nn.Module:
+    """FSDP2: shard each of ``blocks`` (the adapter's ``shard_blocks()``), then the root ``module``. With
+    ``param_dtype`` (bf16 for Flux on GPU) the fp32 master shards are gathered in that dtype for compute and
+    gradients are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None
           else MixedPrecisionPolicy())
-    for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):  # Flux/SD3/Qwen-Image, Flux, Wan
-        for block in getattr(module, name, []):
-            fully_shard(block, mp_policy=mp)
+    for block in blocks:
+        fully_shard(block, mp_policy=mp)
     fully_shard(module, mp_policy=mp)
     return module
 

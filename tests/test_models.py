@@ -121,3 +121,26 @@ def test_a_config_without_guidance_gets_its_familys_default(sd3_dir, tmp_path):
     assert (FAMILIES["wan"].defaults.height, FAMILIES["wan"].defaults.width, FAMILIES["wan"].defaults.num_frames) == \
         (480, 832, 81)
     assert FAMILIES["flux"].defaults.guidance_scale == 3.5
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3", "wan", "wan22"])
+def test_the_adapter_names_the_blocks_fsdp_shards(kind, tmp_path):
+    """Each family's adapter says which blocks FSDP2 shards (distributed.py no longer guesses by attribute names):
+    every transformer block of its trained module, each once (both experts' for Wan 2.2)."""
+    from g2rpo.models import load_policy
+    from g2rpo.testing import tiny
+
+    build = {"flux": tiny.tiny_flux_pipeline, "sd3": tiny.tiny_sd3_pipeline, "wan": tiny.tiny_wan_pipeline,
+             "wan22": lambda: tiny.tiny_wan_pipeline(variant="2.2")}[kind]
+    build().save_pretrained(tmp_path / kind)
+    policy = load_policy("wan" if kind.startswith("wan") else kind, tmp_path / kind, torch.float32,
+                         height=16, width=16, **({"num_frames": 5} if kind.startswith("wan") else {}))
+    blocks = policy.shard_blocks()
+    lists = [m for n, m in policy.transformer.named_modules() if isinstance(m, torch.nn.ModuleList)
+             and n.rsplit(".", 1)[-1] in ("transformer_blocks", "single_transformer_blocks", "blocks")]
+    assert len(blocks) == len({id(b) for b in blocks}) == sum(len(m) for m in lists) > 0
+    assert {id(b) for b in blocks} == {id(b) for m in lists for b in m}
+    assert policy.lora_folder_suffix("transformer") == "_lora"
+    if kind == "wan22":  # diffusers loads the low-noise expert's adapter with load_into_transformer_2=True
+        assert policy.expert_names() == ("transformer", "transformer_2")
+        assert policy.lora_folder_suffix("transformer_2") == "_lora_transformer_2"

@@ -266,7 +266,8 @@ def stage_train_step(ctx: Ctx) -> dict:
     _init_single_process_group(ctx)
     velocity, cond, noise = _flux(ctx, depth=(2, 4), fp32_master=True)
     module = velocity.transformer.requires_grad_(True)
-    shard_module(module, ctx.device, param_dtype=torch.bfloat16)
+    shard_module(module, [*module.transformer_blocks, *module.single_transformer_blocks], ctx.device,
+                 param_dtype=torch.bfloat16)
     velocity.compute_dtype = torch.bfloat16
     autocast = lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)  # noqa: E731
     sampler = G2RPOSampler(velocity, max_batch=64 if ctx.tiny else 24, **PAPER)

@@ -123,6 +123,16 @@ class PolicyAdapter(torch.nn.Module):
         """The trained modules holding LoRA adapters, by the pipeline component each is saved for."""
         return {"transformer": self.transformer}
 
+    def lora_folder_suffix(self, component: str) -> str:
+        """The suffix of the folder beside an export that holds ``component``'s LoRA adapter (``<export>_lora``)."""
+        return "_lora"
+
+    def shard_blocks(self) -> list[torch.nn.Module]:
+        """The blocks FSDP2 shards one by one before the root: an MMDiT's double-stream ``transformer_blocks``
+        and, where it has them, its ``single_transformer_blocks`` (Flux, FLUX.2)."""
+        t = self.transformer
+        return [*t.transformer_blocks, *getattr(t, "single_transformer_blocks", [])]
+
     # ---- the schedule's shift ----------------------------------------------------------------------
     @property
     def image_seq_len(self) -> int:

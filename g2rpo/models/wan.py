@@ -236,6 +236,15 @@ class WanPolicy(PolicyAdapter):
             return super().lora_modules()
         return {n: self.experts.expert(n) for n in self.experts.trained}
 
+    def lora_folder_suffix(self, component: str) -> str:
+        """Wan 2.2's ``transformer_2`` adapter goes to ``<export>_lora_transformer_2`` (diffusers loads it with
+        ``pipe.load_lora_weights(..., load_into_transformer_2=True)``)."""
+        return "_lora" if component == "transformer" else f"_lora_{component}"
+
+    def shard_blocks(self) -> list[torch.nn.Module]:
+        """Wan's transformer ``blocks`` (both experts' with Wan 2.2 A14B)."""
+        return list(self.transformer.blocks)
+
     # ---- the velocity --------------------------------------------------------------------------------
     def model_input(self, x: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """What the transformer takes as ``hidden_states`` for latents ``x`` (image-to-video adds its condition)."""

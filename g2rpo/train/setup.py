@@ -75,7 +75,8 @@ def build_policy(cfg: TrainConfig, ctx: DistContext, log=print, prompt_images: d
             raise ConfigError(f"model.attention_backend={cfg.model.attention_backend!r}: {err}") from None
     ref = copy.deepcopy(module).eval().requires_grad_(False) if cfg.loss.kl_beta > 0 and not cfg.lora.enabled else None
     if ctx.enabled:
-        shard_module(module, ctx.device, param_dtype=None if dtype == torch.float32 else dtype)
+        shard_module(module, policy.shard_blocks(), ctx.device,
+                     param_dtype=None if dtype == torch.float32 else dtype)
     params = [p for p in module.parameters() if p.requires_grad]
     return PolicySetup(policy, module, loaded.path, dtype, ref, params)
 
@@ -282,12 +283,9 @@ def export_policy(cfg: TrainConfig, ctx: DistContext, module: torch.nn.Module, e
                 shutil.copytree(rewards, tmp / "rewards")
 
         write(folder, fill_model)
-        for component, adapter in adapters.items():  # Wan 2.2's transformer_2: <folder>_lora_transformer_2,
-            from ..models.registry import family  # loaded with pipe.load_lora_weights(..., load_into_transformer_2=True)
-
-            pipe_cls = family(cfg.model.kind).lora_pipeline_class()
-            suffix = "_lora" if component == "transformer" else f"_lora_{component}"
-            write(folder.with_name(folder.name + suffix), lambda tmp, adapter=adapter: pipe_cls.save_lora_weights(
+        pipe_cls = family(cfg.model.kind).lora_pipeline_class()
+        for component, adapter in adapters.items():
+            write(folder.with_name(folder.name + fresh.lora_folder_suffix(component)), lambda tmp, adapter=adapter: pipe_cls.save_lora_weights(
                 tmp, transformer_lora_layers=adapter[0], transformer_lora_adapter_metadata=adapter[1]))
     ctx.barrier()
     return folder
