@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .models.registry import DEFAULT_FAMILY, FAMILIES
+from .models.registry import DEFAULT_FAMILY, FAMILIES, all_family_options
 from .yaml_numbers import load_yaml
 
 __all__ = ["ConfigError", "ModelConfig", "LoraConfig", "SamplerConfig", "RewardSpec", "LossConfig", "AdvantageConfig",
@@ -41,16 +41,24 @@ class ModelConfig:
     height: int | None = None
     width: int | None = None
     max_sequence_length: int | None = None
-    num_frames: int | None = None  # video families: frames per sample
-    # Wan 2.2 A14B (two experts): the low-noise expert's (transformer_2) guidance; null: guidance_scale, as WanPipeline
-    guidance_scale_2: float | None = None
-    # Wan 2.2 A14B: which experts train: auto (those that own the trained SDE steps), transformer (high noise),
-    # transformer_2 (low noise; also "high" / "low") or both; the others stay frozen
-    train_experts: str = "auto"
-    text_encoder_out_layers: list[int] = field(default_factory=lambda: [10, 20, 30])  # FLUX.2: Mistral-3 layers
+    # the family options (g2rpo.models.registry's FamilyOption rows, e.g. a video family's frames): written flat,
+    # ``model.<option>: value``, kept here by name; read them as attributes (``cfg.model.<option>``: the row's default
+    # when unset)
+    options: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False
     cfg_detach_uncond: bool = False  # CFG families: no gradient through the negative branch (Flow-GRPO's SD3 training)
     attention_backend: str | None = None  # diffusers attention dispatch: native (SDPA) default; flash, _flash_3, ...
+
+    #: the field holding the family options, and their specs (the decoder's hook: flat keys, one dict field)
+    @staticmethod
+    def flat_options() -> tuple[str, dict[str, Any]]:
+        return "options", {name: spec.hint for name, spec in all_family_options().items()}
+
+    def __getattr__(self, name: str) -> Any:  # only called for names that are not fields: the family options
+        spec = all_family_options().get(name)
+        if spec is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return self.__dict__.get("options", {}).get(name, spec.default)
 
 
 @dataclass
@@ -62,9 +70,6 @@ class LoraConfig:
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
         "proj_mlp", "proj_out"])
 
-
-#: model.train_experts values: auto, both, or an expert by component name or noise level.
-TRAIN_EXPERTS = ("auto", "both", "transformer", "transformer_2", "high", "low")
 
 
 @dataclass
@@ -306,9 +311,6 @@ class TrainConfig:
             ("ema_schedule", self.ema_schedule in ("constant", "flow_grpo"),
              f"must be constant or flow_grpo, got {self.ema_schedule!r}"),
             ("model.kind", self.model.kind in FAMILIES, f"must be one of {', '.join(FAMILIES)}"),
-            ("model.num_frames", self.model.num_frames is None or self.model.num_frames >= 1, "must be >= 1"),
-            ("model.train_experts", self.model.train_experts in TRAIN_EXPERTS,
-             f"must be one of {', '.join(TRAIN_EXPERTS)}, got {self.model.train_experts!r}"),
             ("model.height", self.model.height is None or self.model.height >= 1, "must be >= 1"),
             ("model.width", self.model.width is None or self.model.width >= 1, "must be >= 1"),
             ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"),
@@ -319,12 +321,14 @@ class TrainConfig:
              "must be auto, torch, triton, cpp or cuda"),
         ]
         if self.model.kind in FAMILIES:  # a family option set for a family without it is an error, never dropped
-            takes = FAMILIES[self.model.kind].options
-            for key, value in (("num_frames", self.model.num_frames), ("guidance_scale_2", self.model.guidance_scale_2),
-                               ("train_experts", None if self.model.train_experts == "auto" else 1)):
-                if value is not None and key not in takes:
+            fam, specs = FAMILIES[self.model.kind], all_family_options()
+            for key, value in self.model.options.items():
+                if key not in fam.option_names:
                     raise ConfigError(f"model.{key} does not apply to model.kind {self.model.kind!r} (only to "
-                                      f"{', '.join(n for n, f in FAMILIES.items() if key in f.options)})")
+                                      f"{', '.join(n for n, f in FAMILIES.items() if key in f.option_names)})")
+                problem = specs[key].problem(value)
+                if problem:
+                    raise ConfigError(f"model.{key} {problem}")
         if self.model.kind in FAMILIES and s.schedule in (None, "pipeline", "shift"):
             fam = FAMILIES[self.model.kind]
             sched = s.resolved_schedule(fam.name)
@@ -419,13 +423,28 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def _schema(cls: type) -> tuple[dict[str, Any], set[str], str | None]:
+    """``(type hints, keys, flat-options field)`` of a config dataclass: a class with ``flat_options()`` takes
+    the keys it lists flat and keeps them in that one dict field (ModelConfig's family options)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    flat = getattr(cls, "flat_options", None)
+    if flat is None:
+        return hints, names, None
+    field_name, extra = flat()
+    return {**hints, **extra}, (names - {field_name}) | set(extra), field_name
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints, names, flat = _schema(cls)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         raise ConfigError(_unknown_key_message(f"{prefix}." if prefix else "", unknown[0], names))
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    if flat is not None:
+        own = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in kwargs.items() if k in own} | {flat: {k: v for k, v in kwargs.items()
+                                                                       if k not in own}}
     return cls(**kwargs)
 
 
@@ -441,8 +460,7 @@ def _unknown_keys(cls: type, data: Any, prefix: str = "") -> list[str]:
     """Messages for the keys of ``data`` that ``cls`` (a config dataclass) does not have, at any depth."""
     if not isinstance(data, dict):
         return []
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints, names, _ = _schema(cls)
     out = []
     for key, value in data.items():
         if key not in names:
@@ -462,7 +480,10 @@ def _unknown_keys(cls: type, data: Any, prefix: str = "") -> list[str]:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as the nested mapping a YAML file holds (``model``'s family options flat, as written)."""
+    d = dataclasses.asdict(cfg)
+    d["model"].update(d["model"].pop("options"))
+    return d
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

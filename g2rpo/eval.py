@@ -23,10 +23,14 @@ import argparse
 import csv
 import json
 import sys
+import types
+import typing
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .models.registry import FAMILIES, all_family_options
 
 __all__ = ["main", "load_eval_policy", "evaluate"]
 
@@ -74,19 +78,17 @@ def eval_family(model: str | Path):
 
 
 def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: torch.dtype, height: int | None = None,
-                     width: int | None = None, guidance_scale: float | None = None, num_frames: int | None = None,
-                     text_encoder_out_layers: list[int] | None = None, iteration: int | None = None,
-                     guidance_scale_2: float | None = None):
+                     width: int | None = None, guidance_scale: float | None = None, iteration: int | None = None,
+                     **options):
     """``(family, policy)``: the base policy from ``model`` (a local folder or a Hugging Face id), with the
-    transformer of ``checkpoint`` swapped in when given. Unset settings take the family's defaults."""
+    transformer of ``checkpoint`` swapped in when given. Unset settings (None) take the family's defaults;
+    ``options`` are the family's own (:class:`~g2rpo.models.registry.FamilyOption`)."""
     from .hub import resolve_path
     from .models.registry import family_of_folder, load_family
 
     model = resolve_path(model, "--model", diffusers=True)
     fam = family_of_folder(model)
-    policy = load_family(fam.name, model, dtype, height=height, width=width, guidance_scale=guidance_scale,
-                         num_frames=num_frames, text_encoder_out_layers=text_encoder_out_layers,
-                         guidance_scale_2=guidance_scale_2)
+    policy = load_family(fam.name, model, dtype, height=height, width=width, guidance_scale=guidance_scale, **options)
     if checkpoint is not None:
         folder = trained_transformer_folder(checkpoint, iteration)
         try:
@@ -127,6 +129,30 @@ def _summary_md(rows: dict[str, dict[str, tuple[float, float]]], names: list[str
     return "\n".join(lines) + f"\n\n{n} prompts x {samples} samples per policy (mean ± std over images).\n"
 
 
+def _family_flags() -> list:
+    """The family options eval takes a flag for."""
+    return [s for s in all_family_options().values() if s.flag and s.setting]
+
+
+def _option_parser(spec):
+    """argparse's ``type=`` for a family option: a list comma-separated, an int >= its minimum, a float."""
+    base = spec.hint
+    if typing.get_origin(base) in (typing.Union, types.UnionType):  # X | None
+        base = next(a for a in typing.get_args(base) if a is not type(None))
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+
+        def parse_list(text: str):
+            try:
+                return [item(x) for x in text.split(",")]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__}s, got {text!r}") from None
+        return parse_list
+    if base is int and spec.minimum == 1:
+        return _positive(spec.flag)
+    return base
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m g2rpo.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,14 +165,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive("--steps"), default=None, help="default: the family's")
     p.add_argument("--height", type=_positive("--height"), default=None)
     p.add_argument("--width", type=_positive("--width"), default=None)
-    p.add_argument("--num-frames", type=_positive("--num-frames"), default=None, help="video families: frames")
-    p.add_argument("--text-encoder-layers", default=None, help="FLUX.2: Mistral-3 hidden layers, e.g. 10,20,30")
+    for spec in _family_flags():  # the families' own settings (g2rpo.models.registry's FamilyOption rows)
+        p.add_argument(spec.flag, dest=spec.name, type=_option_parser(spec), default=None,
+                       help=f"{', '.join(f.name for f in FAMILIES.values() if spec.name in f.option_names)}: "
+                            f"{spec.help}" + (" (comma-separated)" if typing.get_origin(spec.hint) is list else ""))
     p.add_argument("--shift", type=float, default=None,
                    help="the static shift of linspace(1, 0, T+1); default: the family's schedule (the pipeline's own "
                         "for Flux, SD3, Qwen-Image, FLUX.2; shift 3 for Wan and the lab worlds)")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the family's")
-    p.add_argument("--guidance-scale-2", type=float, default=None,
-                   help="Wan 2.2 A14B: the low-noise expert's guidance (default: --guidance-scale, as WanPipeline)")
     p.add_argument("--rewards", required=True, help="comma-separated reward names, module:callable paths or "
                                                     "entry points")
     p.add_argument("--reward-options", default=None, help="YAML: {reward name: {option: value}}")
@@ -191,10 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             _writable(out)  # before any generation
         prompts = load_prompts(args.prompts)
-        layers = [int(x) for x in args.text_encoder_layers.split(",")] if args.text_encoder_layers else None
         settings = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale,
-                        guidance_scale_2=args.guidance_scale_2,
-                        num_frames=args.num_frames, text_encoder_out_layers=layers)
+                        **{s.name: getattr(args, s.name) for s in _family_flags()})
         images = None
         if eval_family(args.model).prompt_images:  # image-to-video: every image checked before any model loads
             from .prompts import load_prompt_images

@@ -67,12 +67,13 @@ def rollout(pipe, prompts: Sequence[str], strategy: str = "g2rpo", *, num_steps:
             granularities: Sequence[int] | None = None, max_batch: int = 64, seed: int = 0, decode: bool = True,
             height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
             max_sequence_length: int | None = None, shift: float | None = None, images: Sequence | None = None,
-            num_frames: int | None = None, **strategy_options) -> PipelineRollout:
+            **options) -> PipelineRollout:
     """One rollout of ``prompts`` on a diffusers pipeline with any strategy (``g2rpo``, ``g2rpo_no_mgai``,
     ``dance_grpo``, ``flow_grpo``, ``mix_grpo``). Per-prompt generators seeded from ``seed`` make a
     prompt's samples independent of the other prompts in the call. An image-to-video pipeline
     (WanImageToVideoPipeline) takes ``images``: one per prompt, an image path or a ``(path, last image path)``;
-    video pipelines take ``num_frames`` (None: the family's). ``shift`` None samples on the pipeline's own default
+    a family's own settings (:class:`~g2rpo.models.registry.FamilyOption`, e.g. a video pipeline's frames) go to
+    its adapter, every other keyword to the strategy (``window_size``, ``train_fraction``, ...). ``shift`` None samples on the pipeline's own default
     schedule (its scheduler config, as ``pipe(prompt, num_inference_steps=num_steps)``) for Flux, SD3, Qwen-Image
     and FLUX.2 (ValueError if their scheduler was swapped for a non-Euler one), else (Wan, whose pipelines default
     to UniPC) on the static shift 3 of the public GRPO code; a ``shift`` gives the static
@@ -88,18 +89,20 @@ def rollout(pipe, prompts: Sequence[str], strategy: str = "g2rpo", *, num_steps:
     for name, value in (("height", height), ("width", width)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an int >= 1 (or None: the pipeline's own), got {value!r}")
-    if num_frames is not None:
-        from .models.registry import family_of_pipeline
+    from .models.registry import FAMILIES, all_family_options, family_of_pipeline
 
-        if "num_frames" not in family_of_pipeline(pipe).options:
-            raise ValueError(f"num_frames: {type(pipe).__name__} makes images, not videos")
+    fam = family_of_pipeline(pipe)
+    own_settings = {k: v for k, v in options.items() if k in all_family_options() and all_family_options()[k].setting}
+    wrong = [k for k, v in own_settings.items() if v is not None and k not in fam.option_names]
+    if wrong:
+        raise ValueError(f"{wrong[0]}: {type(pipe).__name__} does not take it (only "
+                         f"{', '.join(n for n, f in FAMILIES.items() if wrong[0] in f.option_names)} pipelines do)")
+    strategy_options = {k: v for k, v in options.items() if k not in own_settings}
     policy = policy_for(pipe, height, width, guidance_scale, max_sequence_length,
-                        **({} if num_frames is None else {"num_frames": num_frames}))
+                        **{k: v for k, v in own_settings.items() if v is not None})
     _set_images(pipe, policy, prompts, images)
     device = next(policy.transformer.parameters()).device
-    from .models.registry import family_of_pipeline
-
-    own = shift is None and family_of_pipeline(pipe).defaults.schedule == "pipeline"
+    own = shift is None and fam.defaults.schedule == "pipeline"
     sampler = G2RPOSampler(policy, num_steps=num_steps, shift=3.0 if shift is None else shift,
                            sigmas=policy.pipeline_sigmas(num_steps) if own else None, eta=eta, sde_indices=sde_indices,
                            granularities=granularities, group_size=group_size, max_batch=max_batch, strategy=strategy,

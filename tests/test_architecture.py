@@ -176,3 +176,19 @@ def test_importing_the_config_loads_no_strategy_trainer_model_or_reward():
                                                       "g2rpo.experiments", "diffusers", "transformers", "open_clip"))
                    or m.startswith("g2rpo.models.") and m != "g2rpo.models.registry")
     assert above == [], above
+
+
+def test_each_family_option_is_named_only_in_its_registry_row_and_adapters():
+    """A family option (``model.num_frames``, ...) is spelled only in the registry (its FamilyOption row) and in
+    the adapters of the families that take it; the config, eval, logs and the drop-in API loop over the rows.
+    The first_frame reward has an option of its own named num_frames (the frames it compares)."""
+    from g2rpo.models.registry import FAMILIES, all_family_options
+
+    for name in all_family_options():
+        adapters = {"g2rpo/" + f.adapter.split(":")[0].removeprefix("g2rpo.").replace(".", "/") + ".py"
+                    for f in FAMILIES.values() if name in f.option_names}
+        allowed = {"g2rpo/models/registry.py", *adapters} | ({"g2rpo/rewards/first_frame.py"}
+                                                              if name == "num_frames" else set())
+        pattern = re.compile(rf"\b{name}\b")
+        files = {str(p.relative_to(ROOT)) for p in PKG.rglob("*.py") if pattern.search(p.read_text())}
+        assert files - allowed == set(), (name, sorted(files - allowed))

@@ -149,3 +149,27 @@ def test_cheaper_g2rpo_options_are_not_silently_ignored(overrides, match):
     with pytest.raises(ConfigError, match=match):
         check_config(load_config(None, overrides))
     assert check_config(load_config(None, ["sampler.sde_subset=2", "sampler.auto_granularity_threshold=0.9"]))
+
+
+def test_family_options_are_written_flat_read_as_attributes_and_checked_by_their_row():
+    """``model.num_frames`` (a FamilyOption row of the registry) is decoded into ModelConfig.options, read back as
+    ``cfg.model.num_frames`` (the row's default when unset), written flat again, and checked by its row."""
+    from g2rpo.config import config_to_dict, from_dict
+
+    cfg = load_config(None, {"model": {"kind": "wan", "path": "x", "num_frames": 9}, "rewards": [{"name": "clip"}]})
+    assert cfg.model.options == {"num_frames": 9} and cfg.model.num_frames == 9
+    assert cfg.model.train_experts == "auto" and cfg.model.guidance_scale_2 is None  # the rows' defaults
+    d = config_to_dict(cfg)
+    assert d["model"]["num_frames"] == 9 and "options" not in d["model"]
+    assert from_dict(type(cfg), d) == cfg  # a stored config reads back the same
+    with pytest.raises(ConfigError, match=r"model.num_frames must be >= 1, got 0"):
+        load_config(None, {"model": {"kind": "wan", "path": "x", "num_frames": 0}, "rewards": [{"name": "clip"}]})
+    with pytest.raises(ConfigError, match=r"model.train_experts must be one of auto, both, .*got 'middle'"):
+        load_config(None, {"model": {"kind": "wan", "path": "x", "train_experts": "middle"},
+                           "rewards": [{"name": "clip"}]})
+    with pytest.raises(ConfigError, match=r"model.num_frames does not apply to model.kind 'flux' \(only to wan, "):
+        load_config(None, {"model": {"kind": "flux", "path": "x", "num_frames": 9}, "rewards": [{"name": "clip"}]})
+    with pytest.raises(ConfigError, match=r"model.num_frames: expected an integer, got 'many'"):
+        load_config(None, ["model.kind=wan", "model.num_frames=many"])
+    with pytest.raises(ConfigError, match=r"unknown config key model.options"):
+        load_config(None, {"model": {"options": {"num_frames": 9}}})

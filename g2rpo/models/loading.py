@@ -65,6 +65,5 @@ def load_configured_policy(cfg: ModelConfig, log=print) -> LoadedPolicy:
         raise ValueError(f"model.path must point to a local {fam.title} folder or a Hugging Face id")
     policy = load_family(cfg.kind, path, TORCH_DTYPES[cfg.dtype], height=cfg.height, width=cfg.width,
                          guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length,
-                         num_frames=cfg.num_frames, text_encoder_out_layers=cfg.text_encoder_out_layers,
-                         guidance_scale_2=cfg.guidance_scale_2)
+                         **cfg.options)
     return LoadedPolicy(policy, path)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "FamilyDefaults", "ModelFamily", "family", "family_of_folder",
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "FamilyDefaults", "FamilyOption", "ModelFamily", "all_family_options", "family",
+           "family_of_folder",
            "family_of_pipeline", "import_path", "load_family", "require_files", "settings"]
 
 _DIFFUSERS = ("model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json")
@@ -46,6 +47,44 @@ class FamilyDefaults:
 
 
 @dataclass(frozen=True)
+class FamilyOption:
+    """A ``model.<name>`` key that only some families take: its type, its default, what it means and its checks.
+    The config reads these rows (it names no option itself); the adapter receives the value as a setting."""
+
+    name: str
+    hint: Any  # the type the config decodes, e.g. int | None
+    default: Any  # the config's value when unset (None: the family's own default, FamilyDefaults)
+    help: str
+    minimum: int | None = None
+    choices: tuple[str, ...] = ()
+    flag: str | None = None  # python -m g2rpo.eval's flag for it (a list is written comma-separated); None: none
+    setting: bool = True  # given to the adapter (from_pretrained); False: read by the family's trainer hooks only
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (a decoded one), or None."""
+        if value is None:
+            return None
+        if self.minimum is not None and any(v < self.minimum for v in (value if isinstance(value, list) else [value])):
+            return f"must be >= {self.minimum}, got {value!r}"
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(self.choices)}, got {value!r}"
+        return None
+
+
+_NUM_FRAMES = FamilyOption("num_frames", int | None, None, "frames per sample (null: the family's default)",
+                           minimum=1, flag="--num-frames")
+_GUIDANCE_2 = FamilyOption("guidance_scale_2", float | None, None, "Wan 2.2 A14B: the low-noise expert's "
+                           "(transformer_2) guidance; null: guidance_scale, as WanPipeline", flag="--guidance-scale-2")
+_TRAIN_EXPERTS = FamilyOption("train_experts", str, "auto", "Wan 2.2 A14B: which experts train: auto (those that own "
+                              "the trained SDE steps), transformer (high noise), transformer_2 (low noise; also high / "
+                              "low) or both; the others stay frozen",
+                              choices=("auto", "both", "transformer", "transformer_2", "high", "low"), setting=False)
+_TEXT_LAYERS = FamilyOption("text_encoder_out_layers", list[int], [10, 20, 30], "FLUX.2: the Mistral-3 hidden layers "
+                            "stacked as the text embedding", minimum=0, flag="--text-encoder-layers")
+_WAN_OPTIONS = (_NUM_FRAMES, _GUIDANCE_2, _TRAIN_EXPERTS)
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     name: str
     title: str  # for messages
@@ -54,7 +93,7 @@ class ModelFamily:
     defaults: FamilyDefaults
     pipeline: str | None = None  # "diffusers:Class" of the pipeline (None: not a diffusers pipeline)
     pipeline_names: tuple[str, ...] = ()  # model_index.json _class_name values of this family
-    options: tuple[str, ...] = ()  # ModelConfig fields only this family takes
+    options: tuple[FamilyOption, ...] = ()  # model.<key>s only this family takes
     marker: str | None = None  # a file that identifies a folder of this family (instead of model_index.json)
     path_optional: bool = False  # model.path may be null: default_path builds (or finds) the model
     default_path: str | None = None  # "module:function" (log=...) -> the folder used when model.path is null
@@ -78,6 +117,10 @@ class ModelFamily:
     def pipeline_settings(self) -> bool:
         """Whether height, width, guidance, text length apply (a diffusers pipeline family)."""
         return self.defaults.height is not None
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.options)
 
     def adapter_class(self) -> type:
         return import_path(self.adapter)
@@ -110,7 +153,7 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
     ModelFamily("flux2", "FLUX.2", "g2rpo.models.flux2:Flux2Policy", _DIFFUSERS,
                 FamilyDefaults(1024, 1024, steps=50, eval_steps=50, guidance_scale=4.0, max_sequence_length=512,
                                schedule="pipeline"),
-                "diffusers:Flux2Pipeline", ("Flux2Pipeline",), options=("text_encoder_out_layers",),
+                "diffusers:Flux2Pipeline", ("Flux2Pipeline",), options=(_TEXT_LAYERS,),
                 guidance_note="the embedded guidance (FLUX.2 [dev] is guidance-distilled)"),
     ModelFamily("sd3", "SD3", "g2rpo.models.sd3:SD3Policy",
                 _DIFFUSERS + ("text_encoder_2/config.json", "text_encoder_3/config.json"),
@@ -126,20 +169,25 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
     ModelFamily("wan", "Wan text-to-video", "g2rpo.models.wan:WanPolicy", _DIFFUSERS,
                 FamilyDefaults(480, 832, steps=50, eval_steps=50, guidance_scale=5.0, max_sequence_length=512,
                                num_frames=81),
-                "diffusers:WanPipeline", ("WanPipeline",), options=("num_frames", "guidance_scale_2", "train_experts"),
+                "diffusers:WanPipeline", ("WanPipeline",), options=_WAN_OPTIONS,
                 guidance_note="classifier-free guidance", experts_of_folder="g2rpo.models.wan:experts_of_folder",
                 plan_experts="g2rpo.models.wan:plan_trained_experts"),
     ModelFamily("wan_i2v", "Wan image-to-video", "g2rpo.models.wan_i2v:WanI2VPolicy", _DIFFUSERS,
                 FamilyDefaults(480, 832, steps=50, eval_steps=50, guidance_scale=5.0, max_sequence_length=512,
                                num_frames=81),
                 "diffusers:WanImageToVideoPipeline", ("WanImageToVideoPipeline",),
-                options=("num_frames", "guidance_scale_2", "train_experts"),
+                options=_WAN_OPTIONS,
                 guidance_note="classifier-free guidance", prompt_images=True,
                 experts_of_folder="g2rpo.models.wan:experts_of_folder",
                 plan_experts="g2rpo.models.wan:plan_trained_experts"),
 )}
 #: The family of the embedded default config (the CPU lab world).
 DEFAULT_FAMILY = "lab"
+
+
+def all_family_options() -> dict[str, FamilyOption]:
+    """Every family option by name (one spec per name, shared by the families that take it)."""
+    return {o.name: o for f in FAMILIES.values() for o in f.options}
 
 
 def family(name: str) -> ModelFamily:
@@ -202,7 +250,8 @@ def settings(fam: ModelFamily, **given: Any) -> dict[str, Any]:
             continue
         if key in ("height", "width", "max_sequence_length", "guidance_scale") and not fam.pipeline_settings:
             continue  # the family sets these itself
-        if key in ("num_frames", "text_encoder_out_layers", "guidance_scale_2") and key not in fam.options:
+        spec = all_family_options().get(key)
+        if spec is not None and (key not in fam.option_names or not spec.setting):
             continue
         out[key] = tuple(value) if isinstance(value, list) else value
     return out

@@ -260,7 +260,8 @@ def tiny_qwen_image_pipeline(seed: int = 0):
 
 def tiny_flux2_pipeline(seed: int = 0):
     """A Flux2Pipeline with 1+1 blocks of width 32, a 2x VAE with 4 latent channels (16 patchified) and a
-    3-layer tiny Mistral-3 text encoder (use ``text_encoder_out_layers=(1, 2, 3)``; 32x32 images)."""
+    3-layer tiny Mistral-3 text encoder (its three layers are the text embedding: set the FLUX.2 layers option to
+    (1, 2, 3); 32x32 images)."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 

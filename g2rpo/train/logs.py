@@ -14,8 +14,8 @@ from ..config import TrainConfig, config_to_dict
 
 __all__ = ["RunLog", "draw_labelled_rows", "read_metrics", "human_config", "save_prompt_grid", "save_video_gif"]
 
-#: ModelConfig fields that only a diffusers pipeline family uses.
-_PIPELINE_ONLY = ("guidance_scale", "height", "width", "max_sequence_length", "num_frames", "text_encoder_out_layers")
+#: ModelConfig fields that only a diffusers pipeline family uses (a family's own options are written only when set).
+_PIPELINE_ONLY = ("guidance_scale", "height", "width", "max_sequence_length")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
