@@ -1,8 +1,10 @@
-"""Checkpoints through torch.distributed.checkpoint (DCP).
+r"""Checkpoints through torch.distributed.checkpoint (DCP).
 
 ``OUTPUT/checkpoints/iter_NNNNNN/`` holds the model and optimiser state (sharded under
-FSDP2), the LR scheduler, the EMA weights, the iteration and data position, and one RNG
-file per rank. A checkpoint is written to ``iter_NNNNNN.tmp`` and renamed when complete
+FSDP2) and the EMA weights (DCP), ``trainer_state.pt`` (the trainer's components' ``state_dict``\ s: the
+update's LR schedule and step count, the cost, the granularities; the iteration, data position and config) and
+one RNG file per rank. Both small files hold tensors and plain containers only and are read with
+``weights_only=True`` (:mod:`g2rpo.safeload`): a crafted one is refused, nothing in it runs. A checkpoint is written to ``iter_NNNNNN.tmp`` and renamed when complete
 (with a ``COMPLETE`` marker), so a crash while saving never replaces a good checkpoint
 and ``latest_checkpoint`` only ever returns complete ones.
 """
@@ -21,9 +23,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .distributed import DistContext
+from .safeload import load_torch_file, numpy_array_globals
 
-__all__ = ["CheckpointWriteError", "save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint", "checkpoint_dir",
-           "rng_state", "set_rng_state"]
+__all__ = ["CheckpointWriteError", "save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint",
+           "checkpoint_dir", "read_trainer_state", "rng_state", "set_rng_state"]
 
 MARKER = "COMPLETE"
 
@@ -48,23 +51,31 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's global RNG states (torch, CUDA, numpy, Python)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """This process's global RNG states (torch, CUDA, numpy, Python) as tensors and plain containers."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        n = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)  # a tuple: an RNG file written before the state was stored as tensors
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(ctx: DistContext, output_dir: str | Path, iteration: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, ema: dict[str, torch.Tensor] | None,
-                    extra: dict[str, Any]) -> Path:
-    """Save after ``iteration`` iterations are complete; returns the final folder."""
+                    optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
+                    trainer_state: dict[str, Any]) -> Path:
+    """Save after ``iteration`` iterations are complete; returns the final folder. ``trainer_state`` (tensors and
+    plain containers) is written by the main rank."""
     final = checkpoint_dir(output_dir, iteration)
     tmp = final.with_name(final.name + ".tmp")
     if ctx.is_main:
@@ -82,7 +93,7 @@ def save_checkpoint(ctx: DistContext, output_dir: str | Path, iteration: int, mo
             dcp.save(state, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
         if ctx.is_main:
-            torch.save({"scheduler": scheduler.state_dict(), "iteration": iteration, **extra}, tmp / "trainer_state.pt")
+            torch.save({"iteration": iteration, **trainer_state}, tmp / "trainer_state.pt")
     except Exception as err:  # noqa: BLE001  (a full disk surfaces as "unexpected pos ..." from the writer)
         failed = err
     if ctx.all_reduce_sum(torch.tensor([float(failed is not None)]))[0]:
@@ -116,9 +127,15 @@ def _write_failure(final: Path, err: BaseException | None) -> str:
     return f"writing checkpoint {final.name} failed ({what}){space}; the earlier checkpoints are intact"
 
 
+def read_trainer_state(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.pt`` (UnsafeFileError when it holds more than tensors and containers)."""
+    return load_torch_file(Path(folder) / "trainer_state.pt", "checkpoint trainer state")
+
+
 def load_checkpoint(ctx: DistContext, folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, ema: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-    """Restore everything saved by :func:`save_checkpoint`; returns the trainer state (iteration, ...)."""
+                    ema: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """Restore the weights, optimizer, EMA and RNG saved by :func:`save_checkpoint`; returns the trainer state
+    (the iteration, the components' states) for the caller to hand to its components."""
     folder = Path(folder)
     if not (folder / MARKER).is_file():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {MARKER} marker)")
@@ -130,9 +147,8 @@ def load_checkpoint(ctx: DistContext, folder: str | Path, model: torch.nn.Module
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer_state = torch.load(folder / "trainer_state.pt", weights_only=False)
-    scheduler.load_state_dict(trainer_state["scheduler"])
+    trainer_state = read_trainer_state(folder)
     rng = folder / f"rng_rank{ctx.rank}.pt"
     if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(load_torch_file(rng, "checkpoint RNG state", allow=numpy_array_globals()))
     return trainer_state

@@ -43,14 +43,14 @@ def export_checkpoint(path: str | Path, iteration: int | None = None, out: str |
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+    from .checkpoint import read_trainer_state
     from .config import TrainConfig, from_dict
     from .distributed import DistContext
     from .train.rundir import stored_config
     from .train.setup import EXPORT_MARKER, build_policy, export_policy
 
     run, ckpt = _checkpoint_folder(Path(path), iteration)
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    it = int(state["iteration"])
+    it = int(read_trainer_state(ckpt)["iteration"])
     target = Path(out) if out is not None else run / "exports" / f"iter_{it:06d}"
     marker = target / EXPORT_MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("iteration") == it:

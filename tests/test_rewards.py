@@ -200,6 +200,17 @@ def test_imagereward_loads_official_layout_and_scores(tmp_path):
     torch.save({k: v for k, v in official.items() if "mlp.layers.7" not in k}, tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="missing"):
         make_reward("imagereward", model_dir=str(tmp_path), checkpoint=str(tmp_path / "broken.pt"), vision=vision)
+    # a crafted checkpoint is refused and its payload never runs (issue 31: it ran with weights_only=False)
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    torch.save({**official, "payload": Payload()}, tmp_path / "crafted.pt")
+    with pytest.raises(ValueError, match=r"ImageReward checkpoint .*crafted.pt: refused: .*\(posix.system\)"):
+        make_reward("imagereward", model_dir=str(tmp_path), checkpoint=str(tmp_path / "crafted.pt"), vision=vision)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_unified_reward_parsing():

@@ -272,11 +272,11 @@ def test_cli_friction(lab_world, tmp_path, capsys):
 
 
 def test_outputs_are_honest_and_grids_readable(lab_world, tmp_path, monkeypatch):
-    import g2rpo.train.loop as loop
+    import g2rpo.train.logs as logs
 
     seen = []
-    real = loop.save_prompt_grid
-    monkeypatch.setattr(loop, "save_prompt_grid", lambda path, images, prompts, per: (seen.append(list(prompts)),
+    real = logs.save_prompt_grid
+    monkeypatch.setattr(logs, "save_prompt_grid", lambda path, images, prompts, per: (seen.append(list(prompts)),
                                                                                       real(path, images, prompts, per)))
     run(tiny(lab_world, tmp_path, iterations=2, image_every=1))
     cfg = json.loads((tmp_path / "config.json").read_text())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..safeload import load_torch_file
 from ._images import check_batch, to_pil
 
 __all__ = ["OpenClipScore", "PickScore", "open_clip_model"]
@@ -75,7 +76,7 @@ def load_hps(checkpoint: str, model_name: str = "ViT-H-14", device=None, batch_s
     ckpt = _require(checkpoint, "HPS checkpoint")
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, output_dict=True,
                                                                  image_resize_mode="longest")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_torch_file(ckpt, "HPS checkpoint")  # tensors and containers only: a crafted file runs nothing
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ValueError(f"{ckpt} is not an HPS checkpoint: expected a dict with a 'state_dict' entry")
     model.load_state_dict(state["state_dict"], strict=True)

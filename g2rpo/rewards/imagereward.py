@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..safeload import load_torch_file
 from .clip_models import _BatchedModelReward
 
 __all__ = ["ImageRewardModel", "ImageReward", "convert_official_state_dict", "REWARD_MEAN", "REWARD_STD"]
@@ -140,7 +141,7 @@ def load_imagereward(model_dir: str | None = None, checkpoint: str | None = None
                               layer_norm_eps=med.get("layer_norm_eps", 1e-12), hidden_act=med.get("hidden_act", "gelu"),
                               pad_token_id=med.get("pad_token_id", 0), is_decoder=True)
     model = ImageRewardModel(vision_cfg, text_cfg)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_torch_file(ckpt, "ImageReward checkpoint")  # tensors and containers only: a crafted file runs nothing
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     missing, unexpected = model.load_state_dict(convert_official_state_dict(state), strict=False)

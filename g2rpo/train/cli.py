@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, load_config
+from ..safeload import UnsafeFileError
 from .checks import check_config
 from ..distributed import rollout_mode
 from .loop import Trainer
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(cfg) -> int:
     try:
         trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, UnsafeFileError) as err:  # before training: nothing was written
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

@@ -17,6 +17,7 @@ Ctrl-C to workers that already received it.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -25,7 +26,7 @@ import torch
 
 from ..distributed import DistContext
 
-__all__ = ["Interrupted", "RolloutStopped", "StopRequest", "REPEAT_S"]
+__all__ = ["Interrupted", "RolloutStopped", "StopRequest", "REPEAT_S", "fault_point"]
 
 #: A second signal later than this after the first stops at once.
 REPEAT_S = 2.0
@@ -92,3 +93,17 @@ class StopRequest:
         """Raise :class:`RolloutStopped` when a stop was requested on any rank."""
         if self.agreed() is not None:
             raise RolloutStopped
+
+
+def fault_point(iteration: int, phase: str) -> None:
+    """Fault injection for the kill-and-resume and interrupt tests: ``G2RPO_FAULT=SIG@ITER:PHASE[:RANK]``
+    with SIG kill, int or term (the process signals itself; RANK: only that rank)."""
+    spec = os.environ.get("G2RPO_FAULT")
+    if not spec:
+        return
+    sig, _, where = spec.partition("@")
+    target = where.split(":")
+    if len(target) == 3 and target[2] != os.environ.get("RANK", "0"):
+        return
+    if ":".join(target[:2]) == f"{iteration}:{phase}":
+        os.kill(os.getpid(), {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM}[sig])

@@ -191,3 +191,51 @@ def save_video_gif(path: Path, videos: torch.Tensor, per_row: int, min_px: int =
         frames.append(Image.fromarray(arr[..., 0] if c == 1 else arr))
     path.parent.mkdir(parents=True, exist_ok=True)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+
+
+@torch.no_grad()
+def save_sample_grid(path: Path, policy, engine, prompt_list: list[str], seed: int, ctx, on_saved,
+                     per_prompt: int = 4) -> None:
+    """ODE samples (``engine.sample_ode``) of up to 8 fixed prompts spread over ``prompt_list``, ``per_prompt``
+    each, from noise seeded by ``seed``: the same every time, so drift shows. The main rank writes the labelled
+    grid to ``path`` (videos: also an animated GIF beside it) and calls ``on_saved(path, gif_or_None)``."""
+    prompts = list(dict.fromkeys(prompt_list[:: max(1, len(prompt_list) // 8)]))[:8]
+    rows = [p for p in prompts for _ in range(per_prompt)]
+    g = torch.Generator(device=ctx.device).manual_seed(seed)
+    noise = policy.prepare_latents(len(rows), g, device=ctx.device)
+    latents = engine.sample_ode(noise, policy.encode_prompts(rows))
+    if not ctx.is_main:
+        return
+    images, gif = policy.decode(latents), None
+    if images.ndim == 5:  # videos: an animated GIF, and the first frames as the labelled grid
+        gif = path.with_suffix(".gif")
+        save_video_gif(gif, images, per_prompt)
+        images = images[:, :, 0]
+    save_prompt_grid(path, images, prompts, per_prompt)
+    on_saved(path, gif)
+
+
+class ProgressBar:
+    """tqdm over the iterations (main rank, ``progress: true``), showing the first reward and the first ratio's
+    deviation; a no-op otherwise."""
+
+    def __init__(self, enabled: bool, total: int, initial: int) -> None:
+        self.bar = None
+        if enabled:
+            import sys
+
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="g2rpo", dynamic_ncols=True, file=sys.stdout)
+
+    def update(self, m: dict[str, float]) -> None:
+        if self.bar is None:
+            return
+        main_reward = next(k for k in m if k.startswith("reward/") and k.count("/") == 1)
+        self.bar.set_postfix({main_reward.split("/")[1]: f"{m[main_reward]:.4f}",
+                              "ratio_dev": f"{m['ratio_first_max_dev']:.1e}"})
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,25 +1,24 @@
 """The trainer: one iteration is prompts -> rollout -> score -> advantages -> update -> log -> checkpoint.
 
-Set-up (the policy, optimizer, schedule) lives in :mod:`.setup`, the update (the trained transitions' draw, the
-optimizer steps, the loss) in :mod:`.update`, the granularities (MGAI diagnostics, auto granularity) in
-:mod:`.granularity`, logs in :mod:`.logs`, the run directory (checks, lock, resume rules) in :mod:`.rundir`.
+Set-up (the policy, optimizer, schedule) lives in :mod:`.setup`, the config's checks in :mod:`.checks`, the update
+(the trained transitions' draw, the optimizer steps, the loss) in :mod:`.update`, the granularities (MGAI
+diagnostics, auto granularity) in :mod:`.granularity`, the cost and metrics in :mod:`.metrics`, logs and grids in
+:mod:`.logs`, the run directory (files, lock, resume rules) in :mod:`.rundir`, restoring a checkpoint into the
+stateful components in :mod:`.resume`, signals in :mod:`.interrupts`.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 from ..advantage import batch_std, check_finite_rewards, integrate_advantages, reward_weights
-from ..checkpoint import CheckpointWriteError, complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import CheckpointWriteError, complete_checkpoints, rng_state, save_checkpoint, set_rng_state
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..distributed import DistContext, rollout_mode
 from ..models.loading import TORCH_DTYPES
@@ -30,28 +29,15 @@ from ..rollout import Rollout, RolloutSampler
 from ..rollout.configured import strategy_from_config
 from .checks import check_config
 from .granularity import GranularityController
-from .interrupts import Interrupted, RolloutStopped, StopRequest
-from .logs import RunLog, save_prompt_grid, save_video_gif
-from .metrics import COST_KEYS, REDUCE, advantage_stats, iteration_cost
+from .interrupts import Interrupted, RolloutStopped, StopRequest, fault_point
+from .logs import ProgressBar, RunLog, save_sample_grid
+from .metrics import REDUCE, CostMeter, advantage_stats, reward_metrics
+from .resume import component_states, restore_newest
 from .update import PolicyUpdate, TrainingError
 from .rundir import RunDir, preflight
 from .setup import apply_lr, autocast, build_optimizer, build_policy, export_policy, run_schedule, seed_of
 
 __all__ = ["Trainer", "TrainingError"]
-
-def _fault_point(iteration: int, phase: str) -> None:
-    """Fault injection for the kill-and-resume and interrupt tests: ``G2RPO_FAULT=SIG@ITER:PHASE[:RANK]``
-    with SIG kill, int or term (the process signals itself; RANK: only that rank)."""
-    spec = os.environ.get("G2RPO_FAULT")
-    if not spec:
-        return
-    sig, _, where = spec.partition("@")
-    target = where.split(":")
-    if len(target) == 3 and target[2] != os.environ.get("RANK", "0"):
-        return
-    if ":".join(target[:2]) == f"{iteration}:{phase}":
-        os.kill(os.getpid(), {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM}[sig])
-
 
 class Trainer:
     """Owns the policy, optimiser, sampler and rewards; ``run()`` trains to ``cfg.iterations``."""
@@ -90,8 +76,9 @@ class Trainer:
                                       step_noise_dtype=TORCH_DTYPES[cfg.sampler.step_noise_dtype])
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path, prompt_file=cfg.data.prompts)
         self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)
-        self.cost_totals: dict[str, float] = {}  # cumulative cost metrics (checkpointed: a budget survives --resume)
+        self.meter = CostMeter(cfg.model.gradient_checkpointing)  # the run's cost (a max_cost budget survives --resume)
         self.granularity = GranularityController(cfg, self.sampler, self._weights(), self.log)
+        self.components = {"update": self.update, "cost": self.meter, "granularity": self.granularity}
         self.start_iteration = self._restore(candidates) if cfg.resume else 0
         self.runlog = RunLog(self.out, cfg, self.ctx.is_main, self.start_iteration, self.log)
         self.stop: StopRequest | None = None  # set while run() holds the signal handlers
@@ -106,30 +93,18 @@ class Trainer:
                                 "or restore the folder and --resume)")
 
     def _restore(self, candidates: list[Path]) -> int:
-        """Load the newest loadable checkpoint; a damaged one falls back, with a warning, to the previous."""
-        for ckpt in candidates:
-            try:
-                state = load_checkpoint(self.ctx, ckpt, self.module, self.optimizer, self.scheduler, self.ema)
-            except (Exception, CheckpointException) as err:  # noqa: BLE001  (truncated/missing .distcp, .metadata
-                # or trainer state; DCP's CheckpointException is a BaseException)
-                msg = f"checkpoint {ckpt} is damaged ({type(err).__name__}: {str(err)[:200]}); trying the previous one"
-                warnings.warn(msg, stacklevel=2)
-                self.log(f"warning: {msg}")
-                continue
-            self.update.optimizer_steps_done = int(state.get("optimizer_steps_done", 0))
-            self.cost_totals = dict(state.get("cost_totals", {}))
-            if "auto_granularities" in state:
-                self.granularity.load_state_dict(state["auto_granularities"])
-            written_by = int(state.get("world_size", self.ctx.world))
-            if written_by != self.ctx.world:  # nothing in the update depends on the number of ranks
-                self.log(f"resume: {self.ctx.world} ranks now, {written_by} wrote the checkpoint; the run continues "
-                         "exactly as it would have (prompts, noise and optimizer steps do not depend on the ranks)")
-            if self.changes:
-                apply_lr(self.cfg, self.scheduler)
-                self.log("resume: applied config changes: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in self.changes))
-            self.log(f"resumed from {ckpt} after iteration {int(state['iteration'])}")
-            return int(state["iteration"])
-        raise ConfigError(f"--resume: no checkpoint under {self.out / 'checkpoints'} could be loaded")
+        """The newest loadable checkpoint into the weights and every component (:func:`.resume.restore_newest`)."""
+        ckpt, state = restore_newest(self.ctx, candidates, self.module, self.optimizer, self.ema, self.components,
+                                     self.log)
+        written_by = int(state.get("world_size", self.ctx.world))
+        if written_by != self.ctx.world:  # nothing in the update depends on the number of ranks
+            self.log(f"resume: {self.ctx.world} ranks now, {written_by} wrote the checkpoint; the run continues "
+                     "exactly as it would have (prompts, noise and optimizer steps do not depend on the ranks)")
+        if self.changes:
+            apply_lr(self.cfg, self.scheduler)
+            self.log("resume: applied config changes: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in self.changes))
+        self.log(f"resumed from {ckpt} after iteration {int(state['iteration'])}")
+        return int(state["iteration"])
 
     @property
     def complete(self) -> bool:
@@ -193,31 +168,24 @@ class Trainer:
         positions, prompts = self.local_prompts(iteration)
         cond = self.policy.encode_prompts(prompts)
         noise, gens = self._noise(iteration, positions)
-        _fault_point(iteration, "rollout")
+        fault_point(iteration, "rollout")
         try:
             with rollout_mode(self.module), self.autocast():
                 rollout = self.sampler.rollout(noise, cond, generator=gens, iteration=iteration)
         except ValueError as err:  # a non-finite velocity
             raise TrainingError(f"iteration {iteration + 1}: rollout failed: {err}; prompts {prompts}") from None
         t1 = time.perf_counter()
-        _fault_point(iteration, "score")
+        fault_point(iteration, "score")
         rewards = self.score_rewards(rollout, prompts, iteration)
         t2 = time.perf_counter()
         adv = self.advantages(rewards, rollout)
         if self.stop is not None:  # the last point where the iteration can be abandoned (no weight changed)
             self.stop.check()
-        _fault_point(iteration, "train")
+        fault_point(iteration, "train")
         m = self.train_on(rollout, adv, cond, iteration, prompts)
         t3 = time.perf_counter()
         m.update(self.granularity.diagnostics(rewards, rollout))
-        for name, model, _ in self.rewards:  # a VLM judge's unparseable answers (scored its fallback)
-            fallbacks = getattr(getattr(model, "model", model), "fallbacks", None)
-            if fallbacks is not None:
-                m[f"reward_fallbacks/{name}"] = float(fallbacks)
-        for r, (name, _, _) in enumerate(self.rewards):
-            m[f"reward/{name}"] = float(rewards[r].mean())
-            for j, lam in enumerate(rollout.granularities):
-                m[f"reward/{name}/lambda{lam}"] = float(rewards[r, :, :, j].mean())
+        m.update(reward_metrics(self.rewards, rewards, rollout.granularities))
         m.update({**advantage_stats(adv, self.ctx), "forward_rows": float(rollout.forward_rows),
                   "lr": self.scheduler.get_last_lr()[0], "time_rollout": t1 - t0, "time_reward": t2 - t1,
                   "time_train": t3 - t2, "time_iteration": t3 - t0,
@@ -226,26 +194,16 @@ class Trainer:
                   "cost/transformer_rows_per_row": float(self.policy.transformer_rows_per_row)})
         m = self.ctx.reduce_metrics(m, REDUCE)
         m["iteration"] = iteration + 1
-        self.account(m)
+        self.meter.add(m)
         self.granularity.observe(m, rollout)  # on the reduced metrics: every rank decides alike
         if self.cfg.image_every and (iteration + 1) % self.cfg.image_every == 0:
             self.save_grid(iteration + 1)
         return m
 
-    def account(self, m: dict[str, float]) -> None:
-        """Add the iteration's cost to the run's totals (checkpointed) and log both: ``cost/iteration`` and the
-        cumulative ``cost`` in forward-row equivalents (:func:`.metrics.iteration_cost`), ``cost/total/*`` (rows)
-        and ``time_total/*`` (seconds)."""
-        m["cost/iteration"] = iteration_cost(m, self.cfg.model.gradient_checkpointing)
-        self.cost_totals["cost"] = self.cost_totals.get("cost", 0.0) + m["cost/iteration"]
-        for key, total in COST_KEYS.items():
-            self.cost_totals[total] = self.cost_totals.get(total, 0.0) + m[key]
-        m.update(self.cost_totals)
-
     @property
     def cost(self) -> float:
         """The run's cumulative cost so far (forward-row equivalents)."""
-        return self.cost_totals.get("cost", 0.0)
+        return self.meter.cost
 
     def _weights(self) -> list[float]:
         """The rewards' weights in Eq. 11 (``advantage.normalize_weights``: divided by their sum, MixGRPO's code)."""
@@ -256,35 +214,20 @@ class Trainer:
         return self.update.train(rollout, adv, cond, iteration, prompts, self.sampler.strategy,
                                  self.sampler.plan(iteration))
 
-    @torch.no_grad()
-    def save_grid(self, iteration: int, per_prompt: int = 4) -> None:
-        """ODE samples of fixed prompts (spread over the prompt list) with fixed noise, labelled."""
-        names = self.prompts.prompts
-        prompts = list(dict.fromkeys(names[:: max(1, len(names) // 8)]))[:8]
-        rows = [p for p in prompts for _ in range(per_prompt)]
-        g = torch.Generator(device=self.ctx.device).manual_seed(seed_of(self.cfg.sampler_seed, 7))
-        noise = self.policy.prepare_latents(len(rows), g, device=self.ctx.device)
+    def save_grid(self, iteration: int) -> None:
+        """ODE samples of fixed prompts with fixed noise, labelled (:func:`.logs.save_sample_grid`)."""
         with rollout_mode(self.module), self.autocast():
-            latents = self.sampler.engine.sample_ode(noise, self.policy.encode_prompts(rows))
-        if self.ctx.is_main:
-            images = self.policy.decode(latents)
-            path, gif = self.out / "images" / f"iter_{iteration:06d}.png", None
-            if images.ndim == 5:  # videos: an animated GIF, and the first frames as the labelled grid
-                gif = path.with_suffix(".gif")
-                save_video_gif(gif, images, per_prompt)
-                images = images[:, :, 0]
-            save_prompt_grid(path, images, prompts, per_prompt)
-            self.runlog.images(iteration, path, gif)
+            save_sample_grid(self.out / "images" / f"iter_{iteration:06d}.png", self.policy, self.sampler.engine,
+                             self.prompts.prompts, seed_of(self.cfg.sampler_seed, 7), self.ctx,
+                             lambda path, gif: self.runlog.images(iteration, path, gif))
 
     # ---- checkpoints, export, the loop ----------------------------------------------------
     def checkpoint(self, iteration: int) -> Path:
         self.update.check_finite_params(iteration, "before writing a checkpoint")  # never save a non-finite state
-        extra = {"prompts_consumed": iteration * self.cfg.data.prompts_per_iteration, "config": config_to_dict(self.cfg),
-                 "optimizer_steps_done": self.update.optimizer_steps_done, "world_size": self.ctx.world,
-                 "cost_totals": dict(self.cost_totals), "auto_granularities": self.granularity.state_dict()}
+        state = {"prompts_consumed": iteration * self.cfg.data.prompts_per_iteration, "config": config_to_dict(self.cfg),
+                 "world_size": self.ctx.world, "components": component_states(self.components)}
         try:
-            return save_checkpoint(self.ctx, self.out, iteration, self.module, self.optimizer, self.scheduler,
-                                   self.ema, extra)
+            return save_checkpoint(self.ctx, self.out, iteration, self.module, self.optimizer, self.ema, state)
         except CheckpointWriteError as err:
             raise TrainingError(f"iteration {iteration}: {err}") from None
 
@@ -297,12 +240,8 @@ class Trainer:
 
         SIGINT / SIGTERM stop the run at the next safe point with a checkpoint (:mod:`.interrupts`):
         :class:`~.interrupts.Interrupted` is raised after it is written."""
-        cfg, history, bar = self.cfg, [], None
-        if self.ctx.is_main and cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.iterations, initial=self.start_iteration, desc="g2rpo", dynamic_ncols=True,
-                       file=sys.stdout)
+        cfg, history = self.cfg, []
+        bar = ProgressBar(self.ctx.is_main and cfg.progress, cfg.iterations, self.start_iteration)
         saved = self.start_iteration  # the iterations the newest checkpoint holds
         self.final_iteration = cfg.iterations
         try:
@@ -323,11 +262,7 @@ class Trainer:
                         callback(self, m)
                     history.append(m)
                     self.runlog.write(m)
-                    if bar is not None:
-                        main_reward = next(k for k in m if k.startswith("reward/") and k.count("/") == 1)
-                        bar.set_postfix({main_reward.split("/")[1]: f"{m[main_reward]:.4f}",
-                                         "ratio_dev": f"{m['ratio_first_max_dev']:.1e}"})
-                        bar.update(1)
+                    bar.update(m)
                     done = it + 1
                     signum = stop.agreed()
                     last = done == cfg.iterations or self.budget_spent  # max_cost: stop once the budget is spent
@@ -341,15 +276,13 @@ class Trainer:
                         break
                     if signum is not None:
                         raise Interrupted(done, signum)
-                if bar is not None:
-                    bar.close()
+                bar.close()
                 if cfg.export_final and history:
                     self.export(self.out / "final", self.final_iteration)
         finally:
             self.stop = None
             self.sampler.engine.tick_hook = None
-            if bar is not None:
-                bar.close()
+            bar.close()
             self.runlog.close()
             self.rundir.release()  # the run's writes are done
         return history

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..distributed import DistContext
 
-__all__ = ["COST_KEYS", "REDUCE", "UpdateStats", "advantage_stats", "iteration_cost", "update_metrics"]
+__all__ = ["COST_KEYS", "REDUCE", "CostMeter", "UpdateStats", "advantage_stats", "iteration_cost", "reward_metrics",
+           "update_metrics"]
 
 #: How a metric is reduced over ranks (default: the mean).
 REDUCE = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", "ratio_last_step_max_dev": "max",
@@ -31,6 +33,34 @@ def iteration_cost(m: dict[str, float], gradient_checkpointing: bool) -> float:
     the forward again in the backward). Model-independent: multiply by one row's forward FLOPs for FLOPs."""
     forward = m["cost/rollout_rows"] + m["cost/recompute_rows"] + m["cost/reference_rows"]
     return forward + (4.0 if gradient_checkpointing else 3.0) * m["cost/train_rows"]
+
+
+class CostMeter:
+    """The run's cumulative cost (a checkpointed component: a ``max_cost`` budget survives ``--resume``)."""
+
+    def __init__(self, gradient_checkpointing: bool) -> None:
+        self.gradient_checkpointing = gradient_checkpointing
+        self.totals: dict[str, float] = {}
+
+    @property
+    def cost(self) -> float:
+        """Forward-row equivalents so far."""
+        return self.totals.get("cost", 0.0)
+
+    def add(self, m: dict[str, float]) -> None:
+        """Add an iteration's (reduced) metrics ``m`` and log both into it: ``cost/iteration`` and the cumulative
+        ``cost`` in forward-row equivalents (:func:`iteration_cost`), ``cost/total/*`` (rows), ``time_total/*`` (s)."""
+        m["cost/iteration"] = iteration_cost(m, self.gradient_checkpointing)
+        self.totals["cost"] = self.cost + m["cost/iteration"]
+        for key, total in COST_KEYS.items():
+            self.totals[total] = self.totals.get(total, 0.0) + m[key]
+        m.update(self.totals)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": dict(self.totals)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.totals = {k: float(v) for k, v in state["totals"].items()}
 
 
 @dataclass
@@ -78,3 +108,18 @@ def update_metrics(stats: UpdateStats, kl: bool) -> dict[str, float]:
     return {"ratio_mean": float(r.mean()), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
             "ratio_first_max_dev": stats.first_max_dev, "ratio_last_step_max_dev": stats.step_max_devs[-1],
             "clip_frac": float(torch.cat(stats.clipped).mean()), "loss": stats.loss_sum / stats.loss_count, **common}
+
+
+def reward_metrics(rewards: list[tuple[str, Any, float]], scores: torch.Tensor, granularities) -> dict[str, float]:
+    """Per reward (``[(name, model, weight)]``, scores ``[R, P, K', J, G]``): its mean ``reward/<name>``, its mean
+    at each granularity ``reward/<name>/lambda<l>``, and a VLM judge's unparseable answers so far
+    (``reward_fallbacks/<name>``, scored its fallback)."""
+    m = {}
+    for r, (name, model, _) in enumerate(rewards):
+        fallbacks = getattr(getattr(model, "model", model), "fallbacks", None)
+        if fallbacks is not None:
+            m[f"reward_fallbacks/{name}"] = float(fallbacks)
+        m[f"reward/{name}"] = float(scores[r].mean())
+        for j, lam in enumerate(granularities):
+            m[f"reward/{name}/lambda{lam}"] = float(scores[r, :, :, j].mean())
+    return m

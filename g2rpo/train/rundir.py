@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import read_trainer_state
+from ..safeload import UnsafeFileError
 from ..config import ConfigError, TrainConfig
 
 __all__ = ["RESUMABLE", "OutputLock", "RunDir", "preflight", "resume_base", "resume_changes", "stored_config",
@@ -293,6 +295,8 @@ def stored_config_of(out: Path) -> dict[str, Any]:
     for ckpt in candidates:
         try:
             return stored_config(ckpt)
+        except UnsafeFileError as err:  # crafted: refused, never skipped for an older one
+            raise ConfigError(f"--resume: {err}") from None
         except Exception:  # noqa: BLE001  (a damaged trainer state: try the previous checkpoint)
             continue
     raise ConfigError(f"--resume: no checkpoint under {ckpts} has a readable trainer state")
@@ -300,5 +304,4 @@ def stored_config_of(out: Path) -> dict[str, Any]:
 
 def stored_config(folder: Path) -> dict[str, Any]:
     """The config saved in a checkpoint's trainer state (raises on a damaged file)."""
-    state = torch.load(folder / "trainer_state.pt", weights_only=False)
-    return state["config"]
+    return read_trainer_state(folder)["config"]

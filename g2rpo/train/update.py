@@ -84,6 +84,15 @@ class PolicyUpdate:
         self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
         self.optimizer_steps_done = 0  # over the run (checkpointed): the EMA's schedule reads it
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the update besides the (sharded) weights, optimizer moments and EMA: the
+        optimizer steps done and the LR schedule's position."""
+        return {"optimizer_steps_done": self.optimizer_steps_done, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer_steps_done = int(state["optimizer_steps_done"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
     # ---- checks ----------------------------------------------------------------------------------
     def check_finite_params(self, iteration: int, when: str, prompts: list[str] | None = None) -> None:
         """Stop (on every rank) if any trained parameter is NaN/inf."""
