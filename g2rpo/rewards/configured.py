@@ -12,6 +12,7 @@ from ..hub import reward_options
 from ..models.registry import FAMILIES, family
 from .base import FRAME_REDUCTIONS, FrameAggregated, RewardModel
 from .registry import BUILTIN_REWARDS, make_reward, resolve_reward, takes_prompt_file
+from .remote import RemoteRewardError
 
 __all__ = ["build_rewards", "check_reward_specs", "check_world_rewards", "score_in_chunks"]
 
@@ -60,11 +61,15 @@ def build_rewards(specs: list[RewardSpec], model_cfg: ModelConfig, model_path: P
 def score_in_chunks(rewards: list[tuple[str, RewardModel, float]], decode: Callable[[torch.Tensor], torch.Tensor],
                     latents: torch.Tensor, prompts: list[str], batch: int, device: torch.device) -> torch.Tensor:
     """``[R, N]`` float scores of ``N`` latents (``prompts[n]`` each), decoded and scored ``batch`` at a time so
-    that at most ``batch`` decoded images are held. A served reward's failure propagates (the caller names the
-    iteration)."""
+    that at most ``batch`` decoded images are held. A served reward's failure propagates as a RemoteRewardError
+    naming the reward (the caller names the iteration)."""
     parts: list[list[torch.Tensor]] = [[] for _ in rewards]
     for lo in range(0, latents.shape[0], batch):
         images = decode(latents[lo:lo + batch])
-        for r, (_, model, _) in enumerate(rewards):
-            parts[r].append(model.score(images, prompts[lo:lo + batch]).float().to(device))
+        for r, (name, model, _) in enumerate(rewards):
+            try:
+                scores = model.score(images, prompts[lo:lo + batch])
+            except RemoteRewardError as err:
+                raise RemoteRewardError(f"reward {name}: {err}") from None
+            parts[r].append(scores.float().to(device))
     return torch.stack([torch.cat(p) for p in parts])

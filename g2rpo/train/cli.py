@@ -92,6 +92,13 @@ def _train(cfg) -> int:
     except TrainingError as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 3
+    except RuntimeError as err:  # a collective that timed out: another rank hung or died
+        if not (trainer.ctx.enabled and _is_collective_timeout(err)):
+            raise
+        print(f"training stopped: rank {trainer.ctx.rank}: a collective across the {trainer.ctx.world} ranks got no "
+              f"answer within dist_timeout_s={cfg.dist_timeout_s} s (another rank hung or died: see its log); the "
+              f"last checkpoint is intact, --resume continues ({str(err).splitlines()[0][-160:]})", file=sys.stderr)
+        return 3
     except OSError as err:  # a failed export (disk full, final/ not writable): the checkpoints are intact
         print(f"training stopped: {type(err).__name__}: {err}; the last checkpoint is intact, --resume continues "
               "(and exports again)", file=sys.stderr)
@@ -111,6 +118,15 @@ def _train(cfg) -> int:
                 print(f"  {key:{width}s} base {base_eval[key]:8.4f}  ->  trained {final_eval[key]:8.4f}")
             (trainer.out / "lab_eval.json").write_text(json.dumps({"base": base_eval, "trained": final_eval}, indent=1))
     return 0
+
+
+def _is_collective_timeout(err: BaseException) -> bool:
+    """gloo's "Timed out waiting ... for recv" and NCCL's watchdog / DistBackendError timeouts."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return (isinstance(err, getattr(dist, "DistBackendError", ())) or "Timed out" in text or "timed out" in text
+            or "Watchdog caught collective operation timeout" in text)
 
 
 def _held_out_eval(trainer: Trainer, base: bool = False) -> dict[str, float] | None:
