@@ -183,12 +183,12 @@ def test_two_ranks_with_per_sample_subsets_and_sample_minibatches(lab_world, tmp
     """The mask and the optimizer steps are drawn for the global batch and sliced: 2 FSDP ranks make the
     same forwards (a rank with nothing to train in a unit still runs it) and, with one sample minibatch,
     train exactly as 1 rank does, with 1 sample minibatch or 3."""
-    from test_train import _cli, _flat, _metrics
+    from test_train import _cli, _flat, _metrics, _run_main
 
     extra = {"sampler.strategy": "dance_grpo", "sampler.eta": None, "sampler.train_selection": "per_sample",
              "sampler.train_last_step": False, "sampler.train_fraction": 0.5}
     one, two, three = tmp_path / "one", tmp_path / "two", tmp_path / "three"
-    r1 = _cli(_flat(tiny(lab_world, one, iterations=2, checkpoint_every=0, **extra)))
+    r1 = _run_main(_flat(tiny(lab_world, one, iterations=2, checkpoint_every=0, **extra)))
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = _cli(_flat(tiny(lab_world, two, iterations=2, checkpoint_every=0, **extra)), torchrun=2)
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -201,7 +201,7 @@ def test_two_ranks_with_per_sample_subsets_and_sample_minibatches(lab_world, tmp
     r3 = _cli(_flat(tiny(lab_world, three, iterations=2, checkpoint_every=0, **extra,
                          **{"optim.sample_minibatches": 3})), torchrun=2)
     assert r3.returncode == 0, r3.stderr[-3000:]
-    r4 = _cli(_flat(tiny(lab_world, four, iterations=2, checkpoint_every=0, **extra,
+    r4 = _run_main(_flat(tiny(lab_world, four, iterations=2, checkpoint_every=0, **extra,
                          **{"optim.sample_minibatches": 3})))
     assert r4.returncode == 0, r4.stderr[-3000:]
     for x, y in zip(_metrics(four), _metrics(three)):

@@ -4,7 +4,7 @@ exactly as if nothing had happened."""
 
 import pytest
 
-from test_train import ROOT, _cli, _flat, _metrics, tiny
+from test_train import ROOT, _cli, _flat, _metrics, _run_main, tiny
 
 PRESETS = ["--config", str(ROOT / "configs" / "lab.yaml"), "--config", str(ROOT / "configs" / "methods" /
                                                                             "g2rpo-official.yaml")]
@@ -30,7 +30,7 @@ def test_sigint_mid_update_finishes_the_iteration_and_sigterm_mid_rollout_abando
 
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     opts = dict(iterations=4, checkpoint_every=0, tensorboard=True)
-    ref = _cli(PRESETS + _flat(tiny(lab_world, a, **opts)))
+    ref = _run_main(PRESETS + _flat(tiny(lab_world, a, **opts)))
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     # SIGINT during the second iteration's update: that iteration finishes and is checkpointed
@@ -45,7 +45,7 @@ def test_sigint_mid_update_finishes_the_iteration_and_sigterm_mid_rollout_abando
     assert [m["iteration"] for m in _metrics(c)] == [1]
 
     for out in (b, c):  # the README's resume command: the stored config (presets included) is the base
-        r = _cli([f"output_dir={out}", "--resume"])
+        r = _run_main([f"output_dir={out}", "--resume"])
         assert r.returncode == 0, r.stderr[-3000:]
         _same(_metrics(a), _metrics(out))
     events = EventAccumulator(str(b / "tensorboard"))
@@ -55,11 +55,11 @@ def test_sigint_mid_update_finishes_the_iteration_and_sigterm_mid_rollout_abando
 
 @pytest.mark.slow
 def test_resume_refuses_changes_and_nothing_to_resume(lab_world, tmp_path):
-    r = _cli([f"output_dir={tmp_path / 'typo'}", "--resume"])
+    r = _run_main([f"output_dir={tmp_path / 'typo'}", "--resume"])
     assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "metrics.jsonl").write_text('{"iteration": 1}\n')
-    r = _cli([f"output_dir={tmp_path / 'x'}", "--resume"])
+    r = _run_main([f"output_dir={tmp_path / 'x'}", "--resume"])
     assert r.returncode == 2 and "no complete checkpoint" in r.stderr, r.stderr
     assert (tmp_path / "x" / "metrics.jsonl").read_text() == '{"iteration": 1}\n'  # never truncated
 

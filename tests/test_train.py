@@ -47,6 +47,25 @@ def _cli(args, env_extra=None, torchrun=None):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _run_main(args):
+    """``python -m g2rpo.train ARGS`` in this process, one thread as _cli's subprocess has (a reference run: the
+    interpreter's start-up and imports cost seconds per subprocess)."""
+    import contextlib
+    import io
+    import types
+
+    from g2rpo.train import main
+
+    threads, out, err = torch.get_num_threads(), io.StringIO(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            rc = main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+    return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def _flat(o, prefix=""):
     out = []
     for k, v in o.items():
@@ -107,7 +126,7 @@ def test_kill_mid_iteration_and_resume_reproduces_metrics(lab_world, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     args_a = _flat(tiny(lab_world, a, iterations=4))
     args_b = _flat(tiny(lab_world, b, iterations=4))
-    r = _cli(args_a)
+    r = _run_main(args_a)
     assert r.returncode == 0, r.stderr[-2000:]
     killed = _cli(args_b, {"G2RPO_FAULT": "kill@2:train"})  # dies inside the third iteration
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -128,7 +147,7 @@ def test_kill_mid_iteration_and_resume_reproduces_metrics(lab_world, tmp_path):
 def test_two_ranks_match_one_rank(lab_world, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     cfg = dict(iterations=2, checkpoint_every=0)
-    r1 = _cli(_flat(tiny(lab_world, one, **cfg)))
+    r1 = _run_main(_flat(tiny(lab_world, one, **cfg)))
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = _cli(_flat(tiny(lab_world, two, **cfg)), torchrun=2)
     assert r2.returncode == 0, r2.stderr[-3000:]

@@ -183,7 +183,7 @@ def test_two_ranks_shard_both_experts_and_match_one_rank(wan22_dir, tmp_path, sd
     import json
     from pathlib import Path
 
-    from test_train import _cli
+    from test_train import _cli, _run_main
 
     def run(out, ranks):
         args = ["model.kind=wan", f"model.path={wan22_dir}", "model.dtype=float32", "model.height=16",
@@ -193,7 +193,8 @@ def test_two_ranks_shard_both_experts_and_match_one_rank(wan22_dir, tmp_path, sd
                 "sampler.granularities=[1]", "sampler.group_size=3", "iterations=2", "checkpoint_every=1",
                 "progress=false", "tensorboard=false", f"output_dir={out}", "optim.lr=1e-3"]
         args = [a.replace("sampler.sde_indices=[1, 2]", f"sampler.sde_indices={sde}") for a in args]
-        r = _cli(args, env_extra={"PYTHONPATH": str(Path(__file__).parent)}, torchrun=ranks)
+        r = (_cli(args, env_extra={"PYTHONPATH": str(Path(__file__).parent)}, torchrun=ranks) if ranks
+             else _run_main(args))
         assert r.returncode == 0, r.stderr[-3000:]
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], r.stdout
 
