@@ -139,8 +139,10 @@ def test_training_with_a_remote_reward_equals_in_process_and_survives_the_server
 
 
 @pytest.mark.slow
-def test_malformed_requests_get_4xx_and_the_server_stays_up(user_module):
-    with serving(["--reward", "served_rewards_mod:brightness"], user_module) as (url, proc):
+def test_malformed_requests_get_4xx_the_server_stays_up_and_many_clients_lose_nothing(user_module):
+    """One server (a start-up costs seconds): malformed requests first, then the load of many clients."""
+    with serving(["--reward", "served_rewards_mod:brightness", "--max-batch", "16", "--batch-wait-ms", "10"],
+                 user_module) as (url, proc):
         name = "served_rewards_mod:brightness"
         good = {"format": "raw", "dtype": "float32", "shape": [1, 2, 2], "data": "AAAAAAAAAAAAAAAAAAAAAA=="}
         cases = [(b"{not json", 400), (json.dumps([1, 2]).encode(), 400),
@@ -157,34 +159,35 @@ def test_malformed_requests_get_4xx_and_the_server_stays_up(user_module):
             assert r.json()["detail"]
         r = httpx.post(f"{url}/score", json={"reward": name, "prompts": ["a"], "images": good}, timeout=10)
         assert r.status_code == 200 and r.json()["scores"] == [0.0] and proc.poll() is None
+        _many_clients_lose_nothing_and_get_their_own_answers(url)
 
 
-@pytest.mark.slow
-def test_load_many_concurrent_clients_lose_nothing_and_get_their_own_answers(user_module):
+def _many_clients_lose_nothing_and_get_their_own_answers(url: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from g2rpo.rewards.wire import encode_images
 
     clients, seconds = 8, 4.0
-    with serving(["--reward", "served_rewards_mod:brightness", "--max-batch", "16", "--batch-wait-ms", "10"],
-                 user_module) as (url, _):
-        def client(c: int) -> tuple[int, int]:
-            sent = wrong = 0
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                value = (c * 1000 + sent) / 1e5  # an answer that says whose request it was
-                images = torch.full((2, 1, 4, 4), value)
-                r = httpx.post(f"{url}/score", json={"reward": "served_rewards_mod:brightness", "prompts": ["x", "y"],
-                                                     "images": encode_images(images)}, timeout=30)
-                wrong += int(r.status_code != 200 or r.json()["scores"] != pytest.approx([value, value], abs=1e-7))
-                sent += 1
-            return sent, wrong
+    batches_before = httpx.get(f"{url}/health", timeout=10).json()["batches"].get("served_rewards_mod:brightness", 0)
 
-        with ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(client, range(clients)))
-        health = httpx.get(f"{url}/health", timeout=10).json()
+    def client(c: int) -> tuple[int, int]:
+        sent = wrong = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            value = (c * 1000 + sent) / 1e5  # an answer that says whose request it was
+            images = torch.full((2, 1, 4, 4), value)
+            r = httpx.post(f"{url}/score", json={"reward": "served_rewards_mod:brightness", "prompts": ["x", "y"],
+                                                 "images": encode_images(images)}, timeout=30)
+            wrong += int(r.status_code != 200 or r.json()["scores"] != pytest.approx([value, value], abs=1e-7))
+            sent += 1
+        return sent, wrong
+
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(client, range(clients)))
+    health = httpx.get(f"{url}/health", timeout=10).json()
     assert sum(w for _, w in results) == 0 and all(s > 0 for s, _ in results)
-    assert health["batches"]["served_rewards_mod:brightness"] < sum(s for s, _ in results)  # requests were batched
+    batches = health["batches"]["served_rewards_mod:brightness"] - batches_before
+    assert batches < sum(s for s, _ in results)  # requests were batched
 
 
 @pytest.mark.slow
