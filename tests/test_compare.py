@@ -20,7 +20,7 @@ def test_g2rpo_raises_the_in_domain_reward_above_the_base_model(lab_world, tmp_p
 @pytest.mark.slow
 def test_compare_writes_both_families_equal_lr_tables_curves_and_grids(lab_world, tmp_path):
     s = CompareSettings(methods=("dance_grpo", "g2rpo_no_mgai", "g2rpo"), seeds=2, iterations=2, lr_grid=(1e-4, 3e-4),
-                        eval_every=1, overrides=SMALL, eval_per_class=3, curve_per_class=3, extend_lr=0)
+                        eval_every=2, overrides=SMALL, eval_per_class=2, curve_per_class=2, extend_lr=0)
     res = compare(tmp_path, s, world=lab_world, log=lambda *a: None)
     assert set(res["grid"]) == {"paper", "official"}
     for family in res["grid"].values():
