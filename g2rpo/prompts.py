@@ -54,7 +54,7 @@ def _path_of(spec: str) -> Path:
 
 def _records(path: Path) -> list[tuple[str, object]]:
     """``(where, item)`` for every entry of a structured prompt file (.jsonl, .json, .csv)."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a UTF-8 BOM (Windows editors) is not part of the first prompt
     if path.suffix == ".jsonl":
         out = []
         for i, line in enumerate(text.splitlines()):
@@ -65,7 +65,10 @@ def _records(path: Path) -> list[tuple[str, object]]:
                     raise ValueError(f"{path}:{i + 1}: not JSON ({err.msg})") from None
         return out
     if path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
         if not isinstance(data, list):
             raise ValueError(f"{path}: a .json prompt file must hold a list")
         return [(f"{path}[{i}]", item) for i, item in enumerate(data)]
@@ -87,7 +90,7 @@ def load_prompts(spec: str) -> list[str]:
     if path.suffix in (".jsonl", ".json", ".csv"):
         prompts = [_from_item(item, where) for where, item in _records(path)]
     else:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
@@ -110,9 +113,34 @@ def check_image(path: Path, where: str) -> Path:
     try:
         with Image.open(path) as im:
             im.verify()  # reads the whole file: a truncated or corrupt image fails here, before any model loads
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{where}: image {path} is too large to read safely ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"{where}: unreadable image {path}: {err}") from None
     return path
+
+
+#: PIL modes of more than 8 bits per channel, and the value their full scale reads as
+_HIGH_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def read_image(path: str | Path):
+    """An RGB ``PIL.Image`` as ``diffusers.utils.load_image`` reads a file (what users give ``pipe(image=...)``):
+    its EXIF orientation applied, then converted to RGB; a 16-bit greyscale image is scaled to 8 bits (PIL's own
+    conversion clips it, and a mid-grey 16-bit PNG turns white)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        image = ImageOps.exif_transpose(im)
+        image.load()
+    if image.mode in _HIGH_DEPTH:
+        values = np.asarray(image, dtype=np.float64)
+        if values.max(initial=0) > _HIGH_DEPTH[image.mode] or values.min(initial=0) < 0:
+            raise ValueError(f"{path}: a {image.mode} image with values outside 0..{_HIGH_DEPTH[image.mode]} "
+                             "(not a 16-bit picture); save it as an 8-bit RGB image")
+        image = Image.fromarray(np.round(values * 255.0 / _HIGH_DEPTH[image.mode]).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def image_prompts(entries: Iterable[tuple[str, str, Path, Path | None]]) -> dict[str, ImagePrompt]:

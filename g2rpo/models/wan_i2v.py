@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import torch
 
 from ..hub import dtype_kwarg
+from ..prompts import read_image
 from ._vae import checked_folder
 from .wan import WanPolicy
 
@@ -84,16 +85,14 @@ class WanI2VPolicy(WanPolicy):
 
     @torch.no_grad()
     def _condition(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from PIL import Image
-
         entry = self.prompt_images.get(prompt)
         if entry is None:
             raise KeyError(f"image-to-video: no conditioning image for prompt {prompt!r} (prompt files name one per "
                            "prompt: {\"prompt\": ..., \"image\": ...})")
         pipe = self._pipe
         device = self.text_device(self.vae)
-        image = Image.open(entry.image).convert("RGB")
-        last = Image.open(entry.last_image).convert("RGB") if entry.last_image is not None else None
+        image = read_image(entry.image)  # as diffusers.utils.load_image: EXIF orientation, RGB
+        last = read_image(entry.last_image) if entry.last_image is not None else None
         embeds = None
         if self.uses_image_embeds:
             embeds = pipe.encode_image(image if last is None else [image, last], device).float().unsqueeze(0)

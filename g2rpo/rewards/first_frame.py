@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..prompts import read_image
 from ._images import check_batch, to_pil
 from .clip_models import _BatchedModelReward, open_clip_model
 
@@ -37,13 +38,11 @@ class FirstFrameSimilarity(_BatchedModelReward):
         return torch.cat(out)
 
     def _condition(self, prompt: str) -> torch.Tensor:
-        from PIL import Image
-
         if prompt not in self._cond:
             entry = self.images.get(prompt)
             if entry is None:
                 raise KeyError(f"first_frame: no conditioning image for prompt {prompt!r} in the prompt file")
-            self._cond[prompt] = self._features([Image.open(entry.image).convert("RGB")])[0]
+            self._cond[prompt] = self._features([read_image(entry.image)])[0]
         return self._cond[prompt]
 
     @torch.no_grad()
