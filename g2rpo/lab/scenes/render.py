@@ -56,21 +56,25 @@ def _centroid(mask: np.ndarray, y: int, x: int) -> tuple[float, float]:
 def _place(masks: list[np.ndarray], size: int, rng: random.Random, relation: tuple[str, int] | None,
            tries: int = 400) -> list[tuple[int, int]] | None:
     """Top-left corners for ``masks`` with no shared or 4-adjacent pixels (and the relation of objects 0, 1)."""
+    grown_masks = []  # each mask and its 4-neighbours, padded by one (the pixels no other object may touch)
+    for m in masks:
+        h, w = m.shape
+        g = np.zeros((h + 2, w + 2), dtype=bool)
+        g[1:-1, 1:-1] = m
+        g[:-2, 1:-1] |= m
+        g[2:, 1:-1] |= m
+        g[1:-1, :-2] |= m
+        g[1:-1, 2:] |= m
+        grown_masks.append(g)
     for _ in range(tries):
         occupied = np.zeros((size + 2, size + 2), dtype=bool)  # padded by one: adjacency checks at the border
         corners: list[tuple[int, int]] = []
-        for m in masks:
+        for m, grown in zip(masks, grown_masks):
             h, w = m.shape
             placed = False
             for _ in range(50):
                 y, x = rng.randrange(0, size - h + 1), rng.randrange(0, size - w + 1)
                 region = occupied[y: y + h + 2, x: x + w + 2]
-                grown = np.zeros_like(region)
-                grown[1:-1, 1:-1] = m
-                grown[:-2, 1:-1] |= m
-                grown[2:, 1:-1] |= m
-                grown[1:-1, :-2] |= m
-                grown[1:-1, 2:] |= m
                 if not (region & grown).any():
                     occupied[y + 1: y + h + 1, x + 1: x + w + 1] |= m
                     corners.append((y, x))
