@@ -132,7 +132,12 @@ def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, 
         with rollout_mode(trainer.module), trainer.autocast():
             return spec.evaluate(trainer.policy, world, steps, held_out, size, cache)
 
-    curve = [(0, spec.score(evaluate(16, False, "curve")))]
+    # the base model's curve point: the same world, the same fixed noise and settings for every run of a comparison
+    # (a LoRA run adds B A x with B = 0), so it is evaluated once
+    base_key = ("base_curve", cfg.model.dtype, cfg.lora.enabled, cache.get("curve_per_class"))
+    if base_key not in cache:
+        cache[base_key] = spec.score(evaluate(16, False, "curve"))
+    curve = [(0, cache[base_key])]
     cost_curve = [(0.0, 0.0, curve[0][1])]  # (cumulative cost, cumulative seconds, score)
     times, rows, clips, opt_steps, costs, mgai = [], [], [], [], [], {}
     points = [budget * (k + 1) / cost_points for k in range(cost_points)] if budget is not None else []
