@@ -61,9 +61,18 @@ def reward_weights(weights: Sequence[float], normalize: bool = False) -> list[fl
 
 
 def check_finite_rewards(rewards: torch.Tensor, names: Sequence[str] | None = None, max_report: int = 8) -> None:
-    """Raise a ValueError naming the reward index (and name) and positions of NaN/inf rewards."""
+    """Raise a ValueError naming the reward index (and name) and positions of NaN/inf rewards, or of finite rewards
+    so large (|r| near 3e38) that their mean or spread over a group or the batch overflows (the advantages and the
+    logged means would be NaN or silently zero)."""
     bad = ~torch.isfinite(rewards)
     if not bad.any():
+        for r in range(rewards.shape[0]):
+            x = rewards[r]
+            if not (torch.isfinite(x.mean()) and torch.isfinite(x.std()) and torch.isfinite(x.mean(-1)).all()
+                    and torch.isfinite(x.std(-1)).all()):
+                label = f"reward {r}" + (f" ({names[r]})" if names is not None else "")
+                raise ValueError(f"{label}: scores up to {float(x.abs().max()):.3g} overflow their mean or spread "
+                                 "(scale the reward)")
         return
     for r in range(rewards.shape[0]):
         where = bad[r].nonzero().tolist()

@@ -141,6 +141,11 @@ class RewardSpec:
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
     frames: str = "mean"  # videos: the image reward per frame, reduced by mean | min | max
+    label: str | None = None  # the name of its metrics (reward/<label>); null: its name
+
+    @property
+    def metric_name(self) -> str:
+        return self.label or self.name
 
 
 @dataclass
@@ -317,6 +322,13 @@ class TrainConfig:
              "must be float32, bfloat16 or float16"),
             ("lora.rank", self.lora.rank >= 1, "must be >= 1"),
             ("rewards", len(self.rewards) >= 1, "must name at least one reward model"),
+            ("rewards", len({r.metric_name for r in self.rewards}) == len(self.rewards),
+             "log under reward/<label or name>: two of them would share " + ", ".join(sorted(
+                 f"reward/{n}" for n in {r.metric_name for r in self.rewards}
+                 if [s.metric_name for s in self.rewards].count(n) > 1)) + " (one overwriting the other); give "
+             "each a label: rewards: [{name: remote, label: alignment, ...}, {name: remote, label: realism, ...}]"),
+            ("rewards", all(r.label is None or (r.label.strip() and "/" not in r.label) for r in self.rewards),
+             "labels name metrics: non-empty, without '/'"),
             ("ops_backend", self.ops_backend in ("auto", "torch", "triton", "cpp", "cuda"),
              "must be auto, torch, triton, cpp or cuda"),
         ]

@@ -270,7 +270,7 @@ def test_bf16_compute_keeps_fp32_master_weights(lab_world, tmp_path):
     """model.dtype=bfloat16 computes in bf16 (autocast) but trains fp32 masters: a step of
     lr 1e-5 moves weights that a bf16 copy could not represent."""
     trainer, hist = run(tiny(lab_world, tmp_path, iterations=1, **{"model.dtype": "bfloat16", "optim.lr": 1e-5}))
-    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert all(p.dtype == torch.float32 for p in trainer.setup.params)
     # the policy was loaded in bf16, so the fp32 masters start from the bf16-rounded weights
     base = {k: v.to(torch.bfloat16).float()
             for k, v in load_file(str(lab_world / "transformer" / "diffusion_pytorch_model.safetensors")).items()}

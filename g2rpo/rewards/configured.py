@@ -45,7 +45,8 @@ def check_world_rewards(model: ModelConfig, rewards: list[RewardSpec]) -> None:
 
 def build_rewards(specs: list[RewardSpec], model_cfg: ModelConfig, model_path: Path,
                   prompt_file: str | None = None) -> list[tuple[str, RewardModel, float]]:
-    """``[(name, model, weight)]``; a family's world rewards (the lab's) default to the policy's folder."""
+    """``[(metric name, model, weight)]`` (the label, else the name); a family's world rewards (the lab's)
+    default to the policy's folder."""
     world_rewards = family(model_cfg.kind).world_rewards
     out = []
     for spec in specs:
@@ -54,7 +55,7 @@ def build_rewards(specs: list[RewardSpec], model_cfg: ModelConfig, model_path: P
             options.setdefault("world", str(model_path))
         if prompt_file is not None and takes_prompt_file(spec.name):  # e.g. first_frame: the conditioning images
             options.setdefault("prompt_file", prompt_file)
-        out.append((spec.name, FrameAggregated(make_reward(spec.name, **options), spec.frames), spec.weight))
+        out.append((spec.metric_name, FrameAggregated(make_reward(spec.name, **options), spec.frames), spec.weight))
     return out
 
 

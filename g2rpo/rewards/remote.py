@@ -44,7 +44,11 @@ def _request(method: str, url: str, timeout_s: float, retries: int, backoff_s: f
         try:
             r = (client or httpx).request(method, url, timeout=timeout_s, **kw)
             if r.status_code < 400:
-                return r.json()
+                try:
+                    return r.json()
+                except ValueError:  # a proxy's HTML page, a truncated body
+                    raise RemoteRewardError(f"{url} answered {r.status_code} with a body that is not JSON: "
+                                            f"{r.text[:200]!r}") from None
             detail = r.text[:500]
             if r.status_code < 500:  # the request itself is wrong: retrying cannot help
                 raise RemoteRewardError(f"{url} answered {r.status_code}: {detail}")
@@ -57,8 +61,46 @@ def _request(method: str, url: str, timeout_s: float, retries: int, backoff_s: f
 
 
 def check_health(url: str, timeout_s: float = 10.0) -> dict:
-    """``GET url/health`` (a g2rpo reward server) or ``GET base_url/models`` (an OpenAI-compatible server)."""
-    return _request("GET", url, timeout_s, 0, 0.0)
+    """``GET url/health`` (a g2rpo reward server) or ``GET base_url/models`` (an OpenAI-compatible server): a JSON
+    object, else RemoteRewardError."""
+    reply = _request("GET", url, timeout_s, 0, 0.0)
+    if not isinstance(reply, dict):
+        raise RemoteRewardError(f"{url} answered {type(reply).__name__} JSON, not an object: is it a g2rpo reward "
+                                "server (/health) or an OpenAI-compatible server (/models)?")
+    return reply
+
+
+def check_template(template: str) -> str:
+    """A judge template (``str.format`` text): ``{prompt}`` and nothing else in braces, checked when the reward is
+    built (a literal brace is written doubled: ``{{"score": n}}``). ValueError naming the problem."""
+    import string
+
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"vlm_judge: template: {err} (write a literal brace doubled: {{{{ and }}}})") from None
+    wrong = [name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") for name, spec, conv in fields
+             if name != "prompt" or spec or conv]
+    if wrong:
+        raise ValueError(f"vlm_judge: template: {{{wrong[0]}}} is not a field; the only one is {{prompt}} (write a "
+                         "literal brace doubled: {{\"score\": n}} for {\"score\": n})")
+    if not fields:
+        raise ValueError(f"vlm_judge: template must be one of {sorted(TEMPLATES)} or contain {{prompt}}")
+    return template
+
+
+def _scores_of(reply, url: str, n: int) -> list[float]:
+    """The ``scores`` of a reward server's reply: a list of ``n`` numbers (not booleans, not nested), else
+    RemoteRewardError saying what came instead."""
+    scores = reply.get("scores") if isinstance(reply, dict) else None
+    if not isinstance(scores, list):
+        raise RemoteRewardError(f"{url}: the reply holds no list of scores (got {str(reply)[:200]!r})")
+    bad = [s for s in scores if isinstance(s, bool) or not isinstance(s, (int, float))]
+    if bad:
+        raise RemoteRewardError(f"{url}: every score must be a number, got {bad[0]!r}")
+    if len(scores) != n:
+        raise RemoteRewardError(f"{url}: {len(scores)} scores for {n} images")
+    return [float(s) for s in scores]
 
 
 class RemoteReward:
@@ -78,11 +120,9 @@ class RemoteReward:
 
     def _chunk(self, images: torch.Tensor, prompts: list[str]) -> list[float]:
         body = {"reward": self.reward, "prompts": prompts, "images": encode_images(images, self.format)}
-        scores = _request("POST", f"{self.url}/score", self.timeout_s, self.retries, self.backoff_s, self.client,
-                          json=body)["scores"]
-        if len(scores) != len(prompts):
-            raise RemoteRewardError(f"{self.url}: {len(scores)} scores for {len(prompts)} images")
-        return scores
+        reply = _request("POST", f"{self.url}/score", self.timeout_s, self.retries, self.backoff_s, self.client,
+                         json=body)
+        return _scores_of(reply, f"{self.url}/score", len(prompts))
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -101,9 +141,7 @@ class VLMJudge:
                  fallback_score: float = float("nan"), backoff_s: float = 0.5, api_key: str | None = None) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.base_url, self.model, self.name = base_url.rstrip("/"), model, f"vlm_judge:{model}"
-        self.template = TEMPLATES.get(template, template)
-        if "{prompt}" not in self.template:
-            raise ValueError(f"vlm_judge: template must be one of {sorted(TEMPLATES)} or contain {{prompt}}")
+        self.template = check_template(TEMPLATES.get(template, template))
         self.max_tokens, self.timeout_s, self.retries, self.backoff_s = max_tokens, timeout_s, retries, backoff_s
         self.parse_retries, self.fallback_score = parse_retries, float(fallback_score)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -119,8 +157,16 @@ class VLMJudge:
                 "messages": [{"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": png_data_url(image)}},
                     {"type": "text", "text": self.template.format(prompt=prompt)}]}]}
-        return _request("POST", self.url, self.timeout_s, self.retries, self.backoff_s, self.client, json=body,
-                        headers=self.headers)["choices"][0]["message"]["content"] or ""
+        reply = _request("POST", self.url, self.timeout_s, self.retries, self.backoff_s, self.client, json=body,
+                         headers=self.headers)
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise RemoteRewardError(f"{self.url}: not a chat completion (no choices[0].message.content): "
+                                    f"{str(reply)[:200]!r}") from None
+        if content is not None and not isinstance(content, str):
+            raise RemoteRewardError(f"{self.url}: the answer's content is {type(content).__name__}, not text")
+        return content or ""
 
     def _ask(self, image: torch.Tensor, prompt: str) -> float:
         for _ in range(self.parse_retries + 1):

@@ -31,7 +31,7 @@ from .checks import check_config
 from .granularity import GranularityController
 from .interrupts import Interrupted, RolloutStopped, StopRequest, fault_point
 from .logs import ProgressBar, RunLog, save_sample_grid
-from .metrics import REDUCE, CostMeter, advantage_stats, reward_metrics
+from .metrics import CostMeter, FallbackCounter, advantage_stats, reduce_ops, reward_metrics
 from .resume import component_states, restore_newest
 from .update import PolicyUpdate, TrainingError
 from .rundir import RunDir, preflight
@@ -64,8 +64,7 @@ class Trainer:
         s = build_policy(cfg, self.ctx, self.log, prompt_images=prompt_images)
         self.setup = s
         self.policy, self.module, self.base_path, self.compute_dtype = s.policy, s.module, s.base_path, s.compute_dtype
-        self.params = s.params
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.params)
+        self.optimizer, self.scheduler = build_optimizer(cfg, s.params)
         self.ema = ({n: p.detach().clone().float() for n, p in self.module.named_parameters() if p.requires_grad}
                     if cfg.ema_decay is not None else None)
         strategy = strategy_from_config(cfg.sampler, subset_seed=cfg.sampler_seed)  # M's subset: sampler seed
@@ -78,7 +77,9 @@ class Trainer:
         self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)
         self.meter = CostMeter(cfg.model.gradient_checkpointing)  # the run's cost (a max_cost budget survives --resume)
         self.granularity = GranularityController(cfg, self.sampler, self._weights(), self.log)
-        self.components = {"update": self.update, "cost": self.meter, "granularity": self.granularity}
+        self.fallbacks = FallbackCounter()  # a served judge's unparseable answers over the run
+        self.components = {"update": self.update, "cost": self.meter, "granularity": self.granularity,
+                           "fallbacks": self.fallbacks}
         self.start_iteration = self._restore(candidates) if cfg.resume else 0
         self.runlog = RunLog(self.out, cfg, self.ctx.is_main, self.start_iteration, self.log)
         self.stop: StopRequest | None = None  # set while run() holds the signal handlers
@@ -185,16 +186,17 @@ class Trainer:
         m = self.train_on(rollout, adv, cond, iteration, prompts)
         t3 = time.perf_counter()
         m.update(self.granularity.diagnostics(rewards, rollout))
-        m.update(reward_metrics(self.rewards, rewards, rollout.granularities))
+        m.update(reward_metrics(self.rewards, rewards, rollout.granularities), **self.fallbacks.new(self.rewards))
         m.update({**advantage_stats(adv, self.ctx), "forward_rows": float(rollout.forward_rows),
                   "lr": self.scheduler.get_last_lr()[0], "time_rollout": t1 - t0, "time_reward": t2 - t1,
                   "time_train": t3 - t2, "time_iteration": t3 - t0,
                   "cost/rollout_rows": float(rollout.forward_rows),
                   "cost/recompute_rows": float(m.get("recompute_forward_rows", 0.0)),
                   "cost/transformer_rows_per_row": float(self.policy.transformer_rows_per_row)})
-        m = self.ctx.reduce_metrics(m, REDUCE)
+        m = self.ctx.reduce_metrics(m, reduce_ops(m))
         m["iteration"] = iteration + 1
         self.meter.add(m)
+        self.fallbacks.add(m)
         self.granularity.observe(m, rollout)  # on the reduced metrics: every rank decides alike
         if self.cfg.image_every and (iteration + 1) % self.cfg.image_every == 0:
             self.save_grid(iteration + 1)

@@ -11,7 +11,7 @@ import torch
 from ..distributed import DistContext
 
 __all__ = ["COST_KEYS", "REDUCE", "CostMeter", "UpdateStats", "advantage_stats", "iteration_cost", "reward_metrics",
-           "update_metrics"]
+           "FallbackCounter", "reduce_ops", "update_metrics"]
 
 #: How a metric is reduced over ranks (default: the mean).
 REDUCE = {"ratio_min": "min", "ratio_max": "max", "ratio_first_max_dev": "max", "ratio_last_step_max_dev": "max",
@@ -63,6 +63,45 @@ class CostMeter:
         self.totals = {k: float(v) for k, v in state["totals"].items()}
 
 
+class FallbackCounter:
+    """A served judge's answers without a score (scored its fallback), ``reward_fallbacks/<name>``: counted per
+    iteration on each rank (:meth:`new`), summed over ranks (:func:`reduce_ops`) and over the run (:meth:`add`;
+    checkpointed, so a resumed run goes on counting)."""
+
+    PREFIX = "reward_fallbacks/"
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._seen: dict[str, int] = {}  # this process's counts read so far
+
+    def new(self, rewards: list[tuple[str, Any, float]]) -> dict[str, float]:
+        """This rank's fallbacks since the last call, per reward that counts them."""
+        out = {}
+        for name, model, _ in rewards:
+            count = getattr(getattr(model, "model", model), "fallbacks", None)
+            if count is not None:
+                out[self.PREFIX + name] = float(count - self._seen.get(name, 0))
+                self._seen[name] = int(count)
+        return out
+
+    def add(self, m: dict[str, float]) -> None:
+        """Turn the (rank-summed) new fallbacks in ``m`` into the run's totals."""
+        for key in [k for k in m if k.startswith(self.PREFIX)]:
+            self.totals[key] = self.totals.get(key, 0.0) + m[key]
+            m[key] = self.totals[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": dict(self.totals)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.totals = {k: float(v) for k, v in state["totals"].items()}
+
+
+def reduce_ops(m: dict[str, float]) -> dict[str, str]:
+    """How each metric of ``m`` reduces over ranks: :data:`REDUCE`, and counts (``reward_fallbacks/*``) summed."""
+    return {**REDUCE, **{k: "sum" for k in m if k.startswith(FallbackCounter.PREFIX)}}
+
+
 @dataclass
 class UpdateStats:
     """What the optimizer steps of one iteration measured (reduced to metrics by :func:`update_metrics`)."""
@@ -111,14 +150,10 @@ def update_metrics(stats: UpdateStats, kl: bool) -> dict[str, float]:
 
 
 def reward_metrics(rewards: list[tuple[str, Any, float]], scores: torch.Tensor, granularities) -> dict[str, float]:
-    """Per reward (``[(name, model, weight)]``, scores ``[R, P, K', J, G]``): its mean ``reward/<name>``, its mean
-    at each granularity ``reward/<name>/lambda<l>``, and a VLM judge's unparseable answers so far
-    (``reward_fallbacks/<name>``, scored its fallback)."""
+    """Per reward (``[(name, model, weight)]``, scores ``[R, P, K', J, G]``): its mean ``reward/<name>`` and its
+    mean at each granularity ``reward/<name>/lambda<l>``."""
     m = {}
-    for r, (name, model, _) in enumerate(rewards):
-        fallbacks = getattr(getattr(model, "model", model), "fallbacks", None)
-        if fallbacks is not None:
-            m[f"reward_fallbacks/{name}"] = float(fallbacks)
+    for r, (name, _, _) in enumerate(rewards):
         m[f"reward/{name}"] = float(scores[r].mean())
         for j, lam in enumerate(granularities):
             m[f"reward/{name}/lambda{lam}"] = float(scores[r, :, :, j].mean())
