@@ -77,3 +77,61 @@ def test_an_interrupt_on_one_rank_stops_both_together(lab_world, tmp_path):
     r = _cli([f"output_dir={out}", "--resume"], torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [m["iteration"] for m in _metrics(out)] == [1, 2, 3, 4]
+
+
+def test_a_signal_during_the_final_export_finishes_it_and_stops_with_its_status(lab_world, tmp_path):
+    """SIGTERM while the final export is written: the export completes, the held-out evaluation is skipped and the
+    exit status is 143 (it printed "stopping", then evaluated and exited 0)."""
+    import signal as sig
+
+    from g2rpo.config import load_config
+    from g2rpo.train import Trainer
+    from g2rpo.train.interrupts import Interrupted
+
+    trainer = Trainer(load_config(None, tiny(lab_world, tmp_path, iterations=1, export_final=True)),
+                      log=lambda *a, **k: None)
+    real = trainer.export
+
+    def export_with_a_signal(folder, iteration=None):
+        trainer.stop._handle(sig.SIGTERM, None)  # what the signal handler runs
+        return real(folder, iteration)
+
+    trainer.export = export_with_a_signal
+    with pytest.raises(Interrupted) as err:
+        trainer.run()
+    trainer.close()
+    assert err.value.exit_code == 143 and "export written" in str(err.value)
+    assert (tmp_path / "final" / "transformer" / "config.json").is_file()
+
+
+def test_a_second_signal_exits_with_its_own_status_and_says_what_was_lost(lab_world, tmp_path, monkeypatch, capsys):
+    import signal as sig
+
+    import g2rpo.train.cli as cli
+    from g2rpo.train.interrupts import StopNow, StopRequest
+
+    stop = StopRequest.__new__(StopRequest)
+    stop.signum, stop._first, stop.log = None, 0.0, lambda *a: None
+    stop._handle(sig.SIGTERM, None)
+    stop._first -= 10  # the second signal comes later than REPEAT_S
+    with pytest.raises(StopNow) as err:
+        stop._handle(sig.SIGTERM, None)
+    assert err.value.signum == sig.SIGTERM
+    monkeypatch.setattr(cli, "_train", lambda cfg: (_ for _ in ()).throw(StopNow(sig.SIGTERM)))
+    assert cli.main([f"output_dir={tmp_path}"]) == 143  # two SIGTERMs exited 130
+    assert "no checkpoint was written: every iteration of this run is lost" in capsys.readouterr().err
+
+
+def test_a_half_written_checkpoint_of_a_dead_run_is_removed_naming_it(lab_world, tmp_path):
+    from g2rpo.config import load_config
+    from g2rpo.train import Trainer
+
+    Trainer(load_config(None, tiny(lab_world, tmp_path, iterations=1)), log=lambda *a, **k: None).run()
+    stale = tmp_path / "checkpoints" / "iter_000002.tmp"
+    stale.mkdir()
+    (stale / "__0_0.distcp").write_bytes(b"x" * 1000)  # a node died while saving iteration 2
+    logged = []
+    trainer = Trainer(load_config(None, tiny(lab_world, tmp_path, iterations=2, resume=True)), log=logged.append)
+    assert not stale.exists() and any(f"removed {stale}" in line for line in logged)
+    trainer.run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]

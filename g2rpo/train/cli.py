@@ -10,6 +10,7 @@ CPU lab world (``g2rpo/configs/lab.yaml``).
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import numpy as np
@@ -62,10 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return _train(cfg)
-    except KeyboardInterrupt:  # a second signal, or one before training started: no traceback
-        print(f"interrupted; nothing more was written (the last checkpoint under {cfg.output_dir} is intact)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # a second signal, or one before training started: no traceback
+        from ..checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(cfg.output_dir)
+        kept = (f"the last checkpoint, {last} ({int((last / 'COMPLETE').read_text() or 0)} iterations), is intact; "
+                "the iterations after it are lost" if last is not None else
+                "no checkpoint was written: every iteration of this run is lost")
+        print(f"interrupted; nothing more was written: {kept}", file=sys.stderr)
+        return 128 + getattr(err, "signum", signal.SIGINT)
 
 
 def _train(cfg) -> int:

@@ -26,7 +26,7 @@ import torch
 
 from ..distributed import DistContext
 
-__all__ = ["Interrupted", "RolloutStopped", "StopRequest", "REPEAT_S", "fault_point"]
+__all__ = ["Interrupted", "RolloutStopped", "StopNow", "StopRequest", "REPEAT_S", "fault_point"]
 
 #: A second signal later than this after the first stops at once.
 REPEAT_S = 2.0
@@ -36,13 +36,21 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class Interrupted(Exception):
     """The run stopped on a signal after writing a checkpoint of ``iteration`` completed iterations."""
 
-    def __init__(self, iteration: int, signum: int) -> None:
-        super().__init__(f"interrupted at iteration {iteration}; continue with --resume")
+    def __init__(self, iteration: int, signum: int, message: str | None = None) -> None:
+        super().__init__(message or f"interrupted at iteration {iteration}; continue with --resume")
         self.iteration, self.signum = iteration, signum
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class StopNow(KeyboardInterrupt):
+    """A second signal: stop at once (the exit status is still 128 + that signal's number)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class RolloutStopped(Exception):
@@ -76,7 +84,7 @@ class StopRequest:
             self.log(f"\n{signal.Signals(signum).name}: stopping at the next safe point and writing a checkpoint "
                      f"(signal again to stop at once)")
         elif now - self._first > REPEAT_S:
-            raise KeyboardInterrupt
+            raise StopNow(signum)
 
     def agreed(self) -> int | None:
         """The signal if any rank received one (a collective: every rank calls it at the same points)."""

@@ -56,7 +56,7 @@ class Trainer:
                    "(a sign-only signal); use 4 or more for a graded one")
             warnings.warn(msg, stacklevel=2)
             self.log(f"warning: {msg}")
-        self.rundir = RunDir(cfg, self.ctx)
+        self.rundir = RunDir(cfg, self.ctx, self.log)
         self.out, candidates = self.rundir.out, self.rundir.candidates
         self.changes = self.rundir.resume_changes(cfg) if cfg.resume else []
         self.prompts = PromptSchedule(prompts, cfg.seed, cfg.data.shuffle)
@@ -280,7 +280,11 @@ class Trainer:
                         raise Interrupted(done, signum)
                 bar.close()
                 if cfg.export_final and history:
-                    self.export(self.out / "final", self.final_iteration)
+                    self.export(self.out / "final", self.final_iteration)  # finished, even when a signal came
+                signum = stop.agreed()
+                if signum is not None:  # a signal during the last checkpoint or the export: stop here
+                    raise Interrupted(self.final_iteration, signum, f"interrupted after the last iteration "
+                                      f"({self.final_iteration}), its checkpoint and export written; nothing is left")
         finally:
             self.stop = None
             self.sampler.engine.tick_hook = None

@@ -178,7 +178,7 @@ class RunDir:
     without ``--resume`` or ``overwrite`` (which clears them). ``candidates``: the complete checkpoints to resume
     from, newest first."""
 
-    def __init__(self, cfg: TrainConfig, ctx) -> None:
+    def __init__(self, cfg: TrainConfig, ctx, log=print) -> None:
         from ..checkpoint import complete_checkpoints
 
         self.out, self.ctx = Path(cfg.output_dir), ctx
@@ -191,6 +191,9 @@ class RunDir:
         if float(ctx.all_reduce_sum(torch.tensor([float(err is not None)]))[0]):
             raise err or ConfigError(f"output_dir {self.out} is in use by another run (rank 0 could not lock it)")
         self.lock = lock
+        if ctx.is_main:  # the lock is ours: a temporary left here is a dead run's (a node killed mid-checkpoint)
+            self.remove_stale_temporaries(log)
+        ctx.barrier()
         self._identity = self._stat()
         self.candidates = complete_checkpoints(self.out)
         if not cfg.resume and self.candidates:
@@ -203,6 +206,18 @@ class RunDir:
                 shutil.rmtree(self.out / "checkpoints")
             ctx.barrier()
             self.candidates = []
+
+    def remove_stale_temporaries(self, log=print) -> list[Path]:
+        """Remove the half-written ``checkpoints/iter_N.tmp`` folders of a run that died while saving (gigabytes of
+        partial shards on a real model), naming each; called with the folder's lock held, so no live run is
+        writing them."""
+        import shutil
+
+        stale = sorted((self.out / "checkpoints").glob("iter_*.tmp")) if (self.out / "checkpoints").is_dir() else []
+        for tmp in stale:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log(f"removed {tmp}: a checkpoint a stopped run left half-written")
+        return stale
 
     def _stat(self) -> tuple[int, int] | None:
         try:
