@@ -370,6 +370,9 @@ class TrainConfig:
             ("loss.adv_clip_max", finite(self.loss.adv_clip_max), f"must be finite, got {self.loss.adv_clip_max}"),
             ("loss.kl_beta", finite(self.loss.kl_beta), f"must be finite, got {self.loss.kl_beta}"),
             ("dist_timeout_s", self.dist_timeout_s >= 1, "must be >= 1"),
+            ("output_dir", all(len(part.encode()) <= 255 for part in Path(self.output_dir).parts),
+             "has a folder name over 255 bytes, longer than file systems allow: "
+             f"{next((p for p in Path(self.output_dir).parts if len(p.encode()) > 255), '')[:60]}..."),
         ]
         for key, ok, msg in checks:
             if not ok:
@@ -517,6 +520,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         key = key.replace("-", "_")
         try:
             value = load_yaml(raw) if raw != "" else ""
+        except RecursionError:
+            raise ConfigError(f"override {key}: the value is nested too deeply to be a setting") from None
         except yaml.YAMLError:
             value = raw
         node = out
@@ -559,6 +564,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text ({err})") from None
     try:
         data = load_yaml(text) or {}
+    except RecursionError:
+        raise ConfigError(f"{path}: a value is nested too deeply to be a setting") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: YAML syntax error: {str(err).replace('<unicode string>', str(path))}") from None
     if not isinstance(data, dict):
@@ -601,6 +608,9 @@ def load_config(path: str | Path | list[str | Path] | tuple | None = None,
         if problems:
             raise ConfigError(f"command line: {problems[0]}")
         data = merge_dicts(data, extra)
-    cfg = from_dict(TrainConfig, data)
+    try:
+        cfg = from_dict(TrainConfig, data)
+    except RecursionError:  # a value nested thousands deep (a YAML list of lists of ...)
+        raise ConfigError("a config value is nested too deeply to be a setting (lists of lists of ...)") from None
     cfg.validate()
     return cfg

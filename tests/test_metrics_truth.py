@@ -138,3 +138,33 @@ def test_a_judge_template_is_checked_when_the_reward_is_built():
                               ("no field at all", "contain {prompt}"), ("a { brace {prompt}", "doubled")):
         with pytest.raises(ValueError, match=message):
             VLMJudge("http://127.0.0.1:9", "m", template=template)
+
+
+def test_unwritable_and_absurd_settings_get_one_line(lab_world, tmp_path, monkeypatch, capsys):
+    """A folder name over 255 bytes and a value nested 2000 deep are config errors (exit 2; they were an OSError
+    and a RecursionError traceback); a full disk while the final export's safetensors are written (SafetensorError
+    is not an OSError) stops with exit 3 and says that --resume recovers."""
+    from safetensors import SafetensorError
+
+    from g2rpo.train.cli import main
+    from g2rpo.train.loop import Trainer as LoopTrainer
+
+    assert main([f"output_dir={tmp_path / ('x' * 300)}"]) == 2
+    assert "folder name over 255 bytes" in capsys.readouterr().err
+    assert main(["sampler.sde_indices=" + "[" * 2000 + "]" * 2000]) == 2
+    assert "nested too deeply" in capsys.readouterr().err
+
+    def full_disk(self, folder, iteration=None):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(LoopTrainer, "export", full_disk)
+    args = [f"{k}={v}" for k, v in {"model.path": lab_world, "output_dir": tmp_path / "run", "iterations": 1,
+                                   "progress": "false", "tensorboard": "false", "image_every": 0,
+                                   "sampler.num_steps": 8, "sampler.sde_indices": "[0, 2]",
+                                   "sampler.granularities": "[1, 2]", "sampler.group_size": 3,
+                                   "data.prompts_per_iteration": 4}.items()]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "training stopped: SafetensorError" in err and "--resume continues (and exports again)" in err
+    assert "Traceback" not in err

@@ -105,7 +105,7 @@ def _train(cfg) -> int:
               f"answer within dist_timeout_s={cfg.dist_timeout_s} s (another rank hung or died: see its log); the "
               f"last checkpoint is intact, --resume continues ({str(err).splitlines()[0][-160:]})", file=sys.stderr)
         return 3
-    except OSError as err:  # a failed export (disk full, final/ not writable): the checkpoints are intact
+    except _write_errors() as err:  # a failed export (disk full, final/ not writable): the checkpoints are intact
         print(f"training stopped: {type(err).__name__}: {err}; the last checkpoint is intact, --resume continues "
               "(and exports again)", file=sys.stderr)
         return 3
@@ -124,6 +124,16 @@ def _train(cfg) -> int:
                 print(f"  {key:{width}s} base {base_eval[key]:8.4f}  ->  trained {final_eval[key]:8.4f}")
             (trainer.out / "lab_eval.json").write_text(json.dumps({"base": base_eval, "trained": final_eval}, indent=1))
     return 0
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError, and safetensors' SafetensorError (not an OSError: "No space left on
+    device" while an export's weights are saved)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors comes with diffusers
+        return (OSError,)
+    return (OSError, SafetensorError)
 
 
 def _is_collective_timeout(err: BaseException) -> bool:
