@@ -16,6 +16,7 @@ on it) and counted in ``fallbacks``.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,17 @@ from .wire import encode_images, png_data_url
 __all__ = ["RemoteReward", "RemoteRewardError", "VLMJudge", "check_health", "remote_reward", "vlm_judge"]
 
 TEMPLATES = {"unified_reward": DEFAULT_TEMPLATE}
+
+
+#: The environment variable holding a reward server's token (``serve --token``), sent as a bearer header by
+#: the ``remote`` and ``vlm_judge`` clients when their own ``token`` / ``api_key`` option is not given.
+TOKEN_ENV = "G2RPO_REWARD_TOKEN"
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """``Authorization: Bearer`` for ``token``, else for $G2RPO_REWARD_TOKEN, else none."""
+    token = token or os.environ.get(TOKEN_ENV)
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 class RemoteRewardError(RuntimeError):
@@ -60,10 +72,10 @@ def _request(method: str, url: str, timeout_s: float, retries: int, backoff_s: f
     raise RemoteRewardError(f"{url} failed after {retries + 1} attempts: {last}")
 
 
-def check_health(url: str, timeout_s: float = 10.0) -> dict:
+def check_health(url: str, timeout_s: float = 10.0, token: str | None = None) -> dict:
     """``GET url/health`` (a g2rpo reward server) or ``GET base_url/models`` (an OpenAI-compatible server): a JSON
-    object, else RemoteRewardError."""
-    reply = _request("GET", url, timeout_s, 0, 0.0)
+    object, else RemoteRewardError. ``token``: as the clients send it (:func:`auth_headers`)."""
+    reply = _request("GET", url, timeout_s, 0, 0.0, headers=auth_headers(token))
     if not isinstance(reply, dict):
         raise RemoteRewardError(f"{url} answered {type(reply).__name__} JSON, not an object: is it a g2rpo reward "
                                 "server (/health) or an OpenAI-compatible server (/models)?")
@@ -107,12 +119,13 @@ class RemoteReward:
     """A reward served by ``python -m g2rpo.rewards.serve``."""
 
     def __init__(self, url: str, reward: str, timeout_s: float = 60.0, retries: int = 3, chunk_size: int = 32,
-                 max_in_flight: int = 4, image_format: str = "raw", backoff_s: float = 0.5) -> None:
+                 max_in_flight: int = 4, image_format: str = "raw", backoff_s: float = 0.5,
+                 token: str | None = None) -> None:
         if chunk_size < 1 or max_in_flight < 1 or retries < 0 or timeout_s <= 0:
             raise ValueError("remote: chunk_size and max_in_flight must be >= 1, retries >= 0, timeout_s > 0")
         self.url, self.reward, self.name = url.rstrip("/"), reward, f"remote:{reward}"
         self.timeout_s, self.retries, self.chunk, self.backoff_s = timeout_s, retries, chunk_size, backoff_s
-        self.format = image_format
+        self.format, self.headers = image_format, auth_headers(token)
         self.pool = ThreadPoolExecutor(max_workers=max_in_flight)
         import httpx
 
@@ -121,7 +134,7 @@ class RemoteReward:
     def _chunk(self, images: torch.Tensor, prompts: list[str]) -> list[float]:
         body = {"reward": self.reward, "prompts": prompts, "images": encode_images(images, self.format)}
         reply = _request("POST", f"{self.url}/score", self.timeout_s, self.retries, self.backoff_s, self.client,
-                         json=body)
+                         json=body, headers=self.headers)
         return _scores_of(reply, f"{self.url}/score", len(prompts))
 
     @torch.no_grad()
@@ -144,7 +157,7 @@ class VLMJudge:
         self.template = check_template(TEMPLATES.get(template, template))
         self.max_tokens, self.timeout_s, self.retries, self.backoff_s = max_tokens, timeout_s, retries, backoff_s
         self.parse_retries, self.fallback_score = parse_retries, float(fallback_score)
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers = auth_headers(api_key)
         self.pool = ThreadPoolExecutor(max_workers=max_in_flight)
         import httpx
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +33,13 @@ import torch
 from fastapi import FastAPI, HTTPException, Request  # the serve extra: pip install g2rpo[serve]
 from fastapi.responses import JSONResponse
 
-__all__ = ["build_app", "main"]
+from .remote import TOKEN_ENV
+from .wire import Limits
+
+__all__ = ["LOOPBACK", "TOKEN_ENV", "build_app", "main"]
+
+#: Hosts that serve this machine only (no token needed).
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class Batcher:
@@ -76,10 +84,23 @@ class Batcher:
             prompts = [p for g in group for p in g[1]]
             try:
                 scores = await loop.run_in_executor(self.executor, self._score, images, prompts)
-            except Exception as err:  # noqa: BLE001  (answered to every caller of this batch)
-                for _, _, fut in group:
-                    if not fut.done():
-                        fut.set_exception(err)
+            except Exception as err:  # noqa: BLE001
+                if len(group) == 1:
+                    if not group[0][2].done():
+                        group[0][2].set_exception(err)
+                    continue
+                # one request can fail a batch (an unknown prompt, an odd image): each alone, so that only the
+                # bad ones fail and the other clients get their scores
+                for imgs, prm, fut in group:
+                    try:
+                        alone = await loop.run_in_executor(self.executor, self._score, imgs, prm)
+                    except Exception as one:  # noqa: BLE001
+                        if not fut.done():
+                            fut.set_exception(one)
+                    else:
+                        self.batches += 1
+                        if not fut.done():
+                            fut.set_result(alone)
                 continue
             self.batches += 1
             lo = 0
@@ -96,24 +117,53 @@ class Batcher:
 
 
 def build_app(rewards: dict[str, Any], judges: dict[str, Any] | None = None, max_batch: int = 64,
-              batch_wait_ms: float = 5.0):
+              batch_wait_ms: float = 5.0, limits: Limits | None = None, token: str | None = None):
     """The FastAPI app serving ``rewards`` (name -> reward model) and ``judges`` (name -> UnifiedReward-like judge
-    with ``model``, ``processor``)."""
+    with ``model``, ``processor``). Every request is held to ``limits`` before anything is decoded; with
+    ``token``, every request must carry ``Authorization: Bearer <token>`` (401 otherwise)."""
+    import hmac
+
     from .wire import WireError, decode_images
+
+    limits = limits or Limits()
 
     judges = judges or {}
     executor = ThreadPoolExecutor(max_workers=max(1, len(rewards) + len(judges)))
     batchers = {name: Batcher(model, max_batch, batch_wait_ms / 1000.0, executor) for name, model in rewards.items()}
     judge_lock = asyncio.Lock()
-    app = FastAPI(title="g2rpo reward server")
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        workers = [asyncio.create_task(b.run()) for b in batchers.values()]
+        yield
+        for w in workers:
+            w.cancel()
 
-    @app.on_event("startup")
-    async def _start() -> None:
-        app.state.workers = [asyncio.create_task(b.run()) for b in batchers.values()]
+    app = FastAPI(title="g2rpo reward server", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def _authorise(request: Request, call_next):
+        if token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return JSONResponse({"detail": "a bearer token is required (Authorization: Bearer <token>; the "
+                                               "clients send their token option or G2RPO_REWARD_TOKEN)"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
     async def _json(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise HTTPException(413, f"the body is {int(declared)} bytes, over the server's limit of "
+                                     f"{limits.max_body_bytes} (--max-body-mb)")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a body without a length is read only up to the limit
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise HTTPException(413, f"the body is over the server's limit of {limits.max_body_bytes} bytes "
+                                         "(--max-body-mb)")
+            chunks.append(chunk)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise HTTPException(400, f"the body is not JSON: {err}") from None
         if not isinstance(body, dict):
@@ -138,8 +188,11 @@ def build_app(rewards: dict[str, Any], judges: dict[str, Any] | None = None, max
         prompts = body.get("prompts")
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise HTTPException(422, "prompts must be a list of strings")
+        if len(prompts) > limits.max_images:
+            raise HTTPException(422, f"{len(prompts)} prompts, over the server's limit of {limits.max_images} "
+                                     "images per request (--max-images)")
         try:
-            images = decode_images(body.get("images"))
+            images = decode_images(body.get("images"), limits)
         except WireError as err:
             raise HTTPException(422, str(err)) from None
         if images.shape[0] != len(prompts):
@@ -156,13 +209,16 @@ def build_app(rewards: dict[str, Any], judges: dict[str, Any] | None = None, max
         name = body.get("model")
         if name not in judges:
             raise HTTPException(404, f"model {name!r} is not served here; judges: {sorted(judges)}")
+        max_tokens = body.get("max_tokens", 256)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise HTTPException(422, f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        if max_tokens > limits.max_tokens:
+            raise HTTPException(422, f"max_tokens {max_tokens} is over the server's limit of {limits.max_tokens} "
+                                     "(--max-tokens)")
         try:
-            messages, images = _chat_inputs(body.get("messages"))
+            messages, images = _chat_inputs(body.get("messages"), limits)
         except (ValueError, WireError) as err:
             raise HTTPException(422, str(err)) from None
-        max_tokens = body.get("max_tokens", 256)
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise HTTPException(422, f"max_tokens must be an int >= 1, got {max_tokens!r}")
         judge = judges[name]
         async with judge_lock:  # one conversation at a time on the judge
             try:
@@ -177,12 +233,10 @@ def build_app(rewards: dict[str, Any], judges: dict[str, Any] | None = None, max
     return app
 
 
-def _chat_inputs(messages: Any) -> tuple[list[dict], list]:
-    """OpenAI chat messages -> the processor's messages (images as placeholders, in order) and the PIL images."""
-    import base64
-    import io
-
-    from PIL import Image
+def _chat_inputs(messages: Any, limits: Limits) -> tuple[list[dict], list]:
+    """OpenAI chat messages -> the processor's messages (images as placeholders, in order) and the PIL images
+    (each image's size read from its header and held to ``limits`` before it is decoded)."""
+    from .wire import decode_png
 
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
@@ -205,12 +259,9 @@ def _chat_inputs(messages: Any) -> tuple[list[dict], list]:
                 url = (part.get("image_url") or {}).get("url", "")
                 if not isinstance(url, str) or not url.startswith("data:image/") or ";base64," not in url:
                     raise ValueError(f"messages[{i}].content[{j}]: image_url must be a base64 data URL")
-                try:
-                    img = Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1], validate=True)))
-                    img.load()
-                except Exception as err:  # noqa: BLE001
-                    raise ValueError(f"messages[{i}].content[{j}]: not an image ({err})") from None
-                images.append(img.convert("RGB"))
+                images.append(decode_png(url.split(";base64,", 1)[1], limits,
+                                         f"messages[{i}].content[{j}]").convert("RGB"))
+                limits.check_images(len(images), 0, 0, "messages")
                 parts.append({"type": "image"})
             else:
                 raise ValueError(f"messages[{i}].content[{j}] must be a text or image_url part")
@@ -241,7 +292,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    d = Limits()
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="request body size limit")
+    p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="pixels per image (read from its header)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="a judge's longest answer")
+    p.add_argument("--token", default=None, help=f"require Authorization: Bearer TOKEN on every request (default: "
+                                                 f"${TOKEN_ENV}, if set)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a --host other than loopback without a token (anyone who reaches the port can use it)")
     args = p.parse_args(argv)
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if args.host not in LOOPBACK and token is None and not args.insecure:
+        p.error(f"--host {args.host} serves beyond this machine: give --token (or set {TOKEN_ENV}) so that only "
+                "your clients score, or say --insecure")
+    if min(args.max_body_mb, args.max_images, args.max_pixels, args.max_tokens) <= 0:
+        p.error("--max-body-mb, --max-images, --max-pixels and --max-tokens must be > 0")
+    limits = Limits(int(args.max_body_mb * 2**20), args.max_images, args.max_pixels, args.max_tokens)
     if not args.reward and not args.judge:
         p.error("give at least one --reward or --judge")
     if len(args.options) > len(args.reward):
@@ -277,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, json.JSONDecodeError) as err:
         print(f"serve: {err}", file=sys.stderr)
         return 2
-    app = build_app(rewards, judges, args.max_batch, args.batch_wait_ms)
+    app = build_app(rewards, judges, args.max_batch, args.batch_wait_ms, limits, token)
     print(f"serving rewards {sorted(rewards)} and judges {sorted(judges)} on http://{args.host}:{args.port}",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -5,15 +5,58 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["decode_images", "encode_images", "png_data_url", "WireError"]
+__all__ = ["Limits", "LimitError", "decode_images", "decode_png", "encode_images", "png_data_url", "WireError"]
 
 
 class WireError(ValueError):
     """A malformed image payload (named, never a crash)."""
+
+
+class LimitError(WireError):
+    """A request over one of the server's :class:`Limits` (refused before anything is decoded)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a reward server; each checked before anything is decoded, each raisable
+    (``python -m g2rpo.rewards.serve --max-body-mb ...``)."""
+
+    max_body_bytes: int = 64 * 2**20
+    max_images: int = 256  # per request
+    max_pixels: int = 4096 * 4096  # per image
+    max_tokens: int = 1024  # a judge's answer
+
+    def check_images(self, n: int, height: int, width: int, where: str = "images") -> None:
+        if n > self.max_images:
+            raise LimitError(f"{where}: {n} images, over the server's limit of {self.max_images} per request "
+                             "(--max-images)")
+        if height * width > self.max_pixels:  # Python ints: no overflow
+            raise LimitError(f"{where}: {height}x{width} pixels per image, over the server's limit of "
+                             f"{self.max_pixels} (--max-pixels)")
+
+
+def decode_png(b64: object, limits: Limits, where: str):
+    """One base64 PNG (or any PIL image file) as a loaded ``PIL.Image``: its size read from the header and checked
+    against ``limits`` before the pixels are decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+    except Image.DecompressionBombError as err:
+        raise LimitError(f"{where}: {err}") from None
+    except (ValueError, TypeError, UnidentifiedImageError, OSError) as err:
+        raise WireError(f"{where} is not a base64 PNG: {err}") from None
+    limits.check_images(1, img.height, img.width, where)
+    try:
+        img.load()
+    except (ValueError, OSError) as err:
+        raise WireError(f"{where} is not a readable image: {err}") from None
+    return img
 
 
 def encode_images(images: torch.Tensor, fmt: str = "raw") -> dict:
@@ -37,8 +80,10 @@ def encode_images(images: torch.Tensor, fmt: str = "raw") -> dict:
     raise ValueError(f"format must be raw or png, got {fmt!r}")
 
 
-def decode_images(payload: object) -> torch.Tensor:
-    """The tensor an :func:`encode_images` payload holds; WireError names what is wrong."""
+def decode_images(payload: object, limits: Limits | None = None) -> torch.Tensor:
+    """The tensor an :func:`encode_images` payload holds; WireError names what is wrong, LimitError a payload over
+    ``limits`` (checked on its shape or PNG headers, before decoding)."""
+    limits = limits or Limits()
     if not isinstance(payload, dict):
         raise WireError("images must be an object with format, data (and shape, dtype for raw)")
     fmt = payload.get("format")
@@ -46,8 +91,12 @@ def decode_images(payload: object) -> torch.Tensor:
         shape, dtype = payload.get("shape"), payload.get("dtype", "float32")
         if dtype not in ("float32", "uint8"):
             raise WireError(f"images.dtype must be float32 or uint8, got {dtype!r}")
-        if not (isinstance(shape, list) and len(shape) in (3, 4) and all(isinstance(s, int) and s > 0 for s in shape)):
+        if not (isinstance(shape, list) and len(shape) in (3, 4)
+                and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
             raise WireError(f"images.shape must be [N, C, H, W] or [N, H, W] of positive ints, got {shape!r}")
+        if len(shape) == 4 and shape[1] not in (1, 3):
+            raise WireError(f"images.shape: {shape[1]} channels; images have 1 or 3")
+        limits.check_images(shape[0], shape[-2], shape[-1])
         try:
             raw = base64.b64decode(payload.get("data", ""), validate=True)
         except (ValueError, TypeError) as err:
@@ -59,18 +108,13 @@ def decode_images(payload: object) -> torch.Tensor:
         arr = torch.from_numpy(np.frombuffer(raw, dtype=np_dtype).reshape(shape).copy())
         return arr.float() / 255.0 if dtype == "uint8" else arr
     if fmt == "png":
-        from PIL import Image, UnidentifiedImageError
-
         files = payload.get("data")
         if not isinstance(files, list) or not files:
             raise WireError("images.data must be a non-empty list of base64 PNG files")
+        limits.check_images(len(files), 0, 0)
         out = []
         for i, f in enumerate(files):
-            try:
-                img = Image.open(io.BytesIO(base64.b64decode(f, validate=True)))
-                img.load()
-            except (ValueError, TypeError, UnidentifiedImageError, OSError) as err:
-                raise WireError(f"images.data[{i}] is not a base64 PNG: {err}") from None
+            img = decode_png(f, limits, f"images.data[{i}]")
             arr = torch.from_numpy(np.asarray(img.convert("L" if payload.get("channels") == 1 else "RGB")).copy())
             out.append(arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1))
         if len({tuple(o.shape) for o in out}) != 1:

@@ -120,14 +120,14 @@ def check_served_rewards(rewards) -> None:
         try:
             if spec.name == "remote":
                 url = str(o.get("url", "")).rstrip("/")
-                health = check_health(f"{url}/health", float(o.get("timeout_s", 10.0)))
+                health = check_health(f"{url}/health", float(o.get("timeout_s", 10.0)), o.get("token"))
                 if o.get("reward") not in health.get("rewards", []):
                     raise ConfigError(f"rewards[{i}] (remote): {url} serves {health.get('rewards')}, not "
                                       f"{o.get('reward')!r}")
             elif spec.name == "vlm_judge":
                 url = str(o.get("base_url", "")).rstrip("/")
-                served = [m.get("id") for m in check_health(f"{url}/models", float(o.get("timeout_s", 10.0)))
-                          .get("data", [])]
+                served = [m.get("id") for m in check_health(f"{url}/models", float(o.get("timeout_s", 10.0)),
+                                                             o.get("api_key")).get("data", [])]
                 if o.get("model") not in served:
                     raise ConfigError(f"rewards[{i}] (vlm_judge): {url} serves models {served}, not {o.get('model')!r}")
         except RemoteRewardError as err:
