@@ -71,7 +71,6 @@ class LoraConfig:
         "proj_mlp", "proj_out"])
 
 
-
 @dataclass
 class SamplerConfig:
     strategy: str = "g2rpo"  # g2rpo | g2rpo_no_mgai | dance_grpo | flow_grpo | mix_grpo
@@ -134,6 +133,7 @@ class SamplerConfig:
 
 #: The dtypes noise may be drawn in (sampler.noise_dtype, sampler.step_noise_dtype).
 NOISE_DTYPES = ("float32", "bfloat16", "float16")
+
 
 @dataclass
 class RewardSpec:
