@@ -573,6 +573,18 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _family_alias(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``model.family`` (the registry's word for a model family) read as ``model.kind`` (the config's key)."""
+    model = data.get("model")
+    if not isinstance(model, dict) or "family" not in model:
+        return data
+    if "kind" in model and model["kind"] != model["family"]:
+        raise ConfigError(f"{where}: model.family ({model['family']!r}) and model.kind ({model['kind']!r}) name the "
+                          "same setting (the model family): give one")
+    model = {("kind" if k == "family" else k): v for k, v in model.items()}
+    return {**data, "model": model}
+
+
 def load_config(path: str | Path | list[str | Path] | tuple | None = None,
                 overrides: list[str] | dict[str, Any] | None = None, log=None,
                 base: dict[str, Any] | None = None) -> TrainConfig:
@@ -585,7 +597,7 @@ def load_config(path: str | Path | list[str | Path] | tuple | None = None,
     embedded default as the starting point. An unknown key is named with the file that holds it.
     """
     paths = [] if path is None else ([Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)])
-    files = [(p, read_config_file(p)) for p in paths]
+    files = [(p, _family_alias(read_config_file(p), str(p))) for p in paths]
     for p, d in files:
         problems = _unknown_keys(TrainConfig, d)
         if problems:
@@ -603,7 +615,7 @@ def load_config(path: str | Path | list[str | Path] | tuple | None = None,
     for _, d in files:
         data = merge_dicts(data, d)
     if overrides:
-        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        extra = _family_alias(parse_overrides(overrides) if isinstance(overrides, list) else overrides, "command line")
         problems = _unknown_keys(TrainConfig, extra)
         if problems:
             raise ConfigError(f"command line: {problems[0]}")

@@ -173,3 +173,15 @@ def test_family_options_are_written_flat_read_as_attributes_and_checked_by_their
         load_config(None, ["model.kind=wan", "model.num_frames=many"])
     with pytest.raises(ConfigError, match=r"unknown config key model.options"):
         load_config(None, {"model": {"options": {"num_frames": 9}}})
+
+
+def test_model_family_is_read_as_model_kind(tmp_path):
+    """The registry calls it a family, the config's key is model.kind: model.family is the same setting, in files
+    and overrides; both, disagreeing, is an error naming them."""
+    cfg = load_config(None, ["model.family=wan", "model.path=x", "rewards=[{name: clip}]"])
+    assert cfg.model.kind == "wan"
+    (tmp_path / "m.yaml").write_text("model: {family: flux, path: x}\nrewards: [{name: clip}]\n")
+    assert load_config(tmp_path / "m.yaml").model.kind == "flux"
+    assert load_config(tmp_path / "m.yaml", ["model.family=sd3"]).model.kind == "sd3"  # an override wins
+    with pytest.raises(ConfigError, match=r"model.family \('wan'\) and model.kind \('flux'\) name the same setting"):
+        load_config(None, {"model": {"family": "wan", "kind": "flux"}})
