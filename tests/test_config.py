@@ -185,3 +185,15 @@ def test_model_family_is_read_as_model_kind(tmp_path):
     assert load_config(tmp_path / "m.yaml", ["model.family=sd3"]).model.kind == "sd3"  # an override wins
     with pytest.raises(ConfigError, match=r"model.family \('wan'\) and model.kind \('flux'\) name the same setting"):
         load_config(None, {"model": {"family": "wan", "kind": "flux"}})
+
+
+def test_only_true_and_false_are_booleans(tmp_path):
+    """YAML 1.2's core schema: output_dir=off (or on, yes, no) is the text written, in files and overrides alike; a
+    boolean key still takes true / false."""
+    for word in ("off", "on", "yes", "no"):
+        assert load_config(None, [f"output_dir={word}"]).output_dir == word
+    (tmp_path / "c.yaml").write_text("output_dir: off\ntensorboard: false\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.output_dir == "off" and cfg.tensorboard is False
+    with pytest.raises(ConfigError, match="tensorboard: expected true/false, got 'no'"):
+        load_config(None, ["tensorboard=no"])
