@@ -21,6 +21,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _shared_block(x_ptr, v_ptr, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """This program's column block: its index, offsets, mask and the shared x / v rows on it (row 0: read once)."""
+    blk = tl.program_id(0)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x_shared = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    v_shared = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
+    return blk, offs, mask, x_shared, v_shared
+
+
+@triton.jit
 def _row_mean(x_ptr, v_ptr, a_ptr, b_ptr, x_shared, v_shared, r, offs, mask, x_stride, v_stride, ACC: tl.constexpr):
     """``a_r * x_r + b_r * v_r`` on one column block; a shared x/v block is passed in, not re-read."""
     x = x_shared
@@ -35,11 +46,7 @@ def _row_mean(x_ptr, v_ptr, a_ptr, b_ptr, x_shared, v_shared, r, offs, mask, x_s
 @triton.jit
 def _sde_step_kernel(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, s_ptr, part_ptr, B, N, x_stride, v_stride,
                      n_blocks, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    blk = tl.program_id(0)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    x_shared = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    v_shared = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
+    blk, offs, mask, x_shared, v_shared = _shared_block(x_ptr, v_ptr, N, BLOCK, ACC)
     for r in range(0, B):
         mean = _row_mean(x_ptr, v_ptr, a_ptr, b_ptr, x_shared, v_shared, r, offs, mask, x_stride, v_stride, ACC)
         z = tl.load(z_ptr + r * N + offs, mask=mask, other=0.0).to(ACC)
@@ -52,11 +59,7 @@ def _sde_step_kernel(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, s_ptr, part_ptr
 @triton.jit
 def _residual_sums_kernel(x_ptr, v_ptr, xn_ptr, a_ptr, b_ptr, part_ptr, B, N, x_stride, v_stride, n_blocks,
                           BLOCK: tl.constexpr, ACC: tl.constexpr):
-    blk = tl.program_id(0)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    x_shared = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    v_shared = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
+    blk, offs, mask, x_shared, v_shared = _shared_block(x_ptr, v_ptr, N, BLOCK, ACC)
     for r in range(0, B):
         mean = _row_mean(x_ptr, v_ptr, a_ptr, b_ptr, x_shared, v_shared, r, offs, mask, x_stride, v_stride, ACC)
         xn = tl.load(xn_ptr + r * N + offs, mask=mask, other=0.0).to(ACC)
@@ -67,11 +70,7 @@ def _residual_sums_kernel(x_ptr, v_ptr, xn_ptr, a_ptr, b_ptr, part_ptr, B, N, x_
 @triton.jit
 def _residual_sums_bwd_kernel(x_ptr, v_ptr, xn_ptr, a_ptr, b_ptr, g_ptr, gv_ptr, B, N, x_stride, v_stride,
                               BLOCK: tl.constexpr, ACC: tl.constexpr):
-    blk = tl.program_id(0)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    x_shared = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    v_shared = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
+    blk, offs, mask, x_shared, v_shared = _shared_block(x_ptr, v_ptr, N, BLOCK, ACC)
     acc = tl.zeros((BLOCK,), dtype=ACC)
     for r in range(0, B):
         mean = _row_mean(x_ptr, v_ptr, a_ptr, b_ptr, x_shared, v_shared, r, offs, mask, x_stride, v_stride, ACC)
