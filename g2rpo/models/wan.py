@@ -79,7 +79,6 @@ def plan_trained_experts(cfg, names: tuple[str, ...], expert_of_sigma) -> tuple[
     return trained, {n: [e for e in steps if owner[e] == n] for n in names}
 
 
-
 def experts_of_folder(folder) -> tuple[tuple[str, ...], Callable[[float, bool], str]] | None:
     """From a diffusers Wan folder's files alone (before any model loads): ``(EXPERTS, route(sigma,
     integer_timesteps))`` when it holds two experts split at ``boundary_ratio x num_train_timesteps``, else None."""

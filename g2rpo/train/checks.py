@@ -13,12 +13,13 @@ from ..schedule import sigma_schedule
 __all__ = ["check_config"]
 
 
-def check_config(cfg: TrainConfig) -> Strategy:
-    """ConfigError naming the key of the first problem; else the strategy the run will use. The pipeline and the
-    dynamic-shift schedules are checked at set-up, on the loaded model's sigmas."""
+def check_config(cfg: TrainConfig, subset_seed: int | None = None) -> Strategy:
+    """ConfigError naming the key of the first problem; else the strategy the run will use (``subset_seed``: as
+    :func:`~g2rpo.rollout.configured.strategy_from_config`). The pipeline and the dynamic-shift schedules are checked
+    at set-up, on the loaded model's sigmas."""
     cfg.validate()
     s = cfg.sampler
-    strategy = strategy_from_config(s)
+    strategy = strategy_from_config(s, subset_seed)
     if s.resolved_schedule(cfg.model.kind) == "shift" and not s.dynamic_shift:
         check_strategy_schedule(strategy, sigma_schedule(strategy.num_steps, s.static_shift, s.schedule_precision))
     check_reward_specs(cfg.rewards)

@@ -26,7 +26,6 @@ from ..rewards.configured import build_rewards, score_in_chunks
 from ..rewards.remote import RemoteRewardError
 from ..prompts import PromptSchedule
 from ..rollout import Rollout, RolloutSampler
-from ..rollout.configured import strategy_from_config
 from .checks import check_config
 from .granularity import GranularityController
 from .interrupts import Interrupted, RolloutStopped, StopRequest, fault_point
@@ -46,7 +45,8 @@ class Trainer:
         self.cfg = cfg
         self.ctx = DistContext.init(timeout_s=cfg.dist_timeout_s)
         self.log = log if self.ctx.is_main else (lambda *a, **k: None)
-        check_config(cfg)  # a config built in Python, not by load_config + check_config, is checked here too
+        # a config built in Python, not by load_config + check_config, is checked here too; M's subset: sampler seed
+        strategy = check_config(cfg, subset_seed=cfg.sampler_seed)
         if cfg.data.prompts_per_iteration % self.ctx.world:
             raise ConfigError(f"data.prompts_per_iteration ({cfg.data.prompts_per_iteration}) must be divisible "
                               f"by the number of ranks ({self.ctx.world})")
@@ -67,7 +67,6 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(cfg, s.params)
         self.ema = ({n: p.detach().clone().float() for n, p in self.module.named_parameters() if p.requires_grad}
                     if cfg.ema_decay is not None else None)
-        strategy = strategy_from_config(cfg.sampler, subset_seed=cfg.sampler_seed)  # M's subset: sampler seed
         self.sampler = RolloutSampler(self.policy, max_batch=cfg.sampler.max_batch, strategy=strategy,
                                       sigmas=run_schedule(cfg, self.policy, strategy, self.log),
                                       quantize_timesteps=cfg.sampler.quantize_timesteps, ops_backend=cfg.ops_backend,

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ..checkpoint import read_trainer_state
-from ..safeload import UnsafeFileError
 from ..config import ConfigError, TrainConfig
+from ..safeload import UnsafeFileError
 
 __all__ = ["RESUMABLE", "OutputLock", "RunDir", "preflight", "resume_base", "resume_changes", "stored_config",
            "stored_config_of"]
@@ -160,7 +160,6 @@ class OutputLock:
 
     def __del__(self) -> None:
         self.release()
-
 
     def holds(self) -> bool:
         """Whether the lock file on disk is still the one this run locked (not deleted or replaced)."""

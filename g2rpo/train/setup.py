@@ -26,7 +26,8 @@ from ..models.registry import family, import_path
 from ..rollout.configured import check_strategy_schedule
 
 __all__ = ["EXPORT_MARKER", "PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast",
-           "reference_policy", "resolve_trained_experts", "run_schedule", "update_ema", "ema_decay_at", "export_is_current", "export_policy", "seed_of"]
+           "reference_policy", "resolve_trained_experts", "run_schedule", "update_ema", "ema_decay_at",
+           "export_is_current", "export_policy", "seed_of"]
 
 
 @dataclass
