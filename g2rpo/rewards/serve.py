@@ -188,10 +188,8 @@ def build_app(rewards: dict[str, Any], judges: dict[str, Any] | None = None, max
         prompts = body.get("prompts")
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise HTTPException(422, "prompts must be a list of strings")
-        if len(prompts) > limits.max_images:
-            raise HTTPException(422, f"{len(prompts)} prompts, over the server's limit of {limits.max_images} "
-                                     "images per request (--max-images)")
         try:
+            limits.check_count(len(prompts), "prompts", "prompts")  # one image per prompt
             images = decode_images(body.get("images"), limits)
         except WireError as err:
             raise HTTPException(422, str(err)) from None
@@ -261,7 +259,7 @@ def _chat_inputs(messages: Any, limits: Limits) -> tuple[list[dict], list]:
                     raise ValueError(f"messages[{i}].content[{j}]: image_url must be a base64 data URL")
                 images.append(decode_png(url.split(";base64,", 1)[1], limits,
                                          f"messages[{i}].content[{j}]").convert("RGB"))
-                limits.check_images(len(images), 0, 0, "messages")
+                limits.check_count(len(images), "messages")
                 parts.append({"type": "image"})
             else:
                 raise ValueError(f"messages[{i}].content[{j}] must be a text or image_url part")

@@ -31,11 +31,15 @@ class Limits:
     max_pixels: int = 4096 * 4096  # per image
     max_tokens: int = 1024  # a judge's answer
 
-    def check_images(self, n: int, height: int, width: int, where: str = "images") -> None:
+    def check_count(self, n: int, where: str = "images", noun: str = "images") -> None:
+        """LimitError when a request holds more than ``max_images`` images (or prompts, one per image)."""
         if n > self.max_images:
-            raise LimitError(f"{where}: {n} images, over the server's limit of {self.max_images} per request "
+            raise LimitError(f"{where}: {n} {noun}, over the server's limit of {self.max_images} per request "
                              "(--max-images)")
-        if height * width > self.max_pixels:  # Python ints: no overflow
+
+    def check_pixels(self, height: int, width: int, where: str = "images") -> None:
+        """LimitError when one image has more than ``max_pixels`` pixels (Python ints: no overflow)."""
+        if height * width > self.max_pixels:
             raise LimitError(f"{where}: {height}x{width} pixels per image, over the server's limit of "
                              f"{self.max_pixels} (--max-pixels)")
 
@@ -51,7 +55,7 @@ def decode_png(b64: object, limits: Limits, where: str):
         raise LimitError(f"{where}: {err}") from None
     except (ValueError, TypeError, UnidentifiedImageError, OSError) as err:
         raise WireError(f"{where} is not a base64 PNG: {err}") from None
-    limits.check_images(1, img.height, img.width, where)
+    limits.check_pixels(img.height, img.width, where)
     try:
         img.load()
     except (ValueError, OSError) as err:
@@ -96,7 +100,8 @@ def decode_images(payload: object, limits: Limits | None = None) -> torch.Tensor
             raise WireError(f"images.shape must be [N, C, H, W] or [N, H, W] of positive ints, got {shape!r}")
         if len(shape) == 4 and shape[1] not in (1, 3):
             raise WireError(f"images.shape: {shape[1]} channels; images have 1 or 3")
-        limits.check_images(shape[0], shape[-2], shape[-1])
+        limits.check_count(shape[0])
+        limits.check_pixels(shape[-2], shape[-1])
         try:
             raw = base64.b64decode(payload.get("data", ""), validate=True)
         except (ValueError, TypeError) as err:
@@ -111,7 +116,7 @@ def decode_images(payload: object, limits: Limits | None = None) -> torch.Tensor
         files = payload.get("data")
         if not isinstance(files, list) or not files:
             raise WireError("images.data must be a non-empty list of base64 PNG files")
-        limits.check_images(len(files), 0, 0)
+        limits.check_count(len(files))
         out = []
         for i, f in enumerate(files):
             img = decode_png(f, limits, f"images.data[{i}]")
