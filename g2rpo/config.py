@@ -21,8 +21,9 @@ import yaml
 from .models.registry import DEFAULT_FAMILY, FAMILIES, all_family_options
 from .yaml_numbers import load_yaml
 
-__all__ = ["ConfigError", "ModelConfig", "LoraConfig", "SamplerConfig", "RewardSpec", "LossConfig", "AdvantageConfig",
-           "OptimConfig", "DataConfig", "TrainConfig", "load_config", "parse_overrides", "config_to_dict"]
+__all__ = ["ConfigError", "ModelConfig", "LoraConfig", "SamplerConfig", "RewardSpec", "EvalConfig", "LossConfig",
+           "AdvantageConfig", "OptimConfig", "DataConfig", "TrainConfig", "load_config", "parse_overrides",
+           "config_to_dict"]
 
 
 class ConfigError(ValueError):
@@ -208,6 +209,43 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation during training (``g2rpo.train.validation``): ODE samples of held-out prompts on fixed noise,
+    scored by their own rewards, at iteration 0 (the base model) and every ``every`` iterations."""
+
+    every: int = 0  # iterations between evaluations; 0: off
+    prompts: str | None = None  # held-out prompts; null: the family's held-out set (the lab worlds'), else required
+    samples: int = 2  # images per prompt (>= 2 for the diversity metric)
+    steps: int | None = None  # ODE steps; null: the family's evaluation default
+    seed: int = 0  # the noise: the same at every evaluation
+    max_prompts: int | None = None  # the first N prompts of the file
+    rewards: list[RewardSpec] = field(default_factory=list)  # empty: the family's judges (lab), else the training's
+    grid_prompts: int = 4  # prompts shown in the eval grid (the same noise every time)
+    keep_best: str | None = None  # eval/<reward>: export the best evaluation so far to output_dir/best
+    hacking_patience: int = 3  # evaluations in a row with the training reward up and an eval reward down -> warn
+
+    def problems(self) -> list[tuple[str, bool, str]]:
+        """The section's own checks (:meth:`TrainConfig.validate` runs them)."""
+        labels = [r.metric_name for r in self.rewards]
+        return [
+            ("eval.every", self.every >= 0, "must be >= 0 (0: off)"),
+            ("eval.samples", self.samples >= 1, "must be >= 1"),
+            ("eval.steps", self.steps is None or self.steps >= 1, "must be >= 1 or null"),
+            ("eval.seed", self.seed >= 0, f"must be >= 0, got {self.seed}"),
+            ("eval.max_prompts", self.max_prompts is None or self.max_prompts >= 1, "must be >= 1 or null"),
+            ("eval.grid_prompts", self.grid_prompts >= 0, "must be >= 0"),
+            ("eval.hacking_patience", self.hacking_patience >= 1, "must be >= 1"),
+            ("eval.rewards", len(set(labels)) == len(labels),
+             "log under eval/<label or name>: two of them would share a name; give each a label"),
+            ("eval.keep_best", self.keep_best is None or (self.keep_best.startswith("eval/")
+                                                          and len(self.keep_best) > 5),
+             f"names an evaluation metric, eval/<reward> (e.g. eval/clip), got {self.keep_best!r}"),
+            ("eval.keep_best", self.keep_best is None or self.every > 0,
+             "needs evaluations: set eval.every > 0"),
+        ]
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -217,6 +255,7 @@ class TrainConfig:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     iterations: int = 300  # an upper bound when max_cost is set
     # stop once the run's cumulative cost (forward-row equivalents: forward rows + 3 x rows through forward and
     # backward, 4 x with gradient checkpointing) reaches this; null: no budget
@@ -374,6 +413,7 @@ class TrainConfig:
              "has a folder name over 255 bytes, longer than file systems allow: "
              f"{next((p for p in Path(self.output_dir).parts if len(p.encode()) > 255), '')[:60]}..."),
         ]
+        checks += self.eval.problems()
         for key, ok, msg in checks:
             if not ok:
                 raise ConfigError(f"{key} {msg}")

@@ -39,6 +39,26 @@ def hub_flux_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory):
+    """A tiny StableDiffusion3Pipeline folder with SD3.5's released scheduler config (shift 3), saved once."""
+    from g2rpo.testing.tiny import tiny_sd3_pipeline, with_hub_scheduler
+
+    d = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
+    with_hub_scheduler(tiny_sd3_pipeline(seed=0)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def wan_dir(tmp_path_factory):
+    """A tiny WanPipeline folder (Wan 2.1 text-to-video), saved once."""
+    from g2rpo.testing.tiny import tiny_wan_pipeline
+
+    d = tmp_path_factory.mktemp("wan") / "tiny-wan"
+    tiny_wan_pipeline(seed=0).save_pretrained(d)
+    return d
+
+
 TINY_CLIP_CFG = {"embed_dim": 16,
                  "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}

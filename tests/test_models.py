@@ -4,17 +4,9 @@ import torch
 from g2rpo.hub import dtype_kwarg
 from g2rpo import G2RPOSampler
 from g2rpo.models import FluxPolicy, SD3Policy, load_policy, pack_latents, unpack_latents
-from g2rpo.testing.tiny import tiny_sd3_pipeline, with_hub_scheduler
 
 T = 6
 PROMPT = "a red cube on a table"
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
-    with_hub_scheduler(tiny_sd3_pipeline(seed=0)).save_pretrained(d)  # SD3.5's: shift 3, sigma_min
-    return d
 
 
 def test_pack_unpack_roundtrip():
@@ -99,18 +91,15 @@ def test_tiny_flux_engine_equals_public_loop():
     assert ro.forward_rows < rows
 
 
-def test_a_config_without_guidance_gets_its_familys_default(sd3_dir, tmp_path):
+def test_a_config_without_guidance_gets_its_familys_default(sd3_dir, wan_dir):
     """Defaults come from the family (models.registry: the diffusers pipeline's own __call__ defaults), not
     Flux's 3.5: SD3 7.0, Wan 5.0 (and 480x832, 81 frames); Flux 3.5."""
     from g2rpo.config import load_config
     from g2rpo.models.loading import load_configured_policy as load_from_config
-    from g2rpo.testing.tiny import tiny_wan_pipeline
 
     sd3 = load_from_config(load_config(None, {"model": {"kind": "sd3", "path": str(sd3_dir), "height": 32,
                                                           "width": 32}}).model).policy
     assert sd3.guidance_scale == 7.0 and sd3.max_sequence_length == 256
-    wan_dir = tmp_path / "wan"
-    tiny_wan_pipeline(seed=0).save_pretrained(wan_dir)
     cfg = load_config(None, {"model": {"kind": "wan", "path": str(wan_dir), "height": 16, "width": 16,
                                        "num_frames": 5}})
     assert cfg.model.guidance_scale is None

@@ -9,18 +9,10 @@ from family_e2e import train_and_eval
 from g2rpo.hub import dtype_kwarg
 from g2rpo import G2RPOSampler
 from g2rpo.models import WanPolicy, load_policy
-from g2rpo.testing.tiny import tiny_wan_pipeline
 from g2rpo.rewards import FrameAggregated
 
 T = 6
 PROMPT = "a cat walking"
-
-
-@pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("wan") / "tiny-wan"
-    tiny_wan_pipeline(seed=0).save_pretrained(d)
-    return d
 
 
 @torch.no_grad()

@@ -29,7 +29,8 @@ from .data import DigitSplits, load_splits, to_unit
 from .generator import LabWorldConfig
 from .prompts import prompt_label
 
-__all__ = ["DigitAlignment", "DigitRealism", "OODJudge", "fit_alignment", "diversity", "nearest_distance"]
+__all__ = ["DigitAlignment", "DigitRealism", "OODJudge", "DigitJudge", "build_judge", "fit_alignment", "diversity",
+           "nearest_distance"]
 
 
 def _flat_unit(images: torch.Tensor) -> torch.Tensor:
@@ -135,6 +136,32 @@ class OODJudge:
         if groups is not None:
             out["diversity"] = diversity(images, groups)
         return out
+
+
+class DigitJudge:
+    """The out-of-domain judge as a reward (``digit_judge``): 1.0 where the judge's classifier (an RBF-SVM on the
+    val split, never trained on) reads the digit the prompt asks for, else 0.0; its mean is ``judge_accuracy``."""
+
+    name = "digit_judge"
+
+    def __init__(self, judge: OODJudge) -> None:
+        self.judge = judge
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        x = _flat_unit(images)
+        if len(prompts) != x.shape[0]:
+            raise ValueError(f"got {x.shape[0]} images but {len(prompts)} prompts")
+        pred = torch.from_numpy(self.judge.classifier.predict(x.numpy()))
+        return (pred == torch.tensor([prompt_label(p) for p in prompts])).float()
+
+
+def build_judge(world: str | Path | None = None, seed: int = 0, image_size: int = 8) -> DigitJudge:
+    """``digit_judge`` of a built lab world (its val split), or of the splits of (seed, image_size)."""
+    if world is not None:
+        cfg = config_of(Path(world))
+        seed, image_size = cfg.seed, cfg.image_size
+    return DigitJudge(OODJudge(load_splits(seed, image_size)))
 
 
 def build_alignment(world: str | Path | None = None, seed: int = 0, image_size: int = 8) -> DigitAlignment:

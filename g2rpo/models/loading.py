@@ -16,9 +16,12 @@ __all__ = ["TORCH_DTYPES", "LoadedPolicy", "check_paths", "load_configured_polic
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_paths(model: ModelConfig, rewards: list[RewardSpec]) -> None:
+def check_paths(model: ModelConfig, rewards: list[RewardSpec], files: dict[str, str | None] | None = None,
+                eval_rewards: list[RewardSpec] = ()) -> None:
     """Before anything loads: every file the config names must exist, locally or as a Hugging Face id
-    (:mod:`g2rpo.hub`; the cache only when offline). One error lists them all."""
+    (:mod:`g2rpo.hub`; the cache only when offline): the model, the rewards' files (``eval_rewards``: the
+    ``eval:`` section's) and ``files`` (``{key: path}``, e.g. the prompt files; ``builtin:`` names are not files).
+    One error lists them all."""
     fam = family(model.kind)
     missing = []
     if not fam.path_optional or model.path:
@@ -31,8 +34,13 @@ def check_paths(model: ModelConfig, rewards: list[RewardSpec]) -> None:
                 missing.append(str(err))
             else:
                 missing += [f"model.path: {root / f}" for f in fam.files if not (root / f).exists()]
-    for i, spec in enumerate(rewards):
-        what = f"rewards[{i}] ({spec.name})"
+    for key, value in (files or {}).items():
+        if value and not value.startswith("builtin:") and not Path(value).exists():
+            missing.append(f"{key}: {value}")
+    listed = [("rewards", i, s) for i, s in enumerate(rewards)] + [("eval.rewards", i, s)
+                                                                   for i, s in enumerate(eval_rewards)]
+    for section, i, spec in listed:
+        what = f"{section}[{i}] ({spec.name})"
         options = with_usual_repos(spec.name, spec.options)
         for key in PATH_OPTIONS:
             value = options.get(key)

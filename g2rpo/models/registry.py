@@ -104,6 +104,8 @@ class ModelFamily:
     # ``pipeline``; the lab world's transformer is a Flux one)
     held_out_eval: str | None = None  # "module:function"(policy, folder, steps=) -> {metric: value}, run by the
     # trainer's CLI on the base and the trained policy
+    eval_prompts: str | None = None  # the held-out prompts eval.prompts defaults to (the lab worlds')
+    eval_rewards: tuple[str, ...] = ()  # the rewards eval.rewards defaults to (the lab worlds' judges)
     # "module:function"(folder) -> (expert names, route(sigma, integer_timesteps) -> name) or None: a folder holding
     # several experts split by noise level, read from its files before any model loads (Wan 2.2 A14B)
     experts_of_folder: str | None = None
@@ -136,7 +138,9 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
     ModelFamily("lab", "the lab world", "g2rpo.lab.generator:LabPolicy", ("lab_world.json", "transformer/config.json"),
                 FamilyDefaults(None, None, steps=16, eval_steps=16, guidance_scale=None, max_sequence_length=0),
                 marker="lab_world.json", path_optional=True, default_path="g2rpo.lab.world:build_world",
-                world_rewards=("digit_alignment", "digit_realism"), held_out_eval="g2rpo.lab.world:evaluate_lab",
+                world_rewards=("digit_alignment", "digit_realism", "digit_judge"),
+                eval_prompts="builtin:lab_test", eval_rewards=("digit_judge", "digit_alignment", "digit_realism"),
+                held_out_eval="g2rpo.lab.world:evaluate_lab",
                 prompt_check="g2rpo.lab.prompts:prompt_label",
                 lora_pipeline="diffusers:FluxPipeline"),
     ModelFamily("lab_scenes", "the scenes lab world", "g2rpo.lab.scenes.world:ScenePolicy",
@@ -144,6 +148,8 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
                 FamilyDefaults(None, None, steps=16, eval_steps=16, guidance_scale=None, max_sequence_length=0),
                 marker="scene_world.json", path_optional=True, default_path="g2rpo.lab.scenes.world:build_scene_world",
                 world_rewards=("scene_clip", "scene_preference", "scene_detector"),
+                eval_prompts="builtin:scenes_test",
+                eval_rewards=("scene_exact", "scene_detector", "scene_clip", "scene_preference"),
                 held_out_eval="g2rpo.lab.scenes.world:evaluate_scenes",
                 prompt_check="g2rpo.lab.scenes.world:check_prompt", lora_pipeline="diffusers:FluxPipeline"),
     ModelFamily("flux", "Flux.1", "g2rpo.models.flux:FluxPolicy", _DIFFUSERS + ("text_encoder_2/config.json",),

@@ -59,6 +59,15 @@ class OpenClipScore(_BatchedModelReward):
             out.append((img * txt).sum(-1).float().cpu())
         return torch.cat(out)
 
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The normalised image embeddings ``[N, D]`` (the feature space of the validation's diversity metric)."""
+        out = []
+        for pil, _ in self.batches(images, [""] * len(images)):
+            x = torch.stack([self.preprocess(p) for p in pil]).to(self.device)
+            out.append(self.model.encode_image(x, normalize=True).float().cpu())
+        return torch.cat(out)
+
 
 def _require(path: str | Path, what: str) -> Path:
     p = Path(path)

@@ -17,20 +17,20 @@ from .remote import RemoteRewardError
 __all__ = ["build_rewards", "check_reward_specs", "check_world_rewards", "score_in_chunks"]
 
 
-def check_reward_specs(specs: list[RewardSpec]) -> None:
+def check_reward_specs(specs: list[RewardSpec], key: str = "rewards") -> None:
     """Each reward's frame reduction, and its name: a built-in, or a plug-in / ``module:callable`` that imports (no
-    model loads). ConfigError naming the entry."""
+    model loads). ConfigError naming the entry (``key``: the list's config key)."""
     for i, r in enumerate(specs):
         if r.frames not in FRAME_REDUCTIONS:
-            raise ConfigError(f"rewards[{i}].frames must be one of {FRAME_REDUCTIONS}, got {r.frames!r}")
+            raise ConfigError(f"{key}[{i}].frames must be one of {FRAME_REDUCTIONS}, got {r.frames!r}")
         if r.name not in BUILTIN_REWARDS:
             try:
                 resolve_reward(r.name)
             except ValueError as err:
-                raise ConfigError(f"rewards[{i}].name: {err}") from None
+                raise ConfigError(f"{key}[{i}].name: {err}") from None
 
 
-def check_world_rewards(model: ModelConfig, rewards: list[RewardSpec]) -> None:
+def check_world_rewards(model: ModelConfig, rewards: list[RewardSpec], key: str = "rewards") -> None:
     """Before anything loads: a lab world's reward scores that world's images only (the digits' one channel, the
     scenes' 16x16 RGB). ConfigError naming the reward and what to set instead."""
     mine = FAMILIES[model.kind]
@@ -39,7 +39,7 @@ def check_world_rewards(model: ModelConfig, rewards: list[RewardSpec]) -> None:
         if owner is not None and owner.name != mine.name:
             own = (", ".join(mine.world_rewards) if mine.world_rewards else
                    "a reward for its images (hps, clip, pickscore, imagereward, ..., or your own)")
-            raise ConfigError(f"rewards[{i}].name: {r.name} scores {owner.title}'s images, not {mine.title}'s "
+            raise ConfigError(f"{key}[{i}].name: {r.name} scores {owner.title}'s images, not {mine.title}'s "
                               f"(model.kind={mine.name}); set rewards to {own}")
 
 

@@ -49,6 +49,7 @@ BUILTIN_REWARDS = {
     "vlm_judge": "g2rpo.rewards.remote:vlm_judge",
     "digit_alignment": "g2rpo.lab.rewards:build_alignment",
     "digit_realism": "g2rpo.lab.rewards:build_realism",
+    "digit_judge": "g2rpo.lab.rewards:build_judge",
     "scene_clip": "g2rpo.lab.scenes.world:build_scene_clip",
     "scene_preference": "g2rpo.lab.scenes.world:build_scene_preference",
     "scene_detector": "g2rpo.lab.scenes.world:build_scene_detector",

@@ -23,4 +23,5 @@ def check_config(cfg: TrainConfig, subset_seed: int | None = None) -> Strategy:
     if s.resolved_schedule(cfg.model.kind) == "shift" and not s.dynamic_shift:
         check_strategy_schedule(strategy, sigma_schedule(strategy.num_steps, s.static_shift, s.schedule_precision))
     check_reward_specs(cfg.rewards)
+    check_reward_specs(cfg.eval.rewards, "eval.rewards")
     return strategy

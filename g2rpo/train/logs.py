@@ -95,15 +95,16 @@ class RunLog:
         if self._wandb is not None:
             self._wandb.log(m, step=m["iteration"])
 
-    def images(self, iteration: int, png: Path, gif: Path | None = None) -> None:
-        """Send a saved image grid (and a video grid's animated GIF) to TensorBoard and wandb."""
+    def images(self, iteration: int, png: Path, gif: Path | None = None, tag: str = "samples") -> None:
+        """Send a saved image grid (and a video grid's animated GIF) to TensorBoard and wandb, as ``<tag>/grid``
+        (and ``<tag>/video``)."""
         if not self.is_main:
             return
         if self._tb is not None:
             import numpy as np
             from PIL import Image
 
-            self._tb.add_image("samples/grid", np.asarray(Image.open(png).convert("RGB")), iteration,
+            self._tb.add_image(f"{tag}/grid", np.asarray(Image.open(png).convert("RGB")), iteration,
                                dataformats="HWC")
             if gif is not None:  # TensorBoard's image dashboard plays an encoded GIF (as add_video writes it)
                 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -111,15 +112,15 @@ class RunLog:
                 with Image.open(gif) as im:
                     w, h = im.size
                 image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=gif.read_bytes())
-                self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="samples/video",
+                self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=f"{tag}/video",
                                                                                      image=image)]), iteration)
             self._tb.flush()
         if self._wandb is not None:
             import wandb
 
-            media = {"samples/grid": wandb.Image(str(png))}
+            media = {f"{tag}/grid": wandb.Image(str(png))}
             if gif is not None:
-                media["samples/video"] = wandb.Video(str(gif), format="gif")
+                media[f"{tag}/video"] = wandb.Video(str(gif), format="gif")
             self._wandb.log(media, step=iteration)
 
     def close(self) -> None:

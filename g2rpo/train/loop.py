@@ -4,7 +4,7 @@ Set-up (the policy, optimizer, schedule) lives in :mod:`.setup`, the config's ch
 (the trained transitions' draw, the optimizer steps, the loss) in :mod:`.update`, the granularities (MGAI
 diagnostics, auto granularity) in :mod:`.granularity`, the cost and metrics in :mod:`.metrics`, logs and grids in
 :mod:`.logs`, the run directory (files, lock, resume rules) in :mod:`.rundir`, restoring a checkpoint into the
-stateful components in :mod:`.resume`, signals in :mod:`.interrupts`.
+stateful components in :mod:`.resume`, signals in :mod:`.interrupts`, validation during training in :mod:`.validation`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .metrics import CostMeter, FallbackCounter, advantage_stats, reduce_ops, re
 from .resume import component_states, restore_newest
 from .update import PolicyUpdate, TrainingError
 from .rundir import RunDir, preflight
+from .validation import Validator
 from .setup import apply_lr, autocast, build_optimizer, build_policy, export_policy, run_schedule, seed_of
 
 __all__ = ["Trainer", "TrainingError"]
@@ -61,8 +62,7 @@ class Trainer:
         self.changes = self.rundir.resume_changes(cfg) if cfg.resume else []
         self.prompts = PromptSchedule(prompts, cfg.seed, cfg.data.shuffle)
         torch.manual_seed(cfg.seed)
-        s = build_policy(cfg, self.ctx, self.log, prompt_images=prompt_images)
-        self.setup = s
+        self.setup = s = build_policy(cfg, self.ctx, self.log, prompt_images=prompt_images)
         self.policy, self.module, self.base_path, self.compute_dtype = s.policy, s.module, s.base_path, s.compute_dtype
         self.optimizer, self.scheduler = build_optimizer(cfg, s.params)
         self.ema = ({n: p.detach().clone().float() for n, p in self.module.named_parameters() if p.requires_grad}
@@ -77,20 +77,12 @@ class Trainer:
         self.meter = CostMeter(cfg.model.gradient_checkpointing)  # the run's cost (a max_cost budget survives --resume)
         self.granularity = GranularityController(cfg, self.sampler, self._weights(), self.log)
         self.fallbacks = FallbackCounter()  # a served judge's unparseable answers over the run
+        self.validator = Validator(cfg, self.policy, self.ctx, self.base_path, self.rewards, self.log)
         self.components = {"update": self.update, "cost": self.meter, "granularity": self.granularity,
-                           "fallbacks": self.fallbacks}
+                           "fallbacks": self.fallbacks, "validation": self.validator}
         self.start_iteration = self._restore(candidates) if cfg.resume else 0
         self.runlog = RunLog(self.out, cfg, self.ctx.is_main, self.start_iteration, self.log)
         self.stop: StopRequest | None = None  # set while run() holds the signal handlers
-
-    # ---- set-up helpers -----------------------------------------------------------------
-    def check_output_dir(self, iteration: int) -> None:
-        """Stop (every rank) when output_dir was deleted or replaced while the run writes into it: metrics and
-        checkpoints would go to deleted files, and the lock would no longer hold."""
-        if not self.rundir.intact():
-            raise TrainingError(f"iteration {iteration}: output_dir {self.out} was deleted or replaced while the run "
-                                "was writing to it; stopping (its metrics and checkpoints are gone; start a new run "
-                                "or restore the folder and --resume)")
 
     def _restore(self, candidates: list[Path]) -> int:
         """The newest loadable checkpoint into the weights and every component (:func:`.resume.restore_newest`)."""
@@ -222,6 +214,9 @@ class Trainer:
                              self.prompts.prompts, seed_of(self.cfg.sampler_seed, 7), self.ctx,
                              lambda path, gif: self.runlog.images(iteration, path, gif))
 
+    def validate(self, iteration: int, m: dict[str, float] | None = None) -> None:  # the eval: section's
+        self.validator.step(iteration, m, self.module, self.autocast, self.out, self.runlog, self.export)
+
     # ---- checkpoints, export, the loop ----------------------------------------------------
     def checkpoint(self, iteration: int) -> Path:
         self.update.check_finite_params(iteration, "before writing a checkpoint")  # never save a non-finite state
@@ -249,6 +244,8 @@ class Trainer:
             with StopRequest(self.ctx, self.log) as stop:
                 self.stop = stop
                 self.sampler.engine.tick_hook = stop.check
+                if self.validator.due(self.start_iteration):  # the base model (or a run that turned eval on)
+                    self.validate(self.start_iteration)
                 for it in range(self.start_iteration, cfg.iterations):
                     rng = rng_state()
                     try:
@@ -258,15 +255,18 @@ class Trainer:
                         if saved != it or not complete_checkpoints(self.out):
                             self.checkpoint(it)
                         raise Interrupted(it, stop.agreed() or signal.SIGINT) from None
-                    self.check_output_dir(it + 1)
+                    self.rundir.check_intact(it + 1)
                     if callback is not None:
                         callback(self, m)
                     history.append(m)
+                    done = it + 1
+                    last = done == cfg.iterations or self.budget_spent  # max_cost: stop once the budget is spent
+                    self.validator.observe(m)
+                    if self.validator.due(done, last):
+                        self.validate(done, m)
                     self.runlog.write(m)
                     bar.update(m)
-                    done = it + 1
                     signum = stop.agreed()
-                    last = done == cfg.iterations or self.budget_spent  # max_cost: stop once the budget is spent
                     if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or last or signum is not None:
                         self.checkpoint(done)
                         saved = done

@@ -32,6 +32,8 @@ RESUMABLE = (
     "reward_batch", "train_batch", "ops_backend", "dist_timeout_s", "sampler.max_batch", "sampler.cuda_graphs",
     "model.attention_backend", "model.gradient_checkpointing",
 )
+#: Sections whose every key may differ on ``--resume`` (validation: nothing it does changes the training run).
+RESUMABLE_SECTIONS = ("eval.",)
 
 
 def preflight(cfg: TrainConfig) -> tuple[list[str], dict | None]:
@@ -41,8 +43,15 @@ def preflight(cfg: TrainConfig) -> tuple[list[str], dict | None]:
     from ..rewards.configured import check_world_rewards
     from ..prompts import load_prompts
 
+    from .validation import eval_prompt_source, eval_specs
+
+    evaluating = cfg.eval.every > 0
     check_world_rewards(cfg.model, cfg.rewards)
-    check_paths(cfg.model, cfg.rewards)
+    if evaluating:
+        check_world_rewards(cfg.model, eval_specs(cfg), "eval.rewards")
+    check_paths(cfg.model, cfg.rewards, files={"data.prompts": cfg.data.prompts,
+                                               "eval.prompts": eval_prompt_source(cfg) if evaluating else None},
+                eval_rewards=cfg.eval.rewards if evaluating else [])
     import importlib.util
 
     for key, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
@@ -54,7 +63,7 @@ def preflight(cfg: TrainConfig) -> tuple[list[str], dict | None]:
     for sub in ("checkpoints", "final"):
         if (out / sub).exists() and not (out / sub).is_dir():
             raise ConfigError(f"{out / sub} is a file: the run writes a folder there; move the file away")
-    check_served_rewards(cfg.rewards)
+    check_served_rewards(cfg.rewards + (eval_specs(cfg) if evaluating else []))
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         try:
@@ -97,17 +106,23 @@ def preflight(cfg: TrainConfig) -> tuple[list[str], dict | None]:
             images = load_prompt_images(cfg.data.prompts)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"data.prompts: {err}") from None
+    checked = [("data.prompts", cfg.data.prompts, prompts)]
+    if evaluating:
+        source = eval_prompt_source(cfg)
+        try:
+            checked.append(("eval.prompts", source, load_prompts(source)))
+        except (ValueError, FileNotFoundError, UnicodeDecodeError) as err:
+            raise ConfigError(f"eval.prompts: {err}") from None
     check = fam.prompt_check
-    if check is not None:  # the family reads something from every prompt (the lab world: the digit)
+    for key, source, texts in checked if check is not None else ():  # the family reads every prompt (the digit)
         reader, bad = import_path(check), []
-        for p in dict.fromkeys(prompts):
+        for p in dict.fromkeys(texts):
             try:
                 reader(p)
             except ValueError as err:
                 bad.append(str(err))
         if bad:
-            raise ConfigError(f"data.prompts {cfg.data.prompts}: {len(bad)} prompts the model family cannot read, "
-                              f"e.g. {bad[0]}")
+            raise ConfigError(f"{key} {source}: {len(bad)} prompts the model family cannot read, e.g. {bad[0]}")
     return prompts, images
 
 
@@ -232,6 +247,16 @@ class RunDir:
             gone = float(self._stat() != self._identity or (self.lock is not None and not self.lock.holds()))
         return not float(self.ctx.all_reduce_sum(torch.tensor([gone]))[0])
 
+    def check_intact(self, iteration: int) -> None:
+        """Stop (every rank, TrainingError) when the folder was deleted or replaced while the run writes into it:
+        metrics and checkpoints would go to deleted files, and the lock would no longer hold."""
+        from .update import TrainingError
+
+        if not self.intact():
+            raise TrainingError(f"iteration {iteration}: output_dir {self.out} was deleted or replaced while the run "
+                                "was writing to it; stopping (its metrics and checkpoints are gone; start a new run "
+                                "or restore the folder and --resume)")
+
     def resume_changes(self, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
         """The differences from the newest readable checkpoint's config (checked before any model loads: refused
         ones stop the run, allowed ones are listed)."""
@@ -269,12 +294,13 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
     a, b = _flatten(stored), _flatten(new)
     diffs = [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
              if a.get(k, "<absent>") != b.get(k, "<absent>")]
-    refused = [d for d in diffs if d[0] not in RESUMABLE]
+    refused = [d for d in diffs if d[0] not in RESUMABLE and not d[0].startswith(RESUMABLE_SECTIONS)]
     if refused:
         lines = "\n  ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in refused)
         raise ConfigError("--resume: the config differs from the checkpoint's in keys that cannot change "
                           f"mid-run:\n  {lines}\nresume with the checkpoint's values (output_dir/config.json), "
-                          f"or start a new run; keys that may change: {', '.join(RESUMABLE)}")
+                          f"or start a new run; keys that may change: {', '.join(RESUMABLE)}, "
+                          f"and every {', '.join(k + '*' for k in RESUMABLE_SECTIONS)} key")
     return [d for d in diffs if d[0] not in ("resume", "overwrite")]
 
 
