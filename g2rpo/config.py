@@ -627,14 +627,15 @@ def _family_alias(data: dict[str, Any], where: str) -> dict[str, Any]:
 
 def load_config(path: str | Path | list[str | Path] | tuple | None = None,
                 overrides: list[str] | dict[str, Any] | None = None, log=None,
-                base: dict[str, Any] | None = None) -> TrainConfig:
+                base: dict[str, Any] | None = None, after_files: dict[str, Any] | None = None) -> TrainConfig:
     """Load and validate a config (the embedded lab default when ``path`` is None).
 
     ``path`` may be several YAML files, merged left to right (a model config, then a method
     preset from ``configs/methods/``); ``overrides`` are applied last. Files that hold no ``model``
     section are method presets: given alone, they combine with the embedded lab default, and
     ``log`` (when given) is told so. ``base`` (a stored run's config, for ``--resume``) replaces the
-    embedded default as the starting point. An unknown key is named with the file that holds it.
+    embedded default as the starting point. ``after_files`` is merged over the files, before the overrides (``--lab``:
+    a preset at lab scale, :func:`g2rpo.lab.scale.at_lab_scale`). An unknown key is named with the file that holds it.
     """
     paths = [] if path is None else ([Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)])
     files = [(p, _family_alias(read_config_file(p), str(p))) for p in paths]
@@ -654,6 +655,8 @@ def load_config(path: str | Path | list[str | Path] | tuple | None = None,
         data = {}
     for _, d in files:
         data = merge_dicts(data, d)
+    if after_files:
+        data = merge_dicts(data, after_files)
     if overrides:
         extra = _family_alias(parse_overrides(overrides) if isinstance(overrides, list) else overrides, "command line")
         problems = _unknown_keys(TrainConfig, extra)

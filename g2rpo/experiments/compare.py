@@ -24,6 +24,7 @@ effect of the active clip is seen alone.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ import torch
 
 from ..config import default_config_path, load_config, merge_dicts
 from ..distributed import rollout_mode
+from ..lab.scale import LAB_SCALE
 from ..train import Trainer
 from ..train.logs import draw_labelled_rows
 from .worlds import WORLDS, WorldSpec, world_spec
@@ -76,8 +78,7 @@ class CompareSettings:
     eval_every: int = 8
     per_sde_step_variant: bool = True  # paper preset + per_sde_step for g2rpo / g2rpo_no_mgai at their best lr
     # the same scale for every method and family (the presets' T, G and M are Flux-scale)
-    lab_scale: dict = field(default_factory=lambda: {"sampler": {"num_steps": 16, "group_size": 8,
-                                                                 "sde_indices": [0, 1, 2, 3], "max_batch": 512}})
+    lab_scale: dict = field(default_factory=lambda: copy.deepcopy(LAB_SCALE))
     overrides: dict = field(default_factory=dict)  # applied to every run after lab_scale (smoke tests)
     # train every run to this cumulative cost (forward-row equivalents; iterations is then an upper bound)
     budget: float | None = None

@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..lab.scale import world_reset
+
 __all__ = ["WorldSpec", "WORLDS", "world_spec"]
 
 
@@ -30,16 +32,6 @@ class WorldSpec:
     def score(self, ev: dict[str, float]) -> float:
         """The training reward's combination (each in-domain reward at weight 1)."""
         return float(sum(ev[k] for k in self.in_domain))
-
-
-def _model_reset(marker: str) -> dict:
-    """The model keys a preset resets to the world's: its family (the registry row whose folders hold
-    ``marker``) and the world's own sizes, dtype and guidance."""
-    from ..models.registry import FAMILIES
-
-    kind = next(f.name for f in FAMILIES.values() if f.marker == marker)
-    return {"kind": kind, "dtype": "float32", "cfg_detach_uncond": False, "height": None, "width": None,
-            "max_sequence_length": None, "guidance_scale": None}
 
 
 # ---- digits ----
@@ -108,27 +100,17 @@ def _scenes_load(world: Path):
     return load_scene_policy(world)
 
 
-#: A lab world has no pipeline scheduler: every method samples on the static shift 3 (a preset's pipeline schedule,
-#: Flow-GRPO's FluxPipeline or SD3 one, is the Flux/SD3 world's own, reset here as the model is).
-_LAB_SCHEDULE = {"schedule": "shift", "shift": 3.0, "dynamic_shift": False}
-
-
 WORLDS: dict[str, WorldSpec] = {
     "digits": WorldSpec(
         "digits", "lab_world.json", ("digit_alignment", "digit_realism"), "judge_accuracy",
         ("digit_alignment", "digit_realism", "judge_accuracy", "judge_realism", "diversity"),
-        {"model": _model_reset("lab_world.json"), "lora": {"enabled": False}, "sampler": _LAB_SCHEDULE,
-         "rewards": [{"name": "digit_alignment", "weight": 1.0}, {"name": "digit_realism", "weight": 1.0}],
-         "data": {"prompts": "builtin:lab", "prompts_per_iteration": 8}},
+        world_reset("digits"),
         _digits_build, _digits_load, _digits_evaluate, _digits_grid),
     "scenes": WorldSpec(
         "scenes", "scene_world.json", ("scene_clip", "scene_preference"), "scene_exact",
         ("scene_clip", "scene_preference", "scene_exact", "scene_detector", "scene_exact/counting",
          "scene_exact/position", "scene_exact/color_attr", "scene_exact/heldout_pairs", "diversity"),
-        {"model": _model_reset("scene_world.json"), "lora": {"enabled": False},
-         "sampler": _LAB_SCHEDULE,
-         "rewards": [{"name": "scene_clip", "weight": 1.0}, {"name": "scene_preference", "weight": 1.0}],
-         "data": {"prompts": "builtin:scenes", "prompts_per_iteration": 8}},
+        world_reset("scenes"),
         _scenes_build, _scenes_load, _scenes_evaluate, _scenes_grid),
 }
 

@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", default=None,
                         help="YAML config (default: the embedded lab config); repeat to merge left to right, "
                              "e.g. --config configs/lab.yaml --config configs/methods/dance_grpo-official.yaml")
+    parser.add_argument("--lab", choices=("digits", "scenes"), default=None,
+                        help="run the --config files (a method preset) at lab scale on this CPU lab world: the world's "
+                             "model, rewards, prompts and shift-3 schedule, T=16, G=8, M=[0..3], and its lab config's "
+                             "iterations, lr and output_dir over the preset (overrides still apply last), e.g. "
+                             "--config configs/methods/dance_grpo-official.yaml --lab digits")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     args, rest = parser.parse_known_args(argv)
@@ -50,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
 
             base = resume_base(args.config, overrides)
             cfg = load_config(args.config, overrides, base=base)
+        elif args.lab is not None:
+            from ..lab.scale import at_lab_scale, lab_config_path
+
+            cfg = load_config([lab_config_path(args.lab), *(args.config or [])], overrides,
+                              after_files=at_lab_scale(args.lab))
         else:
             cfg = load_config(args.config, overrides, log=lambda msg: print(msg, file=sys.stderr))
         check_config(cfg)
