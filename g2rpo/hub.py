@@ -61,7 +61,7 @@ def resolve_path(path: str | Path, what: str, diffusers: bool = False) -> Path:
     except LocalEntryNotFoundError:
         where = "the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline() else "the Hub or its cache"
         raise HubError(f"{what}: {text!r} is not a local path and was not found in {where}"
-                       f"; download it first (huggingface-cli download {repo}) or give "
+                       f"; download it first (hf download {repo}) or give "
                        "a local path") from None
     except (HFValidationError, OSError) as err:
         raise HubError(f"{what}: {text!r} is not a local path, and resolving it as a Hugging Face id failed: "

@@ -75,6 +75,14 @@ def test_a_family_without_held_out_prompts_needs_eval_prompts_before_any_model_l
     assert r.returncode == 2 and f"eval.prompts: {tmp_path / 'no.txt'}" in r.stderr
 
 
+def test_the_progress_bar_names_the_strategy():
+    from g2rpo.train.logs import ProgressBar
+
+    bar = ProgressBar(True, 3, 0, "dance_grpo")
+    assert bar.bar.desc == "dance_grpo"
+    bar.close()
+
+
 # ---- the lab world ------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -97,7 +105,9 @@ def test_eval_every_on_the_lab_logs_the_base_and_every_nth_changes_no_training_m
     assert evals[0]["eval/cost_rows"] > 0 and evals[-1]["eval/cost_rows"] == 3 * evals[0]["eval/cost_rows"]
     assert all(m["cost"] == o["cost"] for m, o in zip(m_on[1:], m_off))  # its cost is its own line
     assert sum(m["eval/hacking_suspected"] for m in evals) == 0
+    assert "wall clock:" in r.stdout
     ev = _events(on / "tensorboard")
+    assert [e.step for e in ev.Scalars("held_out/judge_accuracy")] == [0, 4]  # the end-of-run evaluation too
     assert [e.step for e in ev.Images("eval/grid")] == [0, 2, 4]
     assert [e.step for e in ev.Scalars("eval/digit_judge")] == [0, 2, 4]
     assert sorted(p.name for p in (on / "images").iterdir()) == [f"eval_iter_00000{i}.png" for i in (0, 2, 4)]

@@ -11,17 +11,20 @@ __all__ = ["add_compare_parser", "main", "run_compare"]
 
 def add_compare_parser(sub) -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train every method from the base model under both preset families and "
-                                          "compare (Tables 1, 4, Fig. 1a, equal-lr table)")
+                                          "compare (Tables 1, 4, Fig. 1a, equal-lr table)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--world", choices=("digits", "scenes"), default="digits",
                    help="the lab world: digits (8x8 grey digits) or scenes (coloured compositional scenes)")
-    c.add_argument("--methods", default="dance_grpo,flow_grpo,mix_grpo,g2rpo_no_mgai,g2rpo")
-    c.add_argument("--families", default="paper,official", help="preset families (configs/methods/*-FAMILY.yaml)")
-    c.add_argument("--seeds", type=int, default=3)
-    c.add_argument("--iterations", type=int, default=32)
-    c.add_argument("--lr-grid", default="1e-4,3e-4,1e-3")
+    c.add_argument("--methods", default="dance_grpo,flow_grpo,mix_grpo,g2rpo_no_mgai,g2rpo",
+                   help="comma-separated, of dance_grpo, flow_grpo, mix_grpo, g2rpo_no_mgai, g2rpo")
+    c.add_argument("--families", default="paper,official",
+                   help="comma-separated preset families (configs/methods/<method>-<family>.yaml): paper, official")
+    c.add_argument("--seeds", type=int, default=3, help="seeds per (method, family, lr): 0, 1, ..., N-1")
+    c.add_argument("--iterations", type=int, default=32, help="iterations per run (an upper bound with --budget)")
+    c.add_argument("--lr-grid", default="1e-4,3e-4,1e-3", help="comma-separated learning rates tried per method")
     c.add_argument("--extend-lr", type=int, default=2,
                    help="lrs added at most beyond an edge of the grid that holds a method's best (0: never)")
-    c.add_argument("--eval-every", type=int, default=8)
+    c.add_argument("--eval-every", type=int, default=8, help="iterations between held-out evaluations")
     c.add_argument("--no-variant", action="store_true", help="skip the paper preset + per_sde_step runs")
     c.add_argument("--checkpoint", default=None, help="the built world's folder (default: the cached one)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

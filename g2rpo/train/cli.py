@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg) -> int:
+    import time
+
+    started = time.perf_counter()
     try:
         trainer = Trainer(cfg)
     except (ConfigError, FileNotFoundError, UnsafeFileError) as err:  # before training: nothing was written
@@ -133,7 +136,24 @@ def _train(cfg) -> int:
             for key in final_eval:
                 print(f"  {key:{width}s} base {base_eval[key]:8.4f}  ->  trained {final_eval[key]:8.4f}")
             (trainer.out / "lab_eval.json").write_text(json.dumps({"base": base_eval, "trained": final_eval}, indent=1))
+            _held_out_to_tensorboard(trainer, base_eval, final_eval)
+        print(f"wall clock: {time.perf_counter() - started:.1f} s (set-up, training, evaluation and export)")
     return 0
+
+
+def _held_out_to_tensorboard(trainer: Trainer, base: dict[str, float], final: dict[str, float]) -> None:
+    """The end-of-run held-out evaluation as ``held_out/<metric>`` scalars: the base model at step 0, the trained
+    policy at its last iteration."""
+    if not trainer.cfg.tensorboard:
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # preflight refused tensorboard=true without it
+        return
+    with SummaryWriter(str(trainer.out / "tensorboard")) as tb:
+        for step, values in ((0, base), (trainer.final_iteration, final)):
+            for key, value in values.items():
+                tb.add_scalar(f"held_out/{key}", value, step)
 
 
 def _write_errors() -> tuple[type[BaseException], ...]:

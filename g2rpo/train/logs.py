@@ -217,17 +217,17 @@ def save_sample_grid(path: Path, policy, engine, prompt_list: list[str], seed: i
 
 
 class ProgressBar:
-    """tqdm over the iterations (main rank, ``progress: true``), showing the first reward and the first ratio's
-    deviation; a no-op otherwise."""
+    """tqdm over the iterations (main rank, ``progress: true``) named ``name`` (the strategy trained), showing the
+    first reward and the first ratio's deviation; a no-op otherwise."""
 
-    def __init__(self, enabled: bool, total: int, initial: int) -> None:
+    def __init__(self, enabled: bool, total: int, initial: int, name: str = "g2rpo") -> None:
         self.bar = None
         if enabled:
             import sys
 
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc="g2rpo", dynamic_ncols=True, file=sys.stdout)
+            self.bar = tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, file=sys.stdout)
 
     def update(self, m: dict[str, float]) -> None:
         if self.bar is None:

@@ -237,7 +237,7 @@ class Trainer:
         SIGINT / SIGTERM stop the run at the next safe point with a checkpoint (:mod:`.interrupts`):
         :class:`~.interrupts.Interrupted` is raised after it is written."""
         cfg, history = self.cfg, []
-        bar = ProgressBar(self.ctx.is_main and cfg.progress, cfg.iterations, self.start_iteration)
+        bar = ProgressBar(self.ctx.is_main and cfg.progress, cfg.iterations, self.start_iteration, cfg.sampler.strategy)
         saved = self.start_iteration  # the iterations the newest checkpoint holds
         self.final_iteration = cfg.iterations
         try:
