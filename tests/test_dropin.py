@@ -1,6 +1,7 @@
 """The drop-in path (issue 14): pipeline-level rollouts, training units, the examples and every
 Python block of the README, run as written on tiny pipelines built here."""
 
+import os
 import importlib.util
 import re
 from pathlib import Path
@@ -142,3 +143,20 @@ def test_library_inputs_get_clear_errors():
         G2RPOSampler(GaussianWorld(), num_steps=16, group_size=1_000_000)
     with pytest.raises(ValueError, match="no prompt"):
         G2RPOSampler(GaussianWorld(), num_steps=4, sde_indices=[0], group_size=2).rollout(torch.zeros(0, 4))
+
+
+@pytest.mark.slow
+def test_the_readmes_tiny_flux_training_command_runs_as_written(tmp_path):
+    """The README's first run on a tiny Flux: the bash block, as written (output under a temporary folder)."""
+    import subprocess
+    import sys
+
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "tiny-pipeline flux /tmp/tiny-flux" in b)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", "-e", "-c", block.replace("python ", f"{sys.executable} ")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "wall clock:" in r.stdout
+    lines = (tmp_path / "runs" / "tiny-flux" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and "reward/g2rpo.testing:brightness" in lines[-1]

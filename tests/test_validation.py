@@ -164,3 +164,16 @@ def test_eval_every_on_tiny_pipelines(kind, request, tmp_path):
     if kind == "wan":  # video: an animated GIF beside each grid
         assert [e.step for e in ev.Images("eval/video")] == [0, 1, 2]
         assert (out / "images" / "eval_iter_000002.gif").is_file()
+
+
+def test_preflight_names_every_missing_path_at_once(tmp_path):
+    """The model folder, a reward's checkpoint, the prompt file and the eval prompt file: one error, before any
+    model loads (they were reported one fix at a time)."""
+    r = _run_main(["model.kind=flux", f"model.path={tmp_path / 'no-flux'}",
+                   f"rewards=[{{name: hps, options: {{checkpoint: {tmp_path / 'no-hps.pt'}}}}}]",
+                   f"data.prompts={tmp_path / 'no-prompts.txt'}", "eval.every=4",
+                   f"eval.prompts={tmp_path / 'no-test.txt'}", f"output_dir={tmp_path / 'o'}"])
+    assert r.returncode == 2
+    for missing in ("no-flux", "no-hps.pt", "data.prompts: " + str(tmp_path / "no-prompts.txt"),
+                    "eval.prompts: " + str(tmp_path / "no-test.txt")):
+        assert missing in r.stderr, missing

@@ -21,7 +21,8 @@ import torch
 from ..schedule import granularity_grid, sigma_schedule
 from ..sde import ode_step, sde_step_with_logprob
 
-__all__ = ["PAPER_SETTING", "GaussianWorld", "MLPVelocity", "public_loop_rollout", "sample_ode", "sample_sde"]
+__all__ = ["PAPER_SETTING", "GaussianWorld", "MLPVelocity", "public_loop_rollout", "sample_ode", "sample_sde",
+           "brightness"]
 
 #: The paper's rollout setting (PAPER.md Sec. 5.1): T=16, M = e 0..7, Lambda {1,2,3}, G=12, eta 0.7 (sampler kwargs).
 PAPER_SETTING = dict(num_steps=16, sde_indices=tuple(range(8)), granularities=(1, 2, 3), group_size=12, eta=0.7)
@@ -138,3 +139,9 @@ def public_loop_rollout(model, noise, cond, num_steps, sde_indices, granularitie
                 per_k[j][g] = x[0]
         finals.append(torch.stack([torch.stack(gs) for gs in per_k]))
     return torch.stack(finals), rows
+
+
+def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """A reward for a first run on a tiny random pipeline, with no weights to download
+    (``rewards: [{name: "g2rpo.testing:brightness"}]``): the mean brightness of each image or video."""
+    return images.float().mean(dim=tuple(range(1, images.ndim)))
