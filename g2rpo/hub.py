@@ -10,11 +10,13 @@ checkpoints (``model_index.json`` and the component folders only).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
 
-__all__ = ["PATH_OPTIONS", "HubError", "dtype_kwarg", "USUAL_REWARD_REPOS", "is_hub_id", "offline", "resolve_path", "reward_options", "with_usual_repos"]
+__all__ = ["PATH_OPTIONS", "HubError", "dtype_kwarg", "USUAL_REWARD_REPOS", "hub_reachable", "is_hub_id", "offline",
+           "resolve_path", "reward_options", "with_usual_repos"]
 
 _ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?$")
 #: Where the paper's reward checkpoints usually live, used when a reward's option is not given.
@@ -36,6 +38,21 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
+@functools.lru_cache(maxsize=4)
+def hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
+    """One quick probe of the Hub's endpoint per process (a HEAD request): with no network, huggingface_hub would
+    retry every file several times before failing (77 s for one preset's models); an unreachable Hub is then
+    treated as offline, reading the local cache only."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+    except Exception as err:  # noqa: BLE001  (refused, DNS, timeout, TLS: the Hub is not reachable)
+        code = getattr(err, "code", None)
+        return code is not None  # an HTTP error status still means the Hub answered
+    return True
+
+
 def is_hub_id(path: str) -> bool:
     """``org/name`` or ``org/name/file``, not an existing local path, not absolute or relative-dotted."""
     return bool(_ID.match(path)) and not path.startswith((".", "/", "~")) and not Path(path).exists()
@@ -53,13 +70,19 @@ def resolve_path(path: str | Path, what: str, diffusers: bool = False) -> Path:
 
     org, name, *rest = text.split("/")
     repo, cache = f"{org}/{name}", os.environ.get("HF_HUB_CACHE") or None
+    from huggingface_hub import constants
+
+    unreachable = not offline() and not hub_reachable(constants.ENDPOINT)
+    local_only = offline() or unreachable
     try:
         if rest:
-            return Path(hf_hub_download(repo, "/".join(rest), cache_dir=cache, local_files_only=offline()))
+            return Path(hf_hub_download(repo, "/".join(rest), cache_dir=cache, local_files_only=local_only))
         patterns = ["model_index.json", "*/*"] if diffusers else None
-        return Path(snapshot_download(repo, cache_dir=cache, local_files_only=offline(), allow_patterns=patterns))
+        return Path(snapshot_download(repo, cache_dir=cache, local_files_only=local_only, allow_patterns=patterns))
     except LocalEntryNotFoundError:
-        where = "the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline() else "the Hub or its cache"
+        where = ("the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline() else
+                 f"the local Hugging Face cache, and the Hub ({constants.ENDPOINT}) could not be reached (one probe)"
+                 if unreachable else "the Hub or its cache")
         raise HubError(f"{what}: {text!r} is not a local path and was not found in {where}"
                        f"; download it first (hf download {repo}) or give "
                        "a local path") from None

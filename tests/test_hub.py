@@ -67,3 +67,21 @@ def test_hub_ids_missing_from_the_cache_are_named_before_any_model_loads(hub_cac
     assert "'yuvalkirstain/PickScore_v1'" in msg and "'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'" in msg
     check_paths(ModelConfig(kind="flux", path="tiny-org/tiny-flux"), [RewardSpec(name="hps", options={
         "checkpoint": "hps-org/hps/hps.pt"})])  # both in the cache: no error
+
+
+def test_an_unreachable_hub_is_probed_once_and_read_as_offline(monkeypatch):
+    """With HF_HUB_OFFLINE unset and no network, one quick probe (not huggingface_hub's retries per file) and the
+    local cache only; the error says the Hub could not be reached and how to download ahead."""
+    import huggingface_hub.constants as constants
+
+    from g2rpo.hub import HubError, hub_reachable, resolve_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed port: refused at once
+    hub_reachable.cache_clear()
+    for _ in range(2):
+        with pytest.raises(HubError, match=r"could not be reached \(one probe\); download it first \(hf download "
+                                           r"no-such-org/no-such-model\)"):
+            resolve_path("no-such-org/no-such-model", "model.path", diffusers=True)
+    assert hub_reachable.cache_info().misses == 1  # one probe for the process
+    hub_reachable.cache_clear()
