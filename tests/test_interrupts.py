@@ -2,6 +2,8 @@
 exit code, and ``--resume`` (with only the output_dir named: the stored config is the base) continues
 exactly as if nothing had happened."""
 
+import json
+
 import pytest
 
 from test_train import ROOT, _cli, _flat, _metrics, _run_main, tiny
@@ -135,3 +137,49 @@ def test_a_half_written_checkpoint_of_a_dead_run_is_removed_naming_it(lab_world,
     assert not stale.exists() and any(f"removed {stale}" in line for line in logged)
     trainer.run()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+
+
+SLOW_REWARD = '''
+import os, signal, time
+
+calls = [0]
+
+def slow(images, prompts):
+    """Brightness; on its call number $G2RPO_TEST_SIGNAL_AT: SIGTERM, 2.5 s of scoring, SIGTERM again."""
+    calls[0] += 1
+    if str(calls[0]) == os.environ.get("G2RPO_TEST_SIGNAL_AT"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2.5)  # a slow reward: the first signal's safe point is not reached
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)
+    return images.flatten(1).mean(1)
+'''
+
+
+@pytest.mark.slow
+def test_a_second_signal_before_the_update_still_writes_the_completed_iterations(lab_world, tmp_path,
+                                                                                 monkeypatch):
+    """SIGTERM during iteration 3's (slow) scoring, a second one 2.5 s later before its safe point: with no
+    checkpoint yet (checkpoint_every 16), the state after iteration 2 is written (nothing had changed it), the
+    message says so, and --resume finishes exactly as an uninterrupted run."""
+    (tmp_path / "slow_reward_mod.py").write_text(SLOW_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    opts = dict(iterations=4, checkpoint_every=16, reward_batch=100000, export_final=False,
+                rewards=[{"name": "slow_reward_mod:slow"}])
+    ref = _run_main(_flat(tiny(lab_world, tmp_path / "ref", **opts)))
+    assert ref.returncode == 0, ref.stderr
+    monkeypatch.setenv("G2RPO_TEST_SIGNAL_AT", "3")  # the reward's calls continue from the reference run's 4
+    import slow_reward_mod
+
+    slow_reward_mod.calls[0] = 0
+    r = _run_main(_flat(tiny(lab_world, tmp_path / "run", **opts)))
+    assert r.returncode == 143
+    assert "the state after iteration 2, the last completed, was written to" in r.stderr
+    assert "the iteration in progress is lost; continue with --resume" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["iter_000002"]
+    monkeypatch.delenv("G2RPO_TEST_SIGNAL_AT")
+    assert _run_main(["--resume", f"output_dir={tmp_path / 'run'}"]).returncode == 0
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time")}  # noqa: E731
+    assert [strip(m) for m in metrics] == [strip(m) for m in expected]

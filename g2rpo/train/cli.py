@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         from ..checkpoint import latest_checkpoint
 
         last = latest_checkpoint(cfg.output_dir)
+        saved = getattr(err, "saved", None)
+        if saved is not None:
+            print(f"interrupted: the state after iteration {saved}, the last completed, was written to {last}; the "
+                  f"iteration in progress is lost; continue with --resume", file=sys.stderr)
+            return 128 + err.signum
         kept = (f"the last checkpoint, {last} ({int((last / 'COMPLETE').read_text() or 0)} iterations), is intact; "
                 "the iterations after it are lost" if last is not None else
                 "no checkpoint was written: every iteration of this run is lost")

@@ -10,9 +10,10 @@ the same points (an all-reduce), so they stop together:
 
 The trainer then raises :class:`Interrupted`; the CLI prints ``interrupted at iteration N; continue
 with --resume`` and exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM). A second
-signal more than :data:`REPEAT_S` seconds after the first stops at once (KeyboardInterrupt; the last
-checkpoint is intact). Signals closer together are one request: torchrun forwards the terminal's
-Ctrl-C to workers that already received it.
+signal more than :data:`REPEAT_S` seconds after the first stops at once (:class:`StopNow`): when it comes
+before the iteration's update began (one process), the state of the completed iterations is still written
+(nothing has changed it); during an update nothing is written and the last checkpoint is intact. Signals
+closer together are one request: torchrun forwards the terminal's Ctrl-C to workers that already received it.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ class Interrupted(Exception):
 
 
 class StopNow(KeyboardInterrupt):
-    """A second signal: stop at once (the exit status is still 128 + that signal's number)."""
+    """A second signal: stop at once (the exit status is still 128 + that signal's number). ``saved``: the
+    completed iterations whose state was still written (the signal came before the update began, on one
+    process), else None."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, saved: int | None = None) -> None:
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+        self.signum, self.saved = signum, saved
 
 
 class RolloutStopped(Exception):

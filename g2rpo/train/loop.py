@@ -28,7 +28,7 @@ from ..prompts import PromptSchedule
 from ..rollout import Rollout, RolloutSampler
 from .checks import check_config
 from .granularity import GranularityController
-from .interrupts import Interrupted, RolloutStopped, StopRequest, fault_point
+from .interrupts import Interrupted, RolloutStopped, StopNow, StopRequest, fault_point
 from .logs import ProgressBar, RunLog, save_sample_grid
 from .metrics import CostMeter, FallbackCounter, advantage_stats, reduce_ops, reward_metrics
 from .resume import component_states, restore_newest
@@ -88,10 +88,6 @@ class Trainer:
         """The newest loadable checkpoint into the weights and every component (:func:`.resume.restore_newest`)."""
         ckpt, state = restore_newest(self.ctx, candidates, self.module, self.optimizer, self.ema, self.components,
                                      self.log)
-        written_by = int(state.get("world_size", self.ctx.world))
-        if written_by != self.ctx.world:  # nothing in the update depends on the number of ranks
-            self.log(f"resume: {self.ctx.world} ranks now, {written_by} wrote the checkpoint; the run continues "
-                     "exactly as it would have (prompts, noise and optimizer steps do not depend on the ranks)")
         if self.changes:
             apply_lr(self.cfg, self.scheduler)
             self.log("resume: applied config changes: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in self.changes))
@@ -156,7 +152,7 @@ class Trainer:
 
     def iteration(self, iteration: int) -> dict[str, float]:
         """Iteration ``iteration`` (0-based; logged 1-based)."""
-        t0 = time.perf_counter()
+        t0, self.updating = time.perf_counter(), False
         positions, prompts = self.local_prompts(iteration)
         cond = self.policy.encode_prompts(prompts)
         noise, gens = self._noise(iteration, positions)
@@ -174,6 +170,7 @@ class Trainer:
         if self.stop is not None:  # the last point where the iteration can be abandoned (no weight changed)
             self.stop.check()
         fault_point(iteration, "train")
+        self.updating = True  # from here a second signal leaves no state worth writing (weights change)
         m = self.train_on(rollout, adv, cond, iteration, prompts)
         t3 = time.perf_counter()
         m.update(self.granularity.diagnostics(rewards, rollout))
@@ -250,10 +247,14 @@ class Trainer:
                     rng = rng_state()
                     try:
                         m = self.iteration(it)
-                    except RolloutStopped:  # abandoned before the update: the state is that of `it` iterations
+                    except (RolloutStopped, StopNow) as err:  # before the update: the state is that of `it` iterations
+                        if isinstance(err, StopNow) and (self.updating or self.ctx.enabled):
+                            raise  # mid-update, or ranks that may not all have it: nothing to write safely
                         set_rng_state(rng)
                         if saved != it or not complete_checkpoints(self.out):
                             self.checkpoint(it)
+                        if isinstance(err, StopNow):
+                            raise StopNow(err.signum, saved=it) from None
                         raise Interrupted(it, stop.agreed() or signal.SIGINT) from None
                     self.rundir.check_intact(it + 1)
                     if callback is not None:

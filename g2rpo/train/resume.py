@@ -51,6 +51,10 @@ def restore_newest(ctx: DistContext, candidates: list[Path], module: torch.nn.Mo
             warnings.warn(msg, stacklevel=2)
             log(f"warning: {msg}")
             continue
+        written_by = int(state.get("world_size", ctx.world))
+        if written_by != ctx.world:  # nothing in the update depends on the number of ranks
+            log(f"resume: {ctx.world} ranks now, {written_by} wrote the checkpoint; the run continues "
+                "exactly as it would have (prompts, noise and optimizer steps do not depend on the ranks)")
         stored = state.get("components") or {k: f(state) for k, f in _LEGACY.items()}
         for name, component in components.items():
             if stored.get(name) is not None:
