@@ -145,19 +145,28 @@ def test_kill_mid_iteration_and_resume_reproduces_metrics(lab_world, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_match_one_rank(lab_world, tmp_path):
+    """Also validation during training (eval.every): the held-out prompts split over the ranks, the scores reduced
+    (9 prompts: the ranks' shares differ by one, padded), the same numbers as on one rank."""
     one, two = tmp_path / "one", tmp_path / "two"
-    cfg = dict(iterations=2, checkpoint_every=0)
+    cfg = {"iterations": 2, "checkpoint_every": 0, "eval.every": 1, "eval.max_prompts": 9}
     r1 = _run_main(_flat(tiny(lab_world, one, **cfg)))
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = _cli(_flat(tiny(lab_world, two, **cfg)), torchrun=2)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    m1, m2 = _metrics(one), _metrics(two)
+    m1, m2 = ([m for m in _metrics(d) if "loss" in m] for d in (one, two))
+    assert len(m1) == len(m2) == 2
     for x, y in zip(m1, m2):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
         assert x["reward/digit_alignment"] == pytest.approx(y["reward/digit_alignment"], rel=1e-5)
         assert x["forward_rows"] == y["forward_rows"]
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
         assert x["adv_std"] == pytest.approx(y["adv_std"], rel=1e-6)  # over every rank, not a mean of per-rank stds
+    e1, e2 = ([m for m in _metrics(d) if "eval/digit_judge" in m] for d in (one, two))
+    assert [m["iteration"] for m in e1] == [m["iteration"] for m in e2] == [0, 1, 2]
+    for x, y in zip(e1, e2):
+        for k in ("eval/digit_judge", "eval/digit_alignment", "eval/digit_alignment_std", "eval/diversity",
+                  "eval/cost_rows"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
     w1, w2 = _weights(one), _weights(two)
     # Adam steps of lr=1e-3: weights agree far below one step's size
     worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
