@@ -42,7 +42,7 @@ LEARNED_FILES = ("scene_clip", "scene_preference", "scene_detector")
 class SceneWorldConfig:
     """Everything that determines the world (a different config is a different world)."""
 
-    build_version: int = 2  # raised whenever the build itself changes, so a cached world is rebuilt
+    build_version: int = 3  # raised whenever the build itself changes, so a cached world is rebuilt
     seed: int = 0
     image_size: int = 16
     space_to_depth: int = 2  # the latent: [12, 8, 8], 16 tokens of 48 channels
