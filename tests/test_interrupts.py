@@ -27,7 +27,10 @@ def _short_and_clean(stderr: str, message: str) -> None:
 
 
 @pytest.mark.slow
-def test_sigint_mid_update_finishes_the_iteration_and_sigterm_mid_rollout_abandons_it(lab_world, tmp_path):
+def test_sigint_mid_update_finishes_the_iteration_and_sigterm_mid_rollout_abandons_it(lab_world, tmp_path,
+                                                                                     monkeypatch):
+    """In this process (the signal handlers are the trainer's while it runs; the CLI's exit status and stderr are
+    main()'s): a subprocess would only add its interpreter's start."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
@@ -36,16 +39,19 @@ def test_sigint_mid_update_finishes_the_iteration_and_sigterm_mid_rollout_abando
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     # SIGINT during the second iteration's update: that iteration finishes and is checkpointed
-    r = _cli(PRESETS + _flat(tiny(lab_world, b, **opts)), {"G2RPO_FAULT": "int@1:train"})
+    monkeypatch.setenv("G2RPO_FAULT", "int@1:train")
+    r = _run_main(PRESETS + _flat(tiny(lab_world, b, **opts)))
     assert r.returncode == 130, r.stderr[-3000:]
     _short_and_clean(r.stderr, "interrupted at iteration 2; continue with --resume")
     assert [p.name for p in (b / "checkpoints").iterdir()] == ["iter_000002"]
     # SIGTERM (a scheduler's preemption) before the second iteration's rollout: it is abandoned
-    r = _cli(PRESETS + _flat(tiny(lab_world, c, **opts)), {"G2RPO_FAULT": "term@1:rollout"})
+    monkeypatch.setenv("G2RPO_FAULT", "term@1:rollout")
+    r = _run_main(PRESETS + _flat(tiny(lab_world, c, **opts)))
     assert r.returncode == 143, r.stderr[-3000:]
     _short_and_clean(r.stderr, "interrupted at iteration 1; continue with --resume")
     assert [m["iteration"] for m in _metrics(c)] == [1]
 
+    monkeypatch.delenv("G2RPO_FAULT")
     for out in (b, c):  # the README's resume command: the stored config (presets included) is the base
         r = _run_main([f"output_dir={out}", "--resume"])
         assert r.returncode == 0, r.stderr[-3000:]

@@ -131,7 +131,7 @@ def test_kill_mid_iteration_and_resume_reproduces_metrics(lab_world, tmp_path):
     killed = _cli(args_b, {"G2RPO_FAULT": "kill@2:train"})  # dies inside the third iteration
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert len(_metrics(b)) == 2
-    resumed = _cli(args_b + ["--resume"])
+    resumed = _run_main(args_b + ["--resume"])  # a new Trainer from the files alone (in this process: no start-up)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     ma, mb = _metrics(a), _metrics(b)
     assert [m["iteration"] for m in mb] == [1, 2, 3, 4]
