@@ -169,12 +169,21 @@ def test_train_and_eval_end_to_end_on_tiny_wan_i2v(variant, folders, tmp_path, t
                        + json.dumps({"prompt": "a blue sphere on grass", "image": str(folders["last"]), **last}) + "\n")
     rewards = (f"rewards=[{{name: hps, options: {{checkpoint: {ckpt}, model_name: {name}}}, frames: min}}, "
                f"{{name: first_frame, options: {{checkpoint: {ckpt}, model_name: {name}}}}}]")
+    evaluation = []
+    if variant == "2.1":  # validation during training: held-out prompts with their own conditioning images
+        held_out = tmp_path / "test.jsonl"
+        held_out.write_text(json.dumps({"prompt": "a green cone", "image": str(folders["last"])}) + "\n")
+        evaluation = ["eval.every=1", f"eval.prompts={held_out}", "eval.steps=3",
+                      f"eval.rewards=[{{name: first_frame, options: {{checkpoint: {ckpt}, model_name: {name}}}}}]"]
     out, metrics = train_and_eval("wan_i2v", folders[variant], tmp_path, tiny_open_clip,
                                   ["model.height=16", "model.width=16", "model.num_frames=5",
                                    "model.guidance_scale=4.0", "model.max_sequence_length=16"],
                                   ["--height", "16", "--width", "16", "--num-frames", "5"], frames="min",
-                                  train_args=[rewards], prompts=prompts)
+                                  train_args=[rewards, *evaluation], prompts=prompts)
     assert all(np.isfinite(m["reward/first_frame"]) for m in metrics)
+    if evaluation:
+        evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval/first_frame" in x]
+        assert [m["iteration"] for m in evals] == [0, 1, 2] and all(np.isfinite(m["eval/first_frame"]) for m in evals)
 
 
 def test_a_last_image_needs_a_model_that_takes_one(folders):

@@ -111,6 +111,10 @@ def preflight(cfg: TrainConfig) -> tuple[list[str], dict | None]:
         source = eval_prompt_source(cfg)
         try:
             checked.append(("eval.prompts", source, load_prompts(source)))
+            if fam.prompt_images:  # image-to-video: every held-out image exists and opens too
+                from ..prompts import load_prompt_images
+
+                load_prompt_images(source)
         except (ValueError, FileNotFoundError, UnicodeDecodeError) as err:
             raise ConfigError(f"eval.prompts: {err}") from None
     check = fam.prompt_check

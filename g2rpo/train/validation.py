@@ -146,13 +146,18 @@ class Validator:
         from ..models.registry import family
         from ..prompts import load_prompts
         from ..rewards.configured import build_rewards
+        from ..rewards.registry import takes_prompt_file
 
         source = eval_prompt_source(cfg)
         self.prompts = load_prompts(source)[: cfg.eval.max_prompts]
+        if family(cfg.model.kind).prompt_images:  # image-to-video: the held-out prompts' images join the training's
+            from ..prompts import load_prompt_images
+
+            policy.set_prompt_images({**getattr(policy, "prompt_images", {}), **load_prompt_images(source)})
         built = {self._key(spec): model for spec, (_, model, _) in zip(cfg.rewards, train_rewards)}
         self.rewards = []  # a reward the training already loaded is shared, not loaded twice
-        for spec in eval_specs(cfg):
-            model = built.get(self._key(spec))
+        for spec in eval_specs(cfg):  # a reward reading the prompt file (first_frame) reads the held-out one
+            model = None if takes_prompt_file(spec.name) else built.get(self._key(spec))
             if model is None:
                 (_, model, _), = build_rewards([spec], cfg.model, base_path, prompt_file=source)
             self.rewards.append((f"eval/{spec.metric_name}", model))
