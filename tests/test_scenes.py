@@ -212,7 +212,7 @@ def test_every_method_runs_two_iterations_on_the_scenes_world(scenes_world, tmp_
     s = CompareSettings(seeds=1, iterations=2, lr_grid=(1e-4,), extend_lr=0, eval_every=2, per_sde_step_variant=False,
                         overrides={"sampler": {"group_size": 4, "sde_indices": [0, 1]},
                                    "data": {"prompts_per_iteration": 2}},
-                        eval_per_class=1, curve_per_class=1, world="scenes")
+                        eval_per_class=1, curve_per_class=1, world="scenes", eval_steps=(16,))  # Table 4: digits test
     res = compare(tmp_path, s, world=scenes_world, log=lambda *a: None)
     assert res["judge_key"] == "scene_exact" and set(res["grid"]) == {"paper", "official"}
     for family in res["grid"].values():

@@ -89,6 +89,7 @@ class CompareSettings:
     eval_per_class: int | None = None  # final evaluation: samples per held-out prompt (None: the world's)
     curve_per_class: int | None = None  # curve points: samples per prompt (None: the world's)
     world: str = "digits"
+    eval_steps: tuple[int, ...] = EVAL_STEPS  # the final evaluations' step counts (Table 4; 16 comes first)
 
 
 #: The digits world's reset (kept for callers that combine a preset with the digits world by hand).
@@ -107,7 +108,8 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, out: Path, eval_every: int = 8,
                family: str = "paper", overrides: dict | None = None, spec: WorldSpec | str = "digits",
                cache: dict | None = None, budget: float | None = None, cost_points: int = 8,
-               eval_per_class: int | None = None, curve_per_class: int | None = None) -> dict:
+               eval_per_class: int | None = None, curve_per_class: int | None = None,
+               eval_steps: tuple[int, ...] = EVAL_STEPS) -> dict:
     """Train one method (its ``family`` preset over the world's lab config) from the base model; returns curves
     (score against iterations, cumulative cost and seconds), timings, the mean clip fraction, MGAI diagnostics and
     final evaluations. ``budget``: train while the cumulative cost stays within it; the policy evaluated is that
@@ -183,7 +185,7 @@ def run_method(world: Path, method: str, seed: int, lr: float, iterations: int, 
     if cost_curve[-1][0] != last_within["cost"]:
         curve.append((last_within["iterations"], spec.score(evaluate(16, False, "curve"))))
         cost_curve.append((last_within["cost"], float(np.sum(times)), curve[-1][1]))
-    final = {str(s): evaluate(s, True, "final") for s in EVAL_STEPS}
+    final = {str(s): evaluate(s, True, "final") for s in eval_steps}
     grid = None
     if seed == 0:  # the grids show each method's seed-0 run
         with rollout_mode(trainer.module):
@@ -221,7 +223,8 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
             cache[f"{size}_per_class"] = cache[f"{size}_per_prompt"] = n
     t_start = time.perf_counter()
     base_policy = spec.load_policy(world)
-    base_eval = {"final": {str(s): spec.evaluate(base_policy, world, s, True, "final", cache) for s in EVAL_STEPS},
+    base_eval = {"final": {str(s): spec.evaluate(base_policy, world, s, True, "final", cache)
+                           for s in settings.eval_steps},
                  "train_score": spec.score(spec.evaluate(base_policy, world, 16, False, "curve", cache))}
     if settings.budget is not None:
         base_eval["judge_curve"] = spec.evaluate(base_policy, world, 16, True, "curve", cache)
@@ -229,7 +232,7 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
     # with a budget every run trains to the same cost: iterations is only an upper bound
     iterations = settings.iterations if settings.budget is None else 10 * settings.iterations
     kw = dict(eval_every=settings.eval_every, overrides=overrides, spec=spec, cache=cache, budget=settings.budget,
-              cost_points=settings.cost_points)
+              cost_points=settings.cost_points, eval_steps=tuple(settings.eval_steps))
 
     def runs_at(name: str, method: str, family: str, lr: float, extra: dict | None = None) -> list[dict]:
         o = merge_dicts(overrides, extra) if extra else overrides
@@ -497,15 +500,16 @@ def tables_markdown(results: dict) -> str:
                 order = ordering(by, fn)
                 lines.append(f"- {label}, by {name}: {' > '.join(order)} -> paper ordering "
                              f"{'appears' if _paper_order_holds(order) else 'does not appear'}")
+        steps = results["settings"].get("eval_steps", EVAL_STEPS)
         lines += ["", f"### Table 4 analogue: fewer inference steps, best lr ({key} / {score_name})", "",
-                  "| method | " + " | ".join(f"{st} steps" for st in EVAL_STEPS) + " |",
-                  "|---|" + "---|" * len(EVAL_STEPS)]
+                  "| method | " + " | ".join(f"{st} steps" for st in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
         lines.append("| base model | " + " | ".join(
             f"{base['final'][str(st)][key]:.3f} / {_score(results, base['final'][str(st)]):.3f}"
-            for st in EVAL_STEPS) + " |")
+            for st in steps) + " |")
         for m, rs in runs.items():
             cells = [f"{np.mean([_judge(results, r, str(st)) for r in rs]):.3f} / "
-                     f"{np.mean([_score(results, r['final'][str(st)]) for r in rs]):.3f}" for st in EVAL_STEPS]
+                     f"{np.mean([_score(results, r['final'][str(st)]) for r in rs]):.3f}" for st in steps]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         if "dance_grpo" in runs:
             target = float(np.mean([r["train_score"] for r in runs["dance_grpo"]]))
