@@ -54,3 +54,12 @@ def test_flow_grpo_official_trains_on_the_digits_in_one_documented_step(lab_worl
                    "tensorboard=false", "export_final=false"])
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_lab_with_resume_is_refused_rather_than_ignored(tmp_path, capsys):
+    from g2rpo.train.cli import main
+
+    assert main(["--config", str(preset_path("dance_grpo", "official")), "--lab", "digits", "--resume",
+                 f"output_dir={tmp_path}"]) == 2
+    assert "--lab sets up a new run; --resume continues" in capsys.readouterr().err
+

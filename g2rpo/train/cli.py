@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     overrides = list(rest) + (["resume=true"] if args.resume else [])
     try:
+        if args.lab is not None and (args.resume or "resume=true" in overrides):
+            raise ConfigError("--lab sets up a new run; --resume continues from the config stored in the checkpoint "
+                              "(which already holds the lab scale it was started with): drop --lab")
         if args.resume or "resume=true" in overrides:  # the checkpoint's config is the base
             from .rundir import resume_base
 
