@@ -10,7 +10,8 @@ import torch
 from g2rpo.config import ConfigError, load_config
 from g2rpo.train import main as train_main
 from g2rpo.train.checks import check_config
-from g2rpo.train.validation import diversity, hacking_streaks
+from g2rpo.rewards.diversity import diversity
+from g2rpo.train.validation import hacking_streaks
 
 from test_train import _flat, _run_main, tiny
 from test_logging import _events

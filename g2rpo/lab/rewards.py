@@ -25,6 +25,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import SVC
 
+from ..rewards.diversity import pairwise_distance_mean
 from .data import DigitSplits, load_splits, to_unit
 from .generator import LabWorldConfig
 from .prompts import prompt_label
@@ -103,15 +104,8 @@ class DigitRealism:
 
 def diversity(images: torch.Tensor, groups: torch.Tensor) -> float:
     """Mean over groups (e.g. prompts) of the mean pairwise RMS distance within the group."""
-    x = _flat_unit(images).double()
-    vals = []
-    for g in torch.unique(groups):
-        xs = x[groups == g]
-        if xs.shape[0] < 2:
-            continue
-        d = torch.cdist(xs, xs) / x.shape[1] ** 0.5
-        n = xs.shape[0]
-        vals.append((d.sum() / (n * (n - 1))).item())
+    x = _flat_unit(images)
+    vals = [pairwise_distance_mean(x[groups == g]) for g in torch.unique(groups) if int((groups == g).sum()) >= 2]
     if not vals:
         raise ValueError("diversity needs at least one group with two images")
     return float(np.mean(vals))

@@ -25,12 +25,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..checkpoint import rng_state, set_rng_state
 from ..config import ConfigError, RewardSpec, TrainConfig
 from ..distributed import DistContext
+from ..rewards.diversity import diversity
 
 __all__ = ["Validator", "sample_and_score", "eval_specs", "eval_prompt_source", "hacking_streaks", "diversity"]
 
@@ -88,25 +88,6 @@ def eval_sigmas(cfg: TrainConfig, policy, steps: int) -> torch.Tensor:
         return policy.pipeline_sigmas(steps)
     shift = policy.dynamic_shift() if s.dynamic_shift else s.static_shift
     return sigma_schedule(steps, shift, s.schedule_precision)
-
-
-def diversity(features: torch.Tensor, per_prompt: int, cosine: bool) -> float:
-    """Mean over prompts of the mean pairwise distance of a prompt's ``per_prompt`` consecutive rows of
-    ``features [N, D]``: ``1 - cos`` (embeddings) or RMS difference (pixels)."""
-    x = features.flatten(1).double()
-    vals = []
-    for lo in range(0, x.shape[0], per_prompt):
-        xs = x[lo:lo + per_prompt]
-        n = xs.shape[0]
-        if n < 2:
-            continue
-        if cosine:
-            xs = torch.nn.functional.normalize(xs, dim=1)
-            d = 1.0 - xs @ xs.T
-        else:
-            d = torch.cdist(xs, xs) / x.shape[1] ** 0.5
-        vals.append(float(d.sum() / (n * (n - 1))))
-    return float(np.mean(vals)) if vals else float("nan")
 
 
 def hacking_streaks(history: list[dict[str, float]], train_keys: Sequence[str], eval_keys: Sequence[str],

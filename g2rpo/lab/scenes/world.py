@@ -21,6 +21,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from ...hub import dtype_kwarg
+from ...rewards.diversity import diversity
 from ..generator import LabPolicy, pretrain_flow
 from ..prompts import LabTextEncoder
 from ..world import default_cache_dir, publish
@@ -205,18 +206,6 @@ def sample_scenes(policy: LabPolicy, prompts: list[str], steps: int = 16, seed: 
     return policy.decode(engine.sample_ode(noise, policy.encode_prompts(prompts)))
 
 
-def _diversity(images: torch.Tensor, per_prompt: int) -> float:
-    """Mean over prompts of the mean pairwise RMS pixel distance among a prompt's samples."""
-    x = images.flatten(1).double()
-    vals = []
-    for start in range(0, x.shape[0], per_prompt):
-        xs = x[start:start + per_prompt]
-        n = xs.shape[0]
-        if n >= 2:
-            vals.append(float((torch.cdist(xs, xs) / x.shape[1] ** 0.5).sum() / (n * (n - 1))))
-    return float(np.mean(vals)) if vals else float("nan")
-
-
 @torch.no_grad()
 def evaluate_scenes(policy: LabPolicy, world: str | Path, steps: int = 16, per_prompt: int = 8, seed: int = 12345,
                     prompts: str = "test", rewards: dict[str, object] | None = None, judges=None
@@ -237,7 +226,7 @@ def evaluate_scenes(policy: LabPolicy, world: str | Path, steps: int = 16, per_p
         out["scene_exact/paraphrase"] = float(ok[:n_para].mean())
         out["scene_exact/heldout_pairs"] = float(ok[n_para:].mean())
     out["scene_detector"] = float(detector.score(images, rows).mean())
-    out["diversity"] = _diversity(images, per_prompt)
+    out["diversity"] = diversity(images, per_prompt)
     return out
 
 
