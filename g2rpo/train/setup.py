@@ -26,7 +26,7 @@ from ..models.registry import family, import_path
 from ..rollout.configured import check_strategy_schedule
 
 __all__ = ["EXPORT_MARKER", "PolicySetup", "build_policy", "build_optimizer", "lr_lambda", "autocast",
-           "reference_policy", "resolve_trained_experts", "run_schedule", "update_ema", "ema_decay_at",
+           "reference_policy", "resolve_trained_experts", "run_schedule", "schedule_sigmas", "update_ema", "ema_decay_at",
            "export_is_current", "export_policy", "seed_of"]
 
 
@@ -158,29 +158,39 @@ def reference_policy(setup: PolicySetup, lora: bool):
                 setup.policy.set_transformer(saved)
 
 
-def run_schedule(cfg: TrainConfig, policy, strategy, log=print) -> torch.Tensor:
-    """The run's schedule (``sampler.schedule``): the family pipeline's own default sigmas, or the static shift
-    (``sampler.shift``; with ``sampler.dynamic_shift`` the pipeline's exp(mu) for this image size); checked
-    against eta as the config checks its own static schedule."""
+def schedule_sigmas(cfg: TrainConfig, policy, num_steps: int) -> torch.Tensor:
+    """The ``num_steps + 1`` sigmas of the run's schedule (``sampler.schedule``): the family pipeline's own default
+    sigmas, or the static shift (``sampler.shift``; with ``sampler.dynamic_shift`` the pipeline's exp(mu) for this
+    image size). The training rollouts and validation during training both sample on it."""
     from ..schedule import sigma_schedule
 
-    s, T = cfg.sampler, strategy.num_steps
+    s = cfg.sampler
     if s.resolved_schedule(cfg.model.kind) == "pipeline":
         try:
-            sig = policy.pipeline_sigmas(T)
+            return policy.pipeline_sigmas(num_steps)
         except (ValueError, NotImplementedError) as err:
             raise ConfigError(f"sampler.schedule: pipeline: {err}") from None
+    if not s.dynamic_shift:
+        return sigma_schedule(num_steps, s.static_shift, s.schedule_precision)
+    try:
+        shift = policy.dynamic_shift()
+    except (ValueError, NotImplementedError) as err:
+        raise ConfigError(f"sampler.dynamic_shift: {err}") from None
+    return sigma_schedule(num_steps, shift, s.schedule_precision)
+
+
+def run_schedule(cfg: TrainConfig, policy, strategy, log=print) -> torch.Tensor:
+    """The run's schedule at the strategy's T (:func:`schedule_sigmas`), logged and, where the config could not
+    check it (the pipeline's, a dynamic shift), checked against eta as the config checks its own static one."""
+    s, T = cfg.sampler, strategy.num_steps
+    sig = schedule_sigmas(cfg, policy, T)
+    if s.resolved_schedule(cfg.model.kind) == "pipeline":
         log(f"sampler.schedule: the pipeline's own ({T} steps: sigma {float(sig[1]):.4f} after the first "
             f"step, {float(sig[-2]):.4f} before the last)")
     elif s.dynamic_shift:
-        try:
-            shift = policy.dynamic_shift()
-        except (ValueError, NotImplementedError) as err:
-            raise ConfigError(f"sampler.dynamic_shift: {err}") from None
-        log(f"sampler.dynamic_shift: shift {shift:.4f} for {policy.image_seq_len} image tokens")
-        sig = sigma_schedule(T, shift, s.schedule_precision)
+        log(f"sampler.dynamic_shift: shift {policy.dynamic_shift():.4f} for {policy.image_seq_len} image tokens")
     else:
-        return sigma_schedule(T, s.static_shift, s.schedule_precision)  # checked by the config
+        return sig  # checked by the config
     check_strategy_schedule(strategy, sig)
     return sig
 

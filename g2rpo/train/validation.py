@@ -31,6 +31,7 @@ from ..checkpoint import rng_state, set_rng_state
 from ..config import ConfigError, RewardSpec, TrainConfig
 from ..distributed import DistContext
 from ..rewards.diversity import diversity
+from .setup import schedule_sigmas
 
 __all__ = ["Validator", "sample_and_score", "eval_specs", "eval_prompt_source", "hacking_streaks", "diversity"]
 
@@ -77,17 +78,6 @@ def sample_and_score(policy, prompts: list[str], positions: list[int], rewards: 
     images = policy.decode(engine.sample_ode(noise, policy.encode_prompts(rows)))
     scores = {name: model.score(images, rows).float().cpu() for name, model in rewards}
     return scores, images.cpu()
-
-
-def eval_sigmas(cfg: TrainConfig, policy, steps: int) -> torch.Tensor:
-    """The run's kind of schedule (the pipeline's own, a dynamic or a static shift) at ``steps`` steps."""
-    from ..schedule import sigma_schedule
-
-    s = cfg.sampler
-    if s.resolved_schedule(cfg.model.kind) == "pipeline":
-        return policy.pipeline_sigmas(steps)
-    shift = policy.dynamic_shift() if s.dynamic_shift else s.static_shift
-    return sigma_schedule(steps, shift, s.schedule_precision)
 
 
 def hacking_streaks(history: list[dict[str, float]], train_keys: Sequence[str], eval_keys: Sequence[str],
@@ -143,7 +133,7 @@ class Validator:
                 (_, model, _), = build_rewards([spec], cfg.model, base_path, prompt_file=source)
             self.rewards.append((f"eval/{spec.metric_name}", model))
         self.steps = cfg.eval.steps or family(cfg.model.kind).defaults.eval_steps or cfg.sampler.num_steps
-        self.sigmas = eval_sigmas(cfg, policy, self.steps)
+        self.sigmas = schedule_sigmas(cfg, policy, self.steps)
         self.groups = {}
         for name, model in self.rewards:  # a reward that groups prompts (GenEval's categories) reports per group
             group_of = getattr(getattr(model, "model", model), "prompt_group", None)
