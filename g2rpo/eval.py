@@ -104,20 +104,14 @@ def load_eval_policy(model: str | Path, checkpoint: str | Path | None, dtype: to
 def evaluate(policy, prompts: list[str], positions: list[int], rewards: list[tuple[str, object]], steps: int,
              shift: float | None, seed: int, max_batch: int, device, samples: int = 1
              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Scores per reward ``[N * samples]`` and the images (prompt-major: each prompt's samples together).
-    ``shift`` None: the pipeline's own default schedule (:meth:`~g2rpo.models.base.PolicyAdapter.pipeline_sigmas`)."""
-    from .rollout.engine import RolloutEngine
-    from .train.setup import seed_of
+    """Scores per reward ``[N * samples]`` and the images (prompt-major: each prompt's samples together), as
+    validation during training samples them (:func:`g2rpo.train.validation.sample_and_score`). ``shift`` None: the
+    pipeline's own default schedule (:meth:`~g2rpo.models.base.PolicyAdapter.pipeline_sigmas`)."""
+    from .schedule import sigma_schedule
+    from .train.validation import sample_and_score
 
-    noise = torch.stack([policy.prepare_latents(1, torch.Generator(device=device).manual_seed(
-        seed_of(seed, p, s)), device=device)[0] for p in positions for s in range(samples)])
-    rows = [p for p in prompts for _ in range(samples)]
-    engine = RolloutEngine(policy, num_steps=steps, shift=3.0 if shift is None else shift, max_batch=max_batch,
-                           sigmas=policy.pipeline_sigmas(steps) if shift is None else None)
-    latents = engine.sample_ode(noise, policy.encode_prompts(rows))
-    images = policy.decode(latents)
-    scores = {name: model.score(images, rows).float().cpu() for name, model in rewards}
-    return scores, images.cpu()
+    sigmas = policy.pipeline_sigmas(steps) if shift is None else sigma_schedule(steps, shift)
+    return sample_and_score(policy, prompts, positions, rewards, sigmas, seed, max_batch, device, samples)
 
 
 def _summary_md(rows: dict[str, dict[str, tuple[float, float]]], names: list[str], n: int, samples: int) -> str:
