@@ -84,6 +84,14 @@ def test_the_progress_bar_names_the_strategy():
     bar.close()
 
 
+def test_keep_best_naming_no_evaluation_metric_stops_before_any_model_loads(tmp_path):
+    r = _run_main(["eval.every=2", "eval.keep_best=eval/digit_judgement", f"output_dir={tmp_path / 'o'}"])
+    assert r.returncode == 2
+    assert ("eval.keep_best: eval/digit_judgement is not an evaluation metric; the eval rewards log eval/digit_judge, "
+            "eval/digit_alignment, eval/digit_realism") in r.stderr
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
 # ---- the lab world ------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow

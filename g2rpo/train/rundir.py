@@ -47,8 +47,14 @@ def preflight(cfg: TrainConfig) -> tuple[list[str], dict | None]:
 
     evaluating = cfg.eval.every > 0
     check_world_rewards(cfg.model, cfg.rewards)
-    if evaluating:
-        check_world_rewards(cfg.model, eval_specs(cfg), "eval.rewards")
+    if evaluating:  # eval_specs adds only the family's own judges or the training rewards, checked just above
+        check_world_rewards(cfg.model, cfg.eval.rewards, "eval.rewards")
+        names = [s.metric_name for s in eval_specs(cfg)]
+        best = cfg.eval.keep_best
+        if best is not None and best != "eval/diversity" and not any(best == f"eval/{n}" or best.startswith(
+                f"eval/{n}/") for n in names):
+            raise ConfigError(f"eval.keep_best: {best} is not an evaluation metric; the eval rewards log "
+                              f"{', '.join(f'eval/{n}' for n in names)} (and eval/diversity)")
     check_paths(cfg.model, cfg.rewards, files={"data.prompts": cfg.data.prompts,
                                                "eval.prompts": eval_prompt_source(cfg) if evaluating else None},
                 eval_rewards=cfg.eval.rewards if evaluating else [])
@@ -63,7 +69,7 @@ def preflight(cfg: TrainConfig) -> tuple[list[str], dict | None]:
     for sub in ("checkpoints", "final"):
         if (out / sub).exists() and not (out / sub).is_dir():
             raise ConfigError(f"{out / sub} is a file: the run writes a folder there; move the file away")
-    check_served_rewards(cfg.rewards + (eval_specs(cfg) if evaluating else []))
+    check_served_rewards(cfg.rewards + (cfg.eval.rewards if evaluating else []))  # each server checked once
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         try:
