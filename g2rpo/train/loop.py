@@ -248,7 +248,7 @@ class Trainer:
                     try:
                         m = self.iteration(it)
                     except (RolloutStopped, StopNow) as err:  # before the update: the state is that of `it` iterations
-                        if isinstance(err, StopNow) and (self.updating or self.ctx.enabled):
+                        if isinstance(err, StopNow) and (getattr(self, "updating", False) or self.ctx.enabled):
                             raise  # mid-update, or ranks that may not all have it: nothing to write safely
                         set_rng_state(rng)
                         if saved != it or not complete_checkpoints(self.out):
