@@ -1,6 +1,7 @@
 """bench/gpu: the one-command GPU acceptance run, exercised on tiny models on CPU so it cannot rot."""
 
 import json
+import os
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -11,13 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "gpu" / "run.sh"
 STAGES = ["ops", "rollout", "ratio", "train_step", "memory", "graphs"]  # in order of value
 @pytest.mark.slow
-def test_run_sh_tiny_on_cpu_writes_every_stage(tmp_path):
+def test_run_sh_tiny_on_cpu_writes_every_stage(tmp_path, lab_world):
     """Every stage's verdict from its numbers: a budget no loaded machine exhausts (each stage's share is minutes
     where it needs seconds), so a busy machine cannot turn a stage into "out of time" (the 480 s default once did,
     for the ratio stage, beside three other jobs)."""
-    out = tmp_path / "acc"
+    out, cache = tmp_path / "acc", tmp_path / "cache"
+    (cache / "lab").mkdir(parents=True)
+    (cache / "lab" / "base").symlink_to(lab_world)  # the ratio stage reads the lab world from $G2RPO_CACHE
     r = subprocess.run(["bash", str(RUN), "--device", "cpu", "--tiny", "--budget-s", "3000", "--out", str(out)],
-                       capture_output=True, text=True, timeout=3600)
+                       capture_output=True, text=True, timeout=3600, env=dict(os.environ, G2RPO_CACHE=str(cache)))
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert list(report["stages"]) == STAGES

@@ -314,7 +314,7 @@ def stage_ratio(ctx: Ctx) -> dict:
     from g2rpo.lab import build_world
     from g2rpo.train import Trainer
 
-    world = build_world(ctx.out / "lab", log=None)
+    world = build_world(log=None)  # $G2RPO_CACHE/lab/base: built there once, reused by later runs
     res: dict = {"model": "lab world (tiny Flux transformer), model.dtype=bfloat16, 8 prompts, paper setting"}
     for recompute in (False, True):
         cfg = load_config(None, {"model": {"path": str(world), "dtype": "bfloat16"}, "iterations": 1,
