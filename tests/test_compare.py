@@ -19,18 +19,18 @@ def test_g2rpo_raises_the_in_domain_reward_above_the_base_model(lab_world, tmp_p
 
 @pytest.mark.slow
 def test_compare_writes_both_families_equal_lr_tables_curves_and_grids(lab_world, tmp_path):
-    s = CompareSettings(methods=("dance_grpo", "g2rpo_no_mgai", "g2rpo"), seeds=2, iterations=2, lr_grid=(1e-4, 3e-4),
+    s = CompareSettings(methods=("dance_grpo", "g2rpo"), seeds=2, iterations=2, lr_grid=(1e-4, 3e-4),
                         eval_every=2, overrides=SMALL, eval_per_class=2, curve_per_class=2, extend_lr=0)
     res = compare(tmp_path, s, world=lab_world, log=lambda *a: None)
     assert set(res["grid"]) == {"paper", "official"}
     for family in res["grid"].values():
-        assert set(family) == {"dance_grpo", "g2rpo_no_mgai", "g2rpo"}
+        assert set(family) == {"dance_grpo", "g2rpo"}
         assert all(set(per_lr) == {"0.0001", "0.0003"} and all(len(v) == 2 for v in per_lr.values())
                    for per_lr in family.values())
     assert res["lr_choice"]["official"]["g2rpo"] in {1e-4, 3e-4}
     off, pap = res["grid"]["official"]["g2rpo"]["0.0001"][0], res["grid"]["paper"]["g2rpo"]["0.0001"][0]
     assert off["optimizer_steps_per_iter"] == 3 and pap["optimizer_steps_per_iter"] == 1  # per_sde_step vs Alg. 1
-    assert set(res["per_sde_step_variant"]) == {"g2rpo_no_mgai", "g2rpo"}
+    assert set(res["per_sde_step_variant"]) == {"g2rpo"}  # G2RPO's official update schedule; DanceGRPO has none
     assert res["per_sde_step_variant"]["g2rpo"][0]["optimizer_steps_per_iter"] == 3
     text = (tmp_path / "tables.md").read_text()
     for heading in ("Family `paper`", "Family `official`", "Table 1 analogue", "Equal-lr table", "Orderings",

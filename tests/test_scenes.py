@@ -210,7 +210,7 @@ def test_every_method_runs_two_iterations_on_the_scenes_world(scenes_world, tmp_
     from g2rpo.experiments.compare import CompareSettings, compare
 
     s = CompareSettings(seeds=1, iterations=2, lr_grid=(1e-4,), extend_lr=0, eval_every=2, per_sde_step_variant=False,
-                        overrides={"sampler": {"group_size": 4, "sde_indices": [0, 1]},
+                        overrides={"sampler": {"group_size": 4, "sde_indices": [0, 1], "num_steps": 8},
                                    "data": {"prompts_per_iteration": 2}},
                         eval_per_class=1, curve_per_class=1, world="scenes", eval_steps=(16,))  # Table 4: digits test
     res = compare(tmp_path, s, world=scenes_world, log=lambda *a: None)

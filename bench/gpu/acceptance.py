@@ -135,7 +135,7 @@ def stage_rollout(ctx: Ctx) -> dict:
            "flop_per_row": flop_row, "matmul_peak": peak, "engine": _rate(ro.forward_rows, sec, flop_row,
                                                                            peak["tflops"])}
     # the public loop: batch 1 per branch, v_k recomputed per branch; a subset of k on the full model
-    sub = PAPER if ctx.tiny else dict(PAPER, sde_indices=(0, 7))
+    sub = dict(PAPER, sde_indices=(0, 7))  # scaled to all of M by rows (CPU and GPU alike)
     psec, (_, prow) = _timed(ctx, lambda: public_loop_rollout(velocity, noise, cond, generator=_gen(ctx), **sub))
     full_rows = _public_rows(PAPER, noise.shape[1:])
     est = psec * full_rows / prow
