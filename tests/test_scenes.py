@@ -186,7 +186,8 @@ def test_g2rpo_trains_and_evaluates_on_the_scenes_world(scenes_world, tmp_path, 
 
     assert eval_main(["--model", str(scenes_world), "--checkpoint", str(tmp_path / "run"), "--prompts",
                       "builtin:scenes_test", "--rewards",
-                      "scene_clip,scene_preference,scene_exact,scene_detector", "--out", str(tmp_path / "ev")]) == 0
+                      "scene_clip,scene_preference,scene_exact,scene_detector", "--samples", "1", "--steps", "8",
+                      "--out", str(tmp_path / "ev")]) == 0
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert set(summary["mean"]) >= {"scene_exact", "scene_detector", "scene_exact/counting", "scene_exact/position",
                                     "scene_detector/color_attr"}
