@@ -43,7 +43,7 @@ class Trainer:
     """Owns the policy, optimiser, sampler and rewards; ``run()`` trains to ``cfg.iterations``."""
 
     def __init__(self, cfg: TrainConfig, log=print) -> None:
-        self.cfg = cfg
+        self.cfg, self.updating = cfg, False  # updating: the weights are changing (a signal then writes nothing)
         self.ctx = DistContext.init(timeout_s=cfg.dist_timeout_s)
         self.log = log if self.ctx.is_main else (lambda *a, **k: None)
         # a config built in Python, not by load_config + check_config, is checked here too; M's subset: sampler seed
@@ -248,7 +248,7 @@ class Trainer:
                     try:
                         m = self.iteration(it)
                     except (RolloutStopped, StopNow) as err:  # before the update: the state is that of `it` iterations
-                        if isinstance(err, StopNow) and (getattr(self, "updating", False) or self.ctx.enabled):
+                        if isinstance(err, StopNow) and (self.updating or self.ctx.enabled):
                             raise  # mid-update, or ranks that may not all have it: nothing to write safely
                         set_rng_state(rng)
                         if saved != it or not complete_checkpoints(self.out):
