@@ -11,6 +11,14 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# pytest-xdist workers share the machine's cores: one worker's torch (and its subprocesses') gets its share of them,
+# so that two workers on two cores do not oversubscribe them
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
+
 @pytest.fixture(scope="session")
 def lab_world(tmp_path_factory):
     """The default lab world, built once per test session in a temporary folder."""
