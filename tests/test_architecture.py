@@ -192,3 +192,10 @@ def test_each_family_option_is_named_only_in_its_registry_row_and_adapters():
         pattern = re.compile(rf"\b{name}\b")
         files = {str(p.relative_to(ROOT)) for p in PKG.rglob("*.py") if pattern.search(p.read_text())}
         assert files - allowed == set(), (name, sorted(files - allowed))
+
+
+def test_the_training_loop_stays_thin():
+    """``train/loop.py`` reads as one iteration's data path (issue 30: about 300 lines or fewer): set-up, the run
+    directory, resume, reward scoring, granularity control and signals live in their own modules."""
+    lines = (PKG / "train" / "loop.py").read_text().splitlines()
+    assert len(lines) <= 300, f"train/loop.py has {len(lines)} lines; move a job it does into its own module"
