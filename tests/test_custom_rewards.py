@@ -125,3 +125,28 @@ def test_lab_comparison_trains_on_a_module_callable_reward(user_module, lab_worl
     assert seen == [f"reward/{mod}:brightness"] and len(r["curve"]) == 2
     with pytest.raises(SystemExit, match="--set: rewards.0..name: .*cannot import module 'nope_mod'"):
         experiments_main(["compare", "--set", "rewards=[{name: 'nope_mod:fn'}]", "--out", str(tmp_path / "c")])
+
+
+@pytest.mark.slow
+def test_the_random_control_ignores_its_inputs_and_trains_by_name(lab_world, tmp_path):
+    """``random_control`` (the negative control of docs/lab-results.md): N(0, 1) draws from its own seeded
+    generator, whatever the images; the same seed gives the same stream; a bad seed or a length mismatch is
+    refused; a training config takes it by name."""
+    from g2rpo.experiments.compare import run_method
+
+    images, prompts = torch.rand(4, 3, 8, 8), ["a"] * 4
+    a, b = make_reward("random_control", seed=3), make_reward("random_control", seed=3)
+    first = a.score(images, prompts)
+    assert first.shape == (4,) and torch.equal(first, b.score(torch.zeros(4, 3, 8, 8), prompts))
+    assert not torch.equal(a.score(images, prompts), first)  # a new draw each call, the same images
+    assert not torch.equal(make_reward("random_control", seed=4).score(images, prompts), first)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        make_reward("random_control", seed=0.5)
+    with pytest.raises(ValueError, match="4 images but 3 prompts"):
+        a.score(images, prompts[:3])
+    o = {"sampler": {"group_size": 3, "sde_indices": [0]}, "data": {"prompts_per_iteration": 2},
+         "rewards": [{"name": "random_control", "options": {"seed": 1}}]}
+    r = run_method(lab_world, "g2rpo", seed=0, lr=1e-4, iterations=1, out=tmp_path / "run", overrides=o,
+                   eval_per_class=2, curve_per_class=2)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "reward/random_control" in metrics[0] and len(r["curve"]) == 2

@@ -47,6 +47,7 @@ BUILTIN_REWARDS = {
     "unified_reward": "g2rpo.rewards.unified_reward:load_unified_reward",
     "remote": "g2rpo.rewards.remote:remote_reward",
     "vlm_judge": "g2rpo.rewards.remote:vlm_judge",
+    "random_control": "g2rpo.rewards.control:RandomControl",
     "digit_alignment": "g2rpo.lab.rewards:build_alignment",
     "digit_realism": "g2rpo.lab.rewards:build_realism",
     "digit_judge": "g2rpo.lab.rewards:build_judge",
