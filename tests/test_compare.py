@@ -48,7 +48,7 @@ def test_compare_at_equal_compute_runs_every_method_to_the_same_cost(lab_world, 
     s = CompareSettings(methods=("dance_grpo", "g2rpo"), families=("paper",), seeds=1, iterations=2,
                         lr_grid=(1e-4,), eval_every=1, overrides=SMALL, eval_per_class=2, curve_per_class=2,
                         per_sde_step_variant=False, budget=4000.0, cost_points=3, extend_lr=0,
-                        variants={"g2rpo_subset2": CHEAPER_VARIANTS["g2rpo_subset2"]})
+                        variants={"g2rpo_subset2": CHEAPER_VARIANTS["g2rpo_subset2"]}, control=True)
     res = compare(tmp_path, s, world=lab_world, log=lambda *a: None)
     runs = [res["grid"]["paper"][m]["0.0001"][0] for m in ("dance_grpo", "g2rpo")] + \
         [res["variants"]["g2rpo_subset2"]["0.0001"][0]]
@@ -66,6 +66,15 @@ def test_compare_at_equal_compute_runs_every_method_to_the_same_cost(lab_world, 
     assert "Equal compute" in text and "g2rpo_subset2 (variant)" in text and "against cost" in text
     assert "Reward hacking over training" in text and "MGAI" in text
     assert (tmp_path / "cost_curves.png").is_file()
+    # the random-reward control: each method at its chosen lr, trained on random_control with the run's seed
+    for m in ("dance_grpo", "g2rpo"):
+        (ctrl,) = res["controls"]["paper"][m]
+        assert ctrl["lr"] == 1e-4 and ctrl["cost_used"] <= 4000 and ctrl["cost_per_iter"] == res["grid"]["paper"][m][
+            "0.0001"][0]["cost_per_iter"]
+        metrics = [json.loads(x) for x in (tmp_path / "runs" / f"control_paper_{m}_s0" / "metrics.jsonl").read_text()
+                   .splitlines()]
+        assert "reward/random_control" in metrics[0] and not any(k.startswith("reward/digit") for k in metrics[0])
+    assert "## The random-reward control" in text and "no spread to read it by (one seed)" in text
 
 
 def test_every_cheaper_variant_is_a_valid_lab_config_and_cheaper_than_g2rpo():

@@ -36,6 +36,10 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
                         "runs the cheaper G2RPO variants and the Lambda ablation")
     c.add_argument("--cost-points", type=int, default=8,
                    help="with --budget: held-out evaluations at this many evenly spaced costs (judge-vs-cost curves)")
+    c.add_argument("--control", action="store_true",
+                   help="also train every compared method at its chosen lr on random_control (N(0, 1) draws that "
+                        "ignore the image), the same seeds: the random-reward control, a table of each method's judge "
+                        "gain against what drift alone gives")
     c.add_argument("--variants", default=None,
                    help="with --budget: the G2RPO variants to run, comma-separated (default: all cheaper variants and "
                         "the Lambda ablation; 'none')")
@@ -79,7 +83,7 @@ def run_compare(args: argparse.Namespace) -> None:
     settings = CompareSettings(methods=methods, families=families, seeds=args.seeds, iterations=args.iterations,
                                lr_grid=tuple(float(x) for x in args.lr_grid.split(",")),
                                eval_every=args.eval_every, per_sde_step_variant=not args.no_variant,
-                               overrides=overrides, budget=args.budget, variants=variants,
+                               overrides=overrides, budget=args.budget, variants=variants, control=args.control,
                                extend_lr=args.extend_lr, cost_points=args.cost_points, world=args.world)
     world = None
     if args.checkpoint:

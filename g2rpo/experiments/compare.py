@@ -19,7 +19,9 @@ evaluated; the cost it used is reported), and the judge and the in-domain reward
 on the held-out prompts with fixed noise at ``cost_points`` evenly spaced costs along the way
 (judge-vs-cost curves; the reward-hacking report). The ``paper_sde`` variant runs the two G2RPO
 methods with the paper preset but the public code's ``per_sde_step`` update schedule, so the
-effect of the active clip is seen alone.
+effect of the active clip is seen alone. With ``control`` every compared method also trains at its chosen lr
+on ``random_control`` (N(0, 1) draws that ignore the image), with the same seeds: the random-reward control, against
+which a judge gain reads as more than the drift of the updates, or not (Welch's t of the difference).
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ class CompareSettings:
     curve_per_class: int | None = None  # curve points: samples per prompt (None: the world's)
     world: str = "digits"
     eval_steps: tuple[int, ...] = EVAL_STEPS  # the final evaluations' step counts (Table 4; 16 comes first)
+    # the random-reward control: every compared method also trains at its chosen lr with every reward replaced by
+    # random_control (N(0, 1) draws that ignore the image; seeded by the run's seed), same seeds, so that a judge
+    # gain can be read against what the drift of the updates alone gives
+    control: bool = False
 
 
 #: The digits world's reset (kept for callers that combine a preset with the digits world by hand).
@@ -280,6 +286,16 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
             cheaper[name] = {_lr_key(lr): runs_at(f"variant_{name}", base_method, family, lr, extra)}
             log(f"[{time.perf_counter() - t_start:6.0f}s] variant {name} lr {lr:g}: train score "
                 f"{np.mean([r['train_score'] for r in cheaper[name][_lr_key(lr)]]):.4f}")
+    controls: dict[str, dict[str, list[dict]]] = {}  # family -> method -> runs per seed on random_control
+    for family, chosen in (lr_choice.items() if settings.control else ()):
+        controls[family] = {}
+        for method, lr in chosen.items():
+            controls[family][method] = [
+                run_method(world, method, seed, lr, iterations, out / "runs" / f"control_{family}_{method}_s{seed}",
+                           family=family, **dict(kw, overrides=merge_dicts(overrides, control_rewards(seed))))
+                for seed in range(settings.seeds)]
+            log(f"[{time.perf_counter() - t_start:6.0f}s] control {family}_{method} lr {lr:g}: {spec.judge} "
+                f"{np.mean([_judge_of(spec, r) for r in controls[family][method]]):.3f} on random_control")
     variant: dict[str, list[dict]] = {}
     if settings.per_sde_step_variant and "paper" in lr_choice:
         for method in (m for m in ("g2rpo_no_mgai", "g2rpo") if m in settings.methods):
@@ -290,23 +306,64 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
                 f"{np.mean([r['train_score'] for r in variant[method]]):.4f}")
     grid_labels = None
     for runs in [v for f in grid.values() for m in f.values() for v in m.values()] + list(variant.values()) + [
-            v for per_lr in cheaper.values() for v in per_lr.values()]:
+            v for per_lr in cheaper.values() for v in per_lr.values()] + [
+            v for f in controls.values() for v in f.values()]:
         for r in runs:
             g = r.pop("_grid", None)
             grid_labels = g[1] if g is not None else grid_labels
     results = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
                "world": str(world), "world_name": spec.name, "in_domain": list(spec.in_domain),
                "judge_key": spec.judge, "cols": list(spec.cols), "base": base_eval, "lr_choice": lr_choice,
-               "grid": grid, "per_sde_step_variant": variant, "variants": cheaper,
+               "grid": grid, "per_sde_step_variant": variant, "variants": cheaper, "controls": controls,
                "total_seconds": time.perf_counter() - t_start}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     with torch.no_grad():
         base_images = spec.grid(base_policy)
     _write_figures(out, results, images, base_images)
-    (out / "tables.md").write_text(budget_markdown(results) + "\n" + tables_markdown(results))
+    (out / "tables.md").write_text(budget_markdown(results) + "\n" + control_markdown(results)
+                                   + tables_markdown(results))
     _write_cost_figures(out, results)
     log(f"comparison written to {out} in {results['total_seconds']:.0f} s")
     return results
+
+
+def control_rewards(seed: int) -> dict:
+    """The overrides of a random-reward control run: every reward replaced by ``random_control`` (its seed the
+    run's)."""
+    return {"rewards": [{"name": "random_control", "weight": 1.0, "options": {"seed": int(seed)}}]}
+
+
+def _judge_of(spec: WorldSpec, r: dict) -> float:
+    return float(r["final"]["16"][spec.judge])
+
+
+def control_markdown(results: dict) -> str:
+    """The random-reward control: each method's judge with its rewards against the same method, lr and seeds
+    trained on ``random_control``, and Welch's t of the difference (a gain reads as more than drift at t >= 2)."""
+    controls = results.get("controls") or {}
+    if not controls:
+        return ""
+    key = results["judge_key"]
+    lines = ["## The random-reward control\n",
+             f"Each method at its chosen lr, trained on its rewards and on `random_control` (N(0, 1) draws that ignore "
+             f"the image), with the same seeds; {key} on the held-out prompts at 16 ODE steps, mean ± std over seeds. "
+             "t is Welch's t of the difference: a gain reads as more than the drift of the updates only at t >= 2.\n",
+             f"| method | lr | {key}, its rewards | {key}, random_control | random_control, min - max | difference "
+             "| t | reading |", "|---|---|---|---|---|---|---|---|"]
+    for family, methods in controls.items():
+        for method, ctrl in methods.items():
+            lr = results["lr_choice"][family][method]
+            real = [_judge(results, r) for r in results["grid"][family][method][_lr_key(lr)]]
+            noise = [_judge(results, r) for r in ctrl]
+            diff = float(np.mean(real) - np.mean(noise))
+            se = (float(np.sqrt(np.var(real, ddof=1) / len(real) + np.var(noise, ddof=1) / len(noise)))
+                  if min(len(real), len(noise)) > 1 else float("nan"))
+            t = diff / se if se > 0 else float("nan")
+            reading = ("no spread to read it by (one seed)" if np.isnan(t) else
+                       "more than drift" if t >= 2 else "within drift")
+            lines.append(f"| {method} ({family}) | {lr:g} | {_mean_std(real)} | {_mean_std(noise)} | "
+                         f"{min(noise):.3f} - {max(noise):.3f} | {diff:+.3f} | {t:.1f} | {reading} |")
+    return "\n".join(lines) + "\n\n"
 
 
 def _score(results: dict, ev: dict[str, float]) -> float:
