@@ -21,7 +21,7 @@ on the held-out prompts with fixed noise at ``cost_points`` evenly spaced costs 
 methods with the paper preset but the public code's ``per_sde_step`` update schedule, so the
 effect of the active clip is seen alone. With ``control`` every compared method also trains at its chosen lr
 on ``random_control`` (N(0, 1) draws that ignore the image), with the same seeds: the random-reward control, against
-which a judge gain reads as more than the drift of the updates, or not (Welch's t of the difference).
+which a judge gain reads as more than the drift of the updates, or not (Welch's t-test of the difference).
 """
 
 from __future__ import annotations
@@ -339,30 +339,34 @@ def _judge_of(spec: WorldSpec, r: dict) -> float:
 
 def control_markdown(results: dict) -> str:
     """The random-reward control: each method's judge with its rewards against the same method, lr and seeds
-    trained on ``random_control``, and Welch's t of the difference (a gain reads as more than drift at t >= 2)."""
+    trained on ``random_control``; Welch's t-test of the difference (a gain reads as more than drift at p < 0.05)."""
     controls = results.get("controls") or {}
     if not controls:
         return ""
+    from scipy.stats import ttest_ind
+
     key = results["judge_key"]
     lines = ["## The random-reward control\n",
              f"Each method at its chosen lr, trained on its rewards and on `random_control` (N(0, 1) draws that ignore "
              f"the image), with the same seeds; {key} on the held-out prompts at 16 ODE steps, mean ± std over seeds. "
-             "t is Welch's t of the difference: a gain reads as more than the drift of the updates only at t >= 2.\n",
+             "t and p: Welch's t-test of the difference; a gain reads as more than the drift of the updates only at "
+             "p < 0.05.\n",
              f"| method | lr | {key}, its rewards | {key}, random_control | random_control, min - max | difference "
-             "| t | reading |", "|---|---|---|---|---|---|---|---|"]
+             "| t | p | reading |", "|---|---|---|---|---|---|---|---|---|"]
     for family, methods in controls.items():
         for method, ctrl in methods.items():
             lr = results["lr_choice"][family][method]
             real = [_judge(results, r) for r in results["grid"][family][method][_lr_key(lr)]]
             noise = [_judge(results, r) for r in ctrl]
             diff = float(np.mean(real) - np.mean(noise))
-            se = (float(np.sqrt(np.var(real, ddof=1) / len(real) + np.var(noise, ddof=1) / len(noise)))
-                  if min(len(real), len(noise)) > 1 else float("nan"))
-            t = diff / se if se > 0 else float("nan")
-            reading = ("no spread to read it by (one seed)" if np.isnan(t) else
-                       "more than drift" if t >= 2 else "within drift")
+            t = p = float("nan")
+            if min(len(real), len(noise)) > 1 and np.var(real) + np.var(noise) > 0:
+                test = ttest_ind(real, noise, equal_var=False)
+                t, p = float(test.statistic), float(test.pvalue)
+            reading = ("no spread to read it by (one seed)" if np.isnan(p) else "within drift" if p >= 0.05 else
+                       "more than drift" if diff > 0 else "below drift")
             lines.append(f"| {method} ({family}) | {lr:g} | {_mean_std(real)} | {_mean_std(noise)} | "
-                         f"{min(noise):.3f} - {max(noise):.3f} | {diff:+.3f} | {t:.1f} | {reading} |")
+                         f"{min(noise):.3f} - {max(noise):.3f} | {diff:+.3f} | {t:.1f} | {p:.2f} | {reading} |")
     return "\n".join(lines) + "\n\n"
 
 
