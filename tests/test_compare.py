@@ -71,8 +71,8 @@ def test_compare_at_equal_compute_runs_every_method_to_the_same_cost(lab_world, 
         (ctrl,) = res["controls"]["paper"][m]
         assert ctrl["lr"] == 1e-4 and ctrl["cost_used"] <= 4000 and ctrl["cost_per_iter"] == res["grid"]["paper"][m][
             "0.0001"][0]["cost_per_iter"]
-        metrics = [json.loads(x) for x in (tmp_path / "runs" / f"control_paper_{m}_s0" / "metrics.jsonl").read_text()
-                   .splitlines()]
+        log = tmp_path / "runs" / f"control_paper_{m}_lr0.0001_s0" / "metrics.jsonl"
+        metrics = [json.loads(x) for x in log.read_text().splitlines()]
         assert "reward/random_control" in metrics[0] and not any(k.startswith("reward/digit") for k in metrics[0])
     assert "## The random-reward control" in text and "no spread to read it by (one seed)" in text
 

@@ -240,10 +240,14 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
     kw = dict(eval_every=settings.eval_every, overrides=overrides, spec=spec, cache=cache, budget=settings.budget,
               cost_points=settings.cost_points, eval_steps=tuple(settings.eval_steps))
 
-    def runs_at(name: str, method: str, family: str, lr: float, extra: dict | None = None) -> list[dict]:
-        o = merge_dicts(overrides, extra) if extra else overrides
+    def runs_at(name: str, method: str, family: str, lr: float, extra=None) -> list[dict]:
+        """One run per seed; ``extra``: overrides on top of the common ones, or ``seed -> overrides``."""
+        def of(seed: int) -> dict:
+            e = extra(seed) if callable(extra) else extra
+            return merge_dicts(overrides, e) if e else overrides
+
         return [run_method(world, method, seed, lr, iterations, out / "runs" / f"{name}_lr{lr:g}_s{seed}",
-                           family=family, **dict(kw, overrides=o)) for seed in range(settings.seeds)]
+                           family=family, **dict(kw, overrides=of(seed))) for seed in range(settings.seeds)]
 
     def tune(name: str, method: str, family: str, extra: dict | None = None) -> tuple[dict[str, list[dict]], float]:
         """Runs per lr over the grid, extended beyond an edge that holds the best (seed 0's training score)."""
@@ -290,12 +294,9 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
     for family, chosen in (lr_choice.items() if settings.control else ()):
         controls[family] = {}
         for method, lr in chosen.items():
-            controls[family][method] = [
-                run_method(world, method, seed, lr, iterations, out / "runs" / f"control_{family}_{method}_s{seed}",
-                           family=family, **dict(kw, overrides=merge_dicts(overrides, control_rewards(seed))))
-                for seed in range(settings.seeds)]
-            log(f"[{time.perf_counter() - t_start:6.0f}s] control {family}_{method} lr {lr:g}: {spec.judge} "
-                f"{np.mean([_judge_of(spec, r) for r in controls[family][method]]):.3f} on random_control")
+            controls[family][method] = runs_at(f"control_{family}_{method}", method, family, lr, control_rewards)
+            log(f"[{time.perf_counter() - t_start:6.0f}s] control {family}_{method} lr {lr:g}: train score "
+                f"{np.mean([r['train_score'] for r in controls[family][method]]):.4f} on random_control")
     variant: dict[str, list[dict]] = {}
     if settings.per_sde_step_variant and "paper" in lr_choice:
         for method in (m for m in ("g2rpo_no_mgai", "g2rpo") if m in settings.methods):
@@ -331,10 +332,6 @@ def control_rewards(seed: int) -> dict:
     """The overrides of a random-reward control run: every reward replaced by ``random_control`` (its seed the
     run's)."""
     return {"rewards": [{"name": "random_control", "weight": 1.0, "options": {"seed": int(seed)}}]}
-
-
-def _judge_of(spec: WorldSpec, r: dict) -> float:
-    return float(r["final"]["16"][spec.judge])
 
 
 def control_markdown(results: dict) -> str:
