@@ -83,7 +83,7 @@ def tiny_open_clip(tmp_path_factory):
     return "tiny-vit", model.state_dict()
 
 
-#: A scenes world small enough to build in seconds (the default config takes about 3 minutes): everything
+#: A scenes world small enough to build in seconds (the default config takes about 2 minutes): everything
 #: but the learned models' quality is the default world's.
 TINY_SCENES = dict(pretrain_steps=30, reward_pairs=600, clip_steps=30, preference_steps=10, detector_scenes=300,
                    detector_steps=30)

@@ -64,6 +64,60 @@ def test_renders_are_deterministic_and_keep_held_out_pairs_out_of_training_scene
     assert seen and not seen & HELD_OUT_PAIRS
 
 
+def test_the_slot_latent_decodes_to_the_render_bit_for_bit_and_orders_copies_left_to_right():
+    from g2rpo.lab.scenes.latent import CENTER, PRESENCE, SlotDecoder, encode_scenes
+    from g2rpo.lab.scenes.render import layout, paint
+
+    rng = random.Random(12)
+    scenes = [layout(m, rng, pairs=EVERY_PAIR) for m in _meanings(40, 13)]
+    z = encode_scenes(scenes, 4, 16)
+    decoder = SlotDecoder(16)
+    assert torch.equal(decoder(z), torch.from_numpy(np.stack([paint(s)[0] for s in scenes])))
+    assert torch.equal((z[..., PRESENCE] > 0).sum(1), torch.tensor([len(s) for s in scenes]))
+    counts = [i for i, s in enumerate(scenes) if len(s) >= 3 and len({(p.shape, p.color) for p in s}) == 1]
+    assert counts and all((z[i, 1:len(scenes[i]), CENTER][:, 1] >= z[i, :len(scenes[i]) - 1, CENTER][:, 1]).all()
+                          for i in counts)
+    # what a generator can get wrong shows in the image: an empty slot draws nothing, an object pushed out of
+    # the image is clamped inside it whole, an off-palette colour stays off the palette
+    wrong = z[:1].clone()
+    wrong[0, :, PRESENCE] = -1
+    assert torch.equal(decoder(wrong), torch.zeros(1, 3, 16, 16))
+    far = z[:1].clone()
+    far[0, 1:, PRESENCE] = -1
+    far[0, 0, CENTER] = 5.0
+    ys, xs = decoder(far)[0].abs().sum(0).nonzero(as_tuple=True)
+    assert ys.max() == 15 and xs.max() == 15 and len(ys) == scenes[0][0].mask.sum()  # whole, in the corner
+    with pytest.raises(ValueError, match="does not fit 2 slots"):
+        encode_scenes([scenes[counts[0]]], 2, 16)
+
+
+def test_word_dropout_hides_filler_words_only_and_keeps_the_meaning():
+    from g2rpo.lab.scenes.grammar import content_words, drop_filler_words
+
+    rng = random.Random(3)
+    prompts = [caption(m, t) for m in _meanings(5, 14) for t in TRAIN_TEMPLATES[m.category]]
+    dropped = [drop_filler_words(p, rng, 0.5) for p in prompts]
+    assert sum(d != p for d, p in zip(dropped, prompts)) > len(prompts) // 4
+    for d, p in zip(dropped, prompts):
+        assert parse_prompt(d) == parse_prompt(p)
+        assert [w for w in d.split() if w in content_words()] == [w for w in p.split() if w in content_words()]
+    assert [drop_filler_words(p, rng, 0.0) for p in prompts] == prompts
+
+
+def test_a_world_of_an_older_build_is_refused_with_the_rebuild_command(scenes_world, tmp_path):
+    import shutil
+
+    from g2rpo.lab.scenes.world import load_scene_policy
+
+    old = tmp_path / "old"
+    shutil.copytree(scenes_world, old)
+    cfg = json.loads((old / "scene_world.json").read_text())
+    cfg.pop("slots")
+    (old / "scene_world.json").write_text(json.dumps(cfg | {"build_version": 3, "space_to_depth": 2}))
+    with pytest.raises(ValueError, match="another build.*--world scenes --force"):
+        load_scene_policy(old)
+
+
 def test_builtin_prompt_files_are_the_grammars_sets_and_held_out_prompts_stay_held_out():
     from g2rpo.prompts import builtin_prompt_path
 

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="pretrain the base generator and fit the rewards (cached)")
     b.add_argument("--world", choices=("digits", "scenes"), default="digits",
-                   help="digits (8x8 grey digits) or scenes (coloured compositional scenes, about 3 minutes)")
+                   help="digits (8x8 grey digits) or scenes (coloured compositional scenes, about 2 minutes)")
     b.add_argument("--out", default=None, help=f"folder (default {default_cache_dir() / 'base'}, or "
                                                f"{default_cache_dir() / 'scenes'} for the scenes)")
     b.add_argument("--seed", type=int, default=0)

@@ -58,10 +58,8 @@ class LabPolicy(FluxVelocityAdapter):
 
     ``encode_prompts(list[str]) -> cond`` (cached per prompt while the encoder is frozen),
     ``prepare_latents(n, generator) -> [n, N, 4C]`` packed noise, ``__call__(x, sigma, cond)``,
-    ``decode(latents) -> images [n, C, S, S]`` in [0, 1]. The latent is the image itself, or its lossless
-    space-to-depth rearrangement by ``config.space_to_depth`` (f: ``[C f^2, S/f, S/f]``, the "VAE" of the scenes
-    world, 4x fewer tokens), packed 2x2 as Flux packs; C is 1 for the digits, 3 for the scenes. ``marker`` is the
-    file its folder is known by.
+    ``decode(latents) -> images [n, 1, S, S]`` in [0, 1]. The latent is the image itself, packed 2x2 as Flux
+    packs. ``marker`` is the file its folder is known by.
     """
 
     marker = "lab_world.json"
@@ -70,11 +68,12 @@ class LabPolicy(FluxVelocityAdapter):
         super().__init__(None, config.image_size, config.image_size, None, 0)
         self.config = config
         self.size = config.image_size
-        self.factor = int(getattr(config, "space_to_depth", 1))
-        self.latent_size = self.size // self.factor
-        self.channels = transformer.config.in_channels // 4 // self.factor ** 2
-        self.velocity = FluxVelocity(transformer, self.latent_size, self.latent_size, guidance_scale=None)
+        self.velocity = FluxVelocity(transformer, *self._token_grid(), guidance_scale=None)
         self.text_encoder = text_encoder
+
+    def _token_grid(self) -> tuple[int, int]:
+        """The ``(height, width)`` of the latent whose 2x2 packing gives the transformer's tokens (RoPE ids)."""
+        return self.size, self.size
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> LabPolicy:
@@ -83,13 +82,11 @@ class LabPolicy(FluxVelocityAdapter):
 
     @property
     def latent_shape(self) -> tuple[int, int]:
-        return ((self.latent_size // 2) ** 2, 4 * self.channels * self.factor ** 2)
+        return ((self.size // 2) ** 2, self.transformer.config.in_channels)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[n, C, S, S]`` in [-1, 1] -> packed latents (the inverse of :meth:`decode` but for the [0, 1]
+        """Images ``[n, 1, S, S]`` in [-1, 1] -> packed latents (the inverse of :meth:`decode` but for the [0, 1]
         scaling)."""
-        if self.factor > 1:
-            images = torch.nn.functional.pixel_unshuffle(images, self.factor)
         return pack_latents(images)
 
     def encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -99,8 +96,7 @@ class LabPolicy(FluxVelocityAdapter):
         return self.randn((n, *self.latent_shape), generator, device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        x = unpack_latents(latents.float(), self.latent_size, self.latent_size)
-        return to_unit(torch.nn.functional.pixel_shuffle(x, self.factor) if self.factor > 1 else x)
+        return to_unit(unpack_latents(latents.float(), self.size, self.size))
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -113,8 +109,8 @@ class LabPolicy(FluxVelocityAdapter):
 def pretrain_flow(policy: LabPolicy, steps: int, lr: float, train_shift: float,
                   batch: Callable[[torch.Generator], tuple[torch.Tensor, list[str]]], seed: int, log=None,
                   cosine: bool = False, ema: float | None = None) -> LabPolicy:
-    """Rectified flow matching of ``policy`` (transformer and text encoder) on ``batch(generator) -> (images
-    [B, C, S, S] in [-1, 1], prompts)``, the noise level drawn with the sampling schedule's density (shift
+    """Rectified flow matching of ``policy`` (transformer and text encoder) on ``batch(generator) -> (clean
+    latents [B, N, C], prompts)``, the noise level drawn with the sampling schedule's density (shift
     ``train_shift``); deterministic given ``seed``. ``cosine``: the learning rate decays to 0 along a cosine
     (after a 5% linear warm-up); ``ema``: the policy ends with the exponential moving average of its weights
     (that decay per step)."""
@@ -128,8 +124,7 @@ def pretrain_flow(policy: LabPolicy, steps: int, lr: float, train_shift: float,
     average = [p.detach().clone() for p in params] if ema is not None else None
     g = torch.Generator().manual_seed(seed + 1)
     for step in range(steps):
-        images, prompts = batch(g)
-        x0 = policy.encode_images(images)
+        x0, prompts = batch(g)
         n = x0.shape[0]
         u = torch.rand(n, generator=g)
         t = train_shift * u / (1 + (train_shift - 1) * u)  # the sampling schedule's density
@@ -167,7 +162,8 @@ def build_base_model(config: LabWorldConfig = LabWorldConfig(), log=None) -> Lab
     def batch(g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         idx = torch.randint(0, len(y_all), (config.batch_size,), generator=g)
         which = torch.randint(0, n_para, (config.batch_size,), generator=g).tolist()
-        return x_all[idx][:, None], [class_prompts(int(label))[w] for label, w in zip(y_all[idx].tolist(), which)]
+        prompts = [class_prompts(int(label))[w] for label, w in zip(y_all[idx].tolist(), which)]
+        return policy.encode_images(x_all[idx][:, None]), prompts
 
     return pretrain_flow(policy, config.pretrain_steps, config.lr, config.train_shift, batch, config.seed, log)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 __all__ = ["PALETTE", "BACKGROUND", "COLORS", "SHAPES", "CATEGORIES", "RELATIONS", "COUNT_WORDS", "HELD_OUT_PAIRS",
            "TRAIN_TEMPLATES", "TEST_TEMPLATES", "Obj", "Meaning", "caption", "parse_prompt", "sample_meaning",
-           "wrong_meaning", "ATTRIBUTE_ERRORS", "vocabulary", "prompt_sets", "allowed_pairs", "OPPOSITE"]
+           "wrong_meaning", "ATTRIBUTE_ERRORS", "content_words", "drop_filler_words", "vocabulary", "prompt_sets", "allowed_pairs", "OPPOSITE"]
 
 #: Object colours (RGB in [0, 1]); pairwise distances >= 1, so nearest-colour segmentation is unambiguous.
 PALETTE: dict[str, tuple[float, float, float]] = {
@@ -190,6 +190,21 @@ def wrong_meaning(m: Meaning, kind: str, rng: random.Random) -> Meaning:
     if kind == "attribution":
         return replace(m, a=replace(m.a, color=m.b.color), b=replace(m.b, color=m.a.color))
     raise AssertionError(kind)
+
+
+def content_words() -> frozenset[str]:
+    """The words that carry a caption's meaning: colours, shapes (and plurals), counts and relation words."""
+    words = set(COLORS) | set(SHAPES) | set(PLURALS.values()) | set(COUNT_WORDS.values())
+    return frozenset(words | {w for r in RELATIONS for w in r.split()})
+
+
+def drop_filler_words(prompt: str, rng: random.Random, p: float) -> str:
+    """``prompt`` with each word that is not a :func:`content_words` word replaced, with chance ``p``, by
+    ``<unk>`` (a word no text encoder of the world knows): word dropout for pretraining."""
+    if p <= 0:
+        return prompt
+    keep = content_words()
+    return " ".join(w if w in keep or rng.random() >= p else "<unk>" for w in prompt.split())
 
 
 def vocabulary(test_templates: bool = True) -> list[str]:

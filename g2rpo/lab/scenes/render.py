@@ -2,21 +2,23 @@
 stays whole and visible (objects never share or touch pixels: the bounded overlap is zero), and image-level
 degradations (blur, noise, artifacts) for the learned rewards' negatives.
 
-Sizes in pixels: squares 4-6, circles of diameter 5 or 7, triangles (apex up) of base 5 or 7, bars 2 x 6-7
-(either orientation). A position caption's two objects are separated by at least ``MARGIN`` pixels along
+Sizes in pixels (``SIZES``): squares 4-6, circles of diameter 5 or 7, triangles (apex up) of base 5 or 7,
+bars 2 x 6-7 (either orientation). A position caption's two objects are separated by at least ``MARGIN`` pixels along
 its axis (centroids).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .grammar import BACKGROUND, COLORS, PALETTE, SHAPES, Meaning, Obj, allowed_pairs
 
-__all__ = ["GENERATOR_LIKE", "check_scene_batch", "shape_mask", "render", "render_labelled", "object_label", "render_batch", "degrade", "IMAGE_DEGRADATIONS", "MARGIN"]
+__all__ = ["GENERATOR_LIKE", "SIZES", "Placed", "check_scene_batch", "layout", "mask_of", "paint", "shape_mask", "render",
+           "render_labelled", "object_label", "render_batch", "degrade", "IMAGE_DEGRADATIONS", "MARGIN"]
 
 MARGIN = 2.0  # minimum centroid separation along a position caption's axis
 IMAGE_DEGRADATIONS = ("blur", "noise", "artifacts")
@@ -24,28 +26,61 @@ IMAGE_DEGRADATIONS = ("blur", "noise", "artifacts")
 GENERATOR_LIKE = ("jitter", "speckle", "soft_blur", "soft_noise")
 
 
+#: each shape's sizes in pixels: a square's side, a circle's diameter, a triangle's base, a bar's length
+SIZES: dict[str, tuple[int, ...]] = {"square": (4, 5, 6), "circle": (5, 7), "triangle": (5, 7), "bar": (6, 7)}
+
+
+def mask_of(shape: str, size: int, orient: int = 0) -> np.ndarray:
+    """The boolean mask of one object: ``shape`` at ``size`` (one of ``SIZES[shape]``); a bar lies flat
+    (``orient`` +1: 2 rows) or stands (-1: 2 columns), the other shapes take ``orient`` 0."""
+    if shape not in SIZES:
+        raise ValueError(f"unknown shape {shape!r}")
+    if shape == "square":
+        return np.ones((size, size), dtype=bool)
+    if shape == "circle":
+        yy, xx = np.mgrid[:size, :size]
+        c = (size - 1) / 2
+        return (yy - c) ** 2 + (xx - c) ** 2 <= (size / 2) ** 2
+    if shape == "triangle":  # apex up
+        m = np.zeros(((size + 1) // 2, size), dtype=bool)
+        for row in range(m.shape[0]):
+            m[row, size // 2 - row: size // 2 + row + 1] = True
+        return m
+    m = np.ones((2, size), dtype=bool)
+    return m if orient > 0 else m.T
+
+
+def _draw_form(shape: str, rng: random.Random) -> tuple[int, int]:
+    """A random ``(size, orient)`` for ``shape``."""
+    if shape not in SIZES:
+        raise ValueError(f"unknown shape {shape!r}")
+    size = rng.choice(SIZES[shape])
+    return size, ((1 if rng.random() < 0.5 else -1) if shape == "bar" else 0)
+
+
 def shape_mask(shape: str, rng: random.Random) -> np.ndarray:
     """A boolean mask of one object of ``shape`` at a random size (and orientation, for bars)."""
-    if shape == "square":
-        s = rng.choice((4, 5, 6))
-        return np.ones((s, s), dtype=bool)
-    if shape == "circle":
-        d = rng.choice((5, 7))
-        yy, xx = np.mgrid[:d, :d]
-        c = (d - 1) / 2
-        return (yy - c) ** 2 + (xx - c) ** 2 <= (d / 2) ** 2
-    if shape == "triangle":
-        base = rng.choice((5, 7))
-        h = (base + 1) // 2
-        m = np.zeros((h, base), dtype=bool)
-        for row in range(h):
-            half = row
-            m[row, base // 2 - half: base // 2 + half + 1] = True
-        return m
-    if shape == "bar":
-        m = np.ones((2, rng.choice((6, 7))), dtype=bool)
-        return m if rng.random() < 0.5 else m.T
-    raise ValueError(f"unknown shape {shape!r}")
+    return mask_of(shape, *_draw_form(shape, rng))
+
+
+@dataclass(frozen=True)
+class Placed:
+    """One object of a scene as drawn: shape, colour, size, orientation and the top-left corner of its mask."""
+
+    shape: str
+    color: str
+    size: int
+    orient: int
+    y: int
+    x: int
+
+    @property
+    def mask(self) -> np.ndarray:
+        return mask_of(self.shape, self.size, self.orient)
+
+    @property
+    def centroid(self) -> tuple[float, float]:
+        return _centroid(self.mask, self.y, self.x)
 
 
 def _centroid(mask: np.ndarray, y: int, x: int) -> tuple[float, float]:
@@ -100,12 +135,12 @@ def render(m: Meaning, rng: random.Random, size: int = 16,
     return render_labelled(m, rng, size, pairs)[0]
 
 
-def render_labelled(m: Meaning, rng: random.Random, size: int = 16,
-                    pairs: frozenset[tuple[str, str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """An image ``[3, size, size]`` (float32 in [0, 1]) that shows ``m`` exactly. An object whose colour the
-    meaning leaves open takes a random colour whose pair with its shape lies in ``pairs`` (default: the training
-    pairs, so no held-out pair is ever drawn for a caption that does not name it). Also returns the label map
-    ``[size, size]`` (int64): 0 background, else :func:`object_label` of the pixel's object."""
+def layout(m: Meaning, rng: random.Random, size: int = 16,
+           pairs: frozenset[tuple[str, str]] | None = None) -> list[Placed]:
+    """Where and how each object of ``m`` is drawn in a ``size x size`` scene (objects in ``m.objects()``'s
+    order). An object whose colour the meaning leaves open takes a random colour whose pair with its shape lies
+    in ``pairs`` (default: the training pairs, so no held-out pair is ever drawn for a caption that does not
+    name it)."""
     from .grammar import RELATIONS
 
     pairs = allowed_pairs(False) | m.pairs() if pairs is None else pairs
@@ -116,22 +151,31 @@ def render_labelled(m: Meaning, rng: random.Random, size: int = 16,
         objs.append(o)
     relation = RELATIONS[m.relation] if m.relation else None
     for _ in range(20):
-        masks = [shape_mask(o.shape, rng) for o in objs]
-        corners = _place(masks, size, rng, relation)
+        forms = [_draw_form(o.shape, rng) for o in objs]
+        corners = _place([mask_of(o.shape, *f) for o, f in zip(objs, forms)], size, rng, relation)
         if corners is not None:
-            break
-    else:
-        raise RuntimeError(f"could not place {m} in {size}x{size}")
+            return [Placed(o.shape, o.color, s, orient, y, x) for o, (s, orient), (y, x) in zip(objs, forms, corners)]
+    raise RuntimeError(f"could not place {m} in {size}x{size}")
+
+
+def paint(placed: list[Placed], size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The image ``[3, size, size]`` (float32 in [0, 1]) of placed objects on the background, and its label map
+    ``[size, size]`` (int64): 0 background, else :func:`object_label` of the pixel's object."""
     img = np.empty((3, size, size), dtype=np.float32)
     img[:] = np.asarray(BACKGROUND, dtype=np.float32)[:, None, None]
     labels = np.zeros((size, size), dtype=np.int64)
-    for o, mask, (y, x) in zip(objs, masks, corners):
+    for p in placed:
+        mask = p.mask
         h, w = mask.shape
-        col = np.asarray(PALETTE[o.color], dtype=np.float32)[:, None]
-        view = img[:, y: y + h, x: x + w]
-        view[:, mask] = col
-        labels[y: y + h, x: x + w][mask] = object_label(o.shape, o.color)
+        img[:, p.y: p.y + h, p.x: p.x + w][:, mask] = np.asarray(PALETTE[p.color], dtype=np.float32)[:, None]
+        labels[p.y: p.y + h, p.x: p.x + w][mask] = object_label(p.shape, p.color)
     return img, labels
+
+
+def render_labelled(m: Meaning, rng: random.Random, size: int = 16,
+                    pairs: frozenset[tuple[str, str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """An image that shows ``m`` exactly and its label map: :func:`paint` of a :func:`layout`."""
+    return paint(layout(m, rng, size, pairs), size)
 
 
 def object_label(shape: str, color: str) -> int:

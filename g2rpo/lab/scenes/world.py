@@ -3,7 +3,7 @@ many times. Layout, beside the digits world's::
 
     DIR/scene_world.json                                  (SceneWorldConfig; the family's marker)
     DIR/transformer/, DIR/text_encoder/                   (the generator: a tiny FluxTransformer2DModel over
-                                                           packed RGB pixels, 3 x 4 channels per token)
+                                                           object-slot tokens, decoded by latent.SlotDecoder)
     DIR/rewards/{scene_clip,scene_preference,scene_detector}/{config.json, model.safetensors}
 """
 
@@ -25,11 +25,12 @@ from ...rewards.diversity import diversity
 from ..generator import LabPolicy, pretrain_flow
 from ..prompts import LabTextEncoder
 from ..world import default_cache_dir, publish
-from .grammar import CATEGORIES, TRAIN_TEMPLATES, caption, parse_prompt, prompt_sets, sample_meaning, vocabulary
+from .grammar import CATEGORIES, TRAIN_TEMPLATES, caption, drop_filler_words, parse_prompt, prompt_sets, sample_meaning, vocabulary
 from .judge import SceneExact
 from .learned import load_model, make_pairs, make_segmentation_data, save_model, train_clip, train_detector, \
     train_preference
-from .render import render_batch
+from .latent import SLOT_CHANNELS, SlotDecoder, encode_scenes
+from .render import Placed, layout
 
 __all__ = ["SceneWorldConfig", "ScenePolicy", "build_scene_world", "load_scene_policy", "scene_rewards",
            "build_scene_clip", "build_scene_preference", "build_scene_detector", "evaluate_scenes",
@@ -43,11 +44,11 @@ LEARNED_FILES = ("scene_clip", "scene_preference", "scene_detector")
 class SceneWorldConfig:
     """Everything that determines the world (a different config is a different world)."""
 
-    build_version: int = 3  # raised whenever the build itself changes, so a cached world is rebuilt
+    build_version: int = 4  # raised whenever the build itself changes, so a cached world is rebuilt
     seed: int = 0
     image_size: int = 16
-    space_to_depth: int = 2  # the latent: [12, 8, 8], 16 tokens of 48 channels
-    pretrain_steps: int = 1800
+    slots: int = 4  # the latent: one token of SLOT_CHANNELS per object slot (latent.py)
+    pretrain_steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
     cosine: bool = True  # the learning rate decays along a cosine
@@ -59,6 +60,7 @@ class SceneWorldConfig:
     attention_head_dim: int = 16
     text_dim: int = 64
     max_length: int = 16
+    word_dropout: float = 0.2  # pretraining: each filler word of a caption is read as unknown with this chance
     reward_pairs: int = 16000  # scenes the rewards learn from
     clip_steps: int = 1000
     preference_steps: int = 400
@@ -68,16 +70,43 @@ class SceneWorldConfig:
     def transformer_kwargs(self) -> dict:
         third = (self.attention_head_dim * 3 // 8) // 2 * 2  # RoPE axes (even): 16 -> (4, 6, 6), 24 -> (8, 8, 8)
         rope = (self.attention_head_dim - 2 * third, third, third)
-        return dict(patch_size=1, in_channels=4 * 3 * self.space_to_depth ** 2, num_layers=self.num_layers,
+        return dict(patch_size=1, in_channels=SLOT_CHANNELS, num_layers=self.num_layers,
                     num_single_layers=self.num_single_layers, attention_head_dim=self.attention_head_dim,
                     num_attention_heads=self.num_attention_heads, joint_attention_dim=self.text_dim,
                     pooled_projection_dim=self.text_dim, guidance_embeds=False, axes_dims_rope=rope)
 
 
 class ScenePolicy(LabPolicy):
-    """The scenes generator: RGB images ``[n, 3, S, S]`` in [0, 1]."""
+    """The scenes generator: latents ``[n, slots, SLOT_CHANNELS]`` (one token per object slot, ``latent.py``),
+    decoded by the fixed :class:`~.latent.SlotDecoder` to RGB images ``[n, 3, S, S]`` in [0, 1]."""
 
     marker = MARKER
+
+    def __init__(self, transformer: FluxTransformer2DModel, text_encoder: LabTextEncoder,
+                 config: SceneWorldConfig) -> None:
+        if transformer.config.in_channels != SLOT_CHANNELS:
+            raise ValueError(f"a scenes transformer takes {SLOT_CHANNELS} channels per slot token, this one "
+                             f"{transformer.config.in_channels}: a world of an older build? rebuild it with "
+                             "`python -m g2rpo.lab build --world scenes --force`")
+        super().__init__(transformer, text_encoder, config)
+        self.decoder = SlotDecoder(config.image_size)
+
+    def _token_grid(self) -> tuple[int, int]:
+        return 2, 2 * self.config.slots  # one row of `slots` tokens: RoPE ids (0, 0, k)
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return (self.config.slots, SLOT_CHANNELS)
+
+    def encode_scenes(self, scenes: list[list[Placed]]) -> torch.Tensor:
+        """Clean latents of placed scenes (the pretraining targets)."""
+        return encode_scenes(scenes, self.config.slots, self.size)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("the scenes latent is made from scenes, not pixels: use encode_scenes")
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> ScenePolicy:
@@ -89,7 +118,13 @@ def _config_of(folder: Path) -> SceneWorldConfig:
     if not f.is_file():
         raise FileNotFoundError(f"{folder} is not a scenes world: missing {MARKER} "
                                 "(build one with `python -m g2rpo.lab build --world scenes`)")
-    return SceneWorldConfig(**json.loads(f.read_text()))
+    saved = json.loads(f.read_text())
+    known = set(SceneWorldConfig.__dataclass_fields__)
+    if set(saved) - known or saved.get("build_version") != SceneWorldConfig.build_version:
+        raise ValueError(f"{folder} is a scenes world of another build (build_version "
+                         f"{saved.get('build_version')}, this code builds {SceneWorldConfig.build_version}): rebuild "
+                         "it with `python -m g2rpo.lab build --world scenes --force`")
+    return SceneWorldConfig(**saved)
 
 
 def load_scene_policy(folder: str | Path, dtype: torch.dtype = torch.float32) -> ScenePolicy:
@@ -110,7 +145,9 @@ def _is_built(folder: Path, config: SceneWorldConfig) -> bool:
 
 def build_base_scenes(config: SceneWorldConfig, log=None) -> ScenePolicy:
     """The generator pretrained by rectified flow on renders of training captions (training templates, no
-    held-out pair, not even for an object whose colour the caption leaves open)."""
+    held-out pair, not even for an object whose colour the caption leaves open). Word dropout
+    (``config.word_dropout``) teaches it that a word it does not know carries no meaning, as a text encoder
+    pretrained on language knows; the held-out paraphrase templates' own words are still never seen."""
     torch.manual_seed(config.seed)
     transformer = FluxTransformer2DModel(**config.transformer_kwargs())
     encoder = LabTextEncoder(vocabulary(test_templates=False), dim=config.text_dim, pooled_dim=config.text_dim,
@@ -120,8 +157,9 @@ def build_base_scenes(config: SceneWorldConfig, log=None) -> ScenePolicy:
 
     def batch(g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         meanings = [sample_meaning(rng, rng.choice(CATEGORIES)) for _ in range(config.batch_size)]
-        prompts = [caption(m, rng.choice(TRAIN_TEMPLATES[m.category])) for m in meanings]
-        return render_batch(meanings, rng, config.image_size) * 2 - 1, prompts
+        prompts = [drop_filler_words(caption(m, rng.choice(TRAIN_TEMPLATES[m.category])), rng, config.word_dropout)
+                   for m in meanings]
+        return policy.encode_scenes([layout(m, rng, config.image_size) for m in meanings]), prompts
 
     return pretrain_flow(policy, config.pretrain_steps, config.lr, config.train_shift, batch, config.seed, log,
                          cosine=config.cosine, ema=config.ema)
