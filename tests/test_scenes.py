@@ -11,7 +11,7 @@ import torch
 from g2rpo.lab.scenes.grammar import (ATTRIBUTE_ERRORS, CATEGORIES, HELD_OUT_PAIRS, TEST_TEMPLATES, TRAIN_TEMPLATES,
                                       allowed_pairs, caption, parse_prompt, prompt_sets, sample_meaning, wrong_meaning)
 from g2rpo.lab.scenes.judge import SceneExact
-from g2rpo.lab.scenes.render import IMAGE_DEGRADATIONS, GENERATOR_LIKE, degrade, render_batch, render_labelled
+from g2rpo.lab.scenes.render import IMAGE_DEGRADATIONS, degrade, render_batch, render_labelled
 
 EVERY_PAIR = allowed_pairs(True)
 
@@ -113,7 +113,7 @@ def test_a_world_of_an_older_build_is_refused_with_the_rebuild_command(scenes_wo
     shutil.copytree(scenes_world, old)
     cfg = json.loads((old / "scene_world.json").read_text())
     cfg.pop("slots")
-    (old / "scene_world.json").write_text(json.dumps(cfg | {"build_version": 3, "space_to_depth": 2}))
+    (old / "scene_world.json").write_text(json.dumps(cfg | {"build_version": 4, "space_to_depth": 2}))
     with pytest.raises(ValueError, match="another build.*--world scenes --force"):
         load_scene_policy(old)
 
@@ -153,7 +153,7 @@ def test_augmentation_recolours_and_mirrors_captions_with_the_images():
         assert judge.correct(x, [text(r.tolist()) for r in s]).mean() == 1.0
 
 
-@pytest.mark.parametrize("kind", IMAGE_DEGRADATIONS + GENERATOR_LIKE)
+@pytest.mark.parametrize("kind", IMAGE_DEGRADATIONS)
 def test_each_degradation_changes_an_image_and_stays_in_range(kind):
     x = render_batch(_meanings(2, 8), random.Random(9))
     y = degrade(x, kind, torch.Generator().manual_seed(0))
@@ -162,9 +162,11 @@ def test_each_degradation_changes_an_image_and_stays_in_range(kind):
 
 @pytest.mark.slow
 def test_learned_rewards_rank_a_correct_render_above_each_kind_of_degradation():
-    """The default config's rewards (trained here as the build trains them) on held-out scenes. Measured: overall
-    ~0.97, every image degradation >= 0.9; colour attribution and position are the hardest (~0.8, see
-    docs/lab-results.md: below the 0.95 the world aims at)."""
+    """The default config's rewards (trained here as the build trains them) on 3,000 held-out pairs. Measured with
+    2 threads (as the build runs here) / 1 thread (a test worker): overall 0.969 / 0.967 (scene_clip) and
+    0.991 / 0.989 (scene_preference); scene_preference's position 0.965 / 0.925, its other kinds >= 0.95;
+    scene_clip's position 0.83 / 0.78 is the one kind well below 0.95 (docs/lab-results.md). The thread count
+    reorders the training's sums, and position is the kind that moves with it."""
     from g2rpo.lab.scenes.learned import make_pairs, train_clip, train_preference
     from g2rpo.lab.scenes.world import SceneWorldConfig
 
@@ -172,14 +174,14 @@ def test_learned_rewards_rank_a_correct_render_above_each_kind_of_degradation():
     data = make_pairs(cfg.reward_pairs, cfg.seed + 1)
     clip = train_clip(data, cfg.image_size, cfg.clip_steps, cfg.seed, lr=4e-3)
     pref = train_preference(data, cfg.image_size, cfg.preference_steps, cfg.seed, init=clip)
-    test = make_pairs(1200, 99)
-    for model in (clip, pref):
+    test = make_pairs(3000, 99)
+    for model, every_kind in ((clip, 0.7), (pref, 0.9)):
         win = (model.score(test.images, test.prompts) > model.score(test.neg_images, test.prompts)).float()
         by_kind = {k: float(win[[i for i, x in enumerate(test.neg_kinds) if x == k]].mean())
                    for k in set(test.neg_kinds)}
-        assert win.mean() >= 0.95, (model.kind, by_kind)
-        assert all(by_kind[k] >= 0.88 for k in IMAGE_DEGRADATIONS), (model.kind, by_kind)
-        assert all(v >= 0.7 for v in by_kind.values()), (model.kind, by_kind)
+        assert win.mean() >= 0.96, (model.kind, by_kind)
+        assert all(by_kind[k] >= 0.9 for k in IMAGE_DEGRADATIONS), (model.kind, by_kind)
+        assert all(v >= every_kind for v in by_kind.values()), (model.kind, by_kind)
 
 
 @pytest.mark.slow

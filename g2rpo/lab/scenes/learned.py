@@ -31,7 +31,7 @@ from torch import nn
 
 from .grammar import ATTRIBUTE_ERRORS, BACKGROUND, CATEGORIES, COLORS, OPPOSITE, PALETTE, RELATIONS, SHAPES, TEST_TEMPLATES, \
     TRAIN_TEMPLATES, allowed_pairs, caption, parse_prompt, sample_meaning, wrong_meaning
-from .render import GENERATOR_LIKE, IMAGE_DEGRADATIONS, check_scene_batch, degrade, render, render_labelled
+from .render import IMAGE_DEGRADATIONS, check_scene_batch, degrade, render, render_labelled
 
 __all__ = ["caption_slots", "SceneCLIP", "ScenePreference", "SceneDetector", "PairData", "make_pairs", "train_clip",
            "train_preference", "train_detector", "make_segmentation_data", "save_model", "load_model", "LEARNED"]
@@ -91,13 +91,14 @@ def palette_channels(images: torch.Tensor, temperature: float = 0.05) -> torch.T
 
 
 class ImageCNN(nn.Module):
-    """Image ``[N, 3, S, S]`` -> vector; the flattened map keeps where things are (positions matter)."""
+    """Image ``[N, 3, S, S]`` -> vector: three convolutions, then an MLP over the flattened map, which keeps where
+    things are (positions matter) and lets the head compare them."""
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         self.convs = nn.Sequential(nn.Conv2d(7, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 3, stride=2, padding=1),
                                    nn.ReLU(), nn.Conv2d(48, 64, 3, stride=2, padding=1), nn.ReLU())
-        self.out = nn.Linear(64 * ((size + 3) // 4) ** 2, dim)
+        self.out = nn.Sequential(nn.Linear(64 * ((size + 3) // 4) ** 2, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.out(self.convs(palette_channels(images)).flatten(1))
@@ -231,6 +232,9 @@ class PairData:
     neg_prompts: list[str]
 
 
+RELATIONAL = ("position", "attribution")
+
+
 def make_pairs(n: int, seed: int, size: int = 16) -> PairData:
     """Scenes over every category, template and colour-shape pair; deterministic given ``seed``."""
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -241,16 +245,15 @@ def make_pairs(n: int, seed: int, size: int = 16) -> PairData:
         template = rng.choice(TRAIN_TEMPLATES[m.category] + TEST_TEMPLATES[m.category])
         img = render(m, rng, size, pairs)
         wrong = wrong_meaning(m, rng.choice(ATTRIBUTE_ERRORS[m.category]), rng)
-        # three in four negatives are wrong scenes (the hard ones), one in four a degraded render
-        kind = rng.choice(ATTRIBUTE_ERRORS[m.category] if rng.random() < 0.75 else IMAGE_DEGRADATIONS)
+        # three in four negatives are wrong scenes (the hard ones), one in four a degraded render; a relation error
+        # (position, attribution: what a two-tower model finds hardest to bind) is drawn twice as often
+        errors = ATTRIBUTE_ERRORS[m.category]
+        kind = rng.choice(errors + tuple(e for e in errors if e in RELATIONAL) if rng.random() < 0.75
+                          else IMAGE_DEGRADATIONS)
         if kind in IMAGE_DEGRADATIONS:
             neg = degrade(torch.from_numpy(img), kind, g).numpy()
         else:
             neg = render(wrong_meaning(m, kind, rng), rng, size, pairs)
-            if rng.random() < 0.5:  # the semantic pair under the same kind of imperfection a generator makes
-                for k in rng.sample(GENERATOR_LIKE, rng.choice((1, 2))):
-                    img = degrade(torch.from_numpy(img), k, g).numpy()
-                    neg = degrade(torch.from_numpy(neg), k, g).numpy()
         images.append(img)
         prompts.append(caption(m, template))
         negs.append(neg)

@@ -17,13 +17,11 @@ import torch
 
 from .grammar import BACKGROUND, COLORS, PALETTE, SHAPES, Meaning, Obj, allowed_pairs
 
-__all__ = ["GENERATOR_LIKE", "SIZES", "Placed", "check_scene_batch", "layout", "mask_of", "paint", "shape_mask", "render",
+__all__ = ["SIZES", "Placed", "check_scene_batch", "layout", "mask_of", "paint", "shape_mask", "render",
            "render_labelled", "object_label", "render_batch", "degrade", "IMAGE_DEGRADATIONS", "MARGIN"]
 
 MARGIN = 2.0  # minimum centroid separation along a position caption's axis
 IMAGE_DEGRADATIONS = ("blur", "noise", "artifacts")
-#: Milder degradations like a generator's imperfections, applied alike to both images of a semantic pair
-GENERATOR_LIKE = ("jitter", "speckle", "soft_blur", "soft_noise")
 
 
 #: each shape's sizes in pixels: a square's side, a circle's diameter, a triangle's base, a bar's length
@@ -217,23 +215,6 @@ def degrade(image: torch.Tensor, kind: str, generator: torch.Generator) -> torch
         for i in range(n):
             pick = cols[torch.randint(0, len(cols), (1,), generator=generator)][0]
             x[i, :, off[i, 0]::3, off[i, 1]::3] = pick[:, None, None]
-    elif kind == "jitter":  # ragged edges and colour bleed: a fifth of the pixels copy a random 4-neighbour
-        n, c, h, w = x.shape
-        pad = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
-        shifts = [pad[:, :, 1 + dy: 1 + dy + h, 1 + dx: 1 + dx + w] for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0))]
-        pick = torch.randint(0, 4, (n, 1, h, w), generator=generator).expand(n, c, h, w)
-        moved = torch.stack(shifts, dim=-1).gather(-1, pick[..., None])[..., 0]
-        x = torch.where(torch.rand((n, 1, h, w), generator=generator) < 0.2, moved, x)
-    elif kind == "speckle":  # stray pixels: 4% take a random palette colour
-        n, _, h, w = x.shape
-        cols = torch.tensor([PALETTE[c] for c in COLORS])
-        stray = cols[torch.randint(0, len(cols), (n, h, w), generator=generator)].permute(0, 3, 1, 2)
-        x = torch.where(torch.rand((n, 1, h, w), generator=generator) < 0.04, stray, x)
-    elif kind == "soft_blur":
-        k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]).expand(3, 1, 3, 3) / 16
-        x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
-    elif kind == "soft_noise":
-        x = (x + 0.1 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
     else:
-        raise ValueError(f"unknown degradation {kind!r}; known: {', '.join(IMAGE_DEGRADATIONS + GENERATOR_LIKE)}")
+        raise ValueError(f"unknown degradation {kind!r}; known: {', '.join(IMAGE_DEGRADATIONS)}")
     return x[0] if image.ndim == 3 else x

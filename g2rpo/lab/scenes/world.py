@@ -44,7 +44,7 @@ LEARNED_FILES = ("scene_clip", "scene_preference", "scene_detector")
 class SceneWorldConfig:
     """Everything that determines the world (a different config is a different world)."""
 
-    build_version: int = 4  # raised whenever the build itself changes, so a cached world is rebuilt
+    build_version: int = 5  # raised whenever the build itself changes, so a cached world is rebuilt
     seed: int = 0
     image_size: int = 16
     slots: int = 4  # the latent: one token of SLOT_CHANNELS per object slot (latent.py)
@@ -63,7 +63,7 @@ class SceneWorldConfig:
     word_dropout: float = 0.2  # pretraining: each filler word of a caption is read as unknown with this chance
     reward_pairs: int = 16000  # scenes the rewards learn from
     clip_steps: int = 1000
-    preference_steps: int = 400
+    preference_steps: int = 1200
     detector_scenes: int = 6000  # the second judge's own split (another seed)
     detector_steps: int = 1000
 
