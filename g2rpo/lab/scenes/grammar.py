@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 
 __all__ = ["PALETTE", "BACKGROUND", "COLORS", "SHAPES", "CATEGORIES", "RELATIONS", "COUNT_WORDS", "HELD_OUT_PAIRS",
            "TRAIN_TEMPLATES", "TEST_TEMPLATES", "Obj", "Meaning", "caption", "parse_prompt", "sample_meaning",
-           "wrong_meaning", "ATTRIBUTE_ERRORS", "content_words", "drop_filler_words", "vocabulary", "prompt_sets", "allowed_pairs", "OPPOSITE"]
+           "wrong_meaning", "ATTRIBUTE_ERRORS", "content_words", "drop_filler_words", "vocabulary", "prompt_sets",
+           "allowed_pairs", "OPPOSITE"]
 
 #: Object colours (RGB in [0, 1]); pairwise distances >= 1, so nearest-colour segmentation is unambiguous.
 PALETTE: dict[str, tuple[float, float, float]] = {

@@ -104,8 +104,8 @@ class SlotDecoder(torch.nn.Module):
         orient = torch.where(shape == SHAPES.index("bar"), torch.where(z[..., ORIENT] >= 0, 1, -1), 0)
         t = self.index[shape, size_idx, orient + 1]  # [n, k] mask ids
         center = (z[..., CENTER] + 1) / 2 * (s - 1)
-        corner = (center - self.offset[t]).round().clamp(min=0)
-        corner = torch.minimum(corner, s - self.hw[t]).long()  # the whole mask inside the image
+        corner = (center - self.offset[t].float()).round().clamp(min=0)  # fp32 whatever dtype the policy moved to
+        corner = torch.minimum(corner, s - self.hw[t].float()).long()  # the whole mask inside the image
         rows = torch.arange(s, device=z.device)
         dy = rows[None, None, :, None] - corner[..., 0, None, None]  # [n, k, s, 1]
         dx = rows[None, None, None, :] - corner[..., 1, None, None]  # [n, k, 1, s]

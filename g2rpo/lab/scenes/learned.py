@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grammar import ATTRIBUTE_ERRORS, BACKGROUND, CATEGORIES, COLORS, OPPOSITE, PALETTE, RELATIONS, SHAPES, TEST_TEMPLATES, \
-    TRAIN_TEMPLATES, allowed_pairs, caption, parse_prompt, sample_meaning, wrong_meaning
+from .grammar import (ATTRIBUTE_ERRORS, BACKGROUND, CATEGORIES, COLORS, OPPOSITE, PALETTE, RELATIONS, SHAPES,
+                      TEST_TEMPLATES, TRAIN_TEMPLATES, allowed_pairs, caption, parse_prompt, sample_meaning,
+                      wrong_meaning)
 from .render import IMAGE_DEGRADATIONS, check_scene_batch, degrade, render, render_labelled
 
 __all__ = ["caption_slots", "SceneCLIP", "ScenePreference", "SceneDetector", "PairData", "make_pairs", "train_clip",

@@ -25,7 +25,8 @@ from ...rewards.diversity import diversity
 from ..generator import LabPolicy, pretrain_flow
 from ..prompts import LabTextEncoder
 from ..world import default_cache_dir, publish
-from .grammar import CATEGORIES, TRAIN_TEMPLATES, caption, drop_filler_words, parse_prompt, prompt_sets, sample_meaning, vocabulary
+from .grammar import (CATEGORIES, TRAIN_TEMPLATES, caption, drop_filler_words, parse_prompt, prompt_sets,
+                      sample_meaning, vocabulary)
 from .judge import SceneExact
 from .learned import load_model, make_pairs, make_segmentation_data, save_model, train_clip, train_detector, \
     train_preference
