@@ -3,7 +3,7 @@
 Its scores are N(0, 1) draws, independent of the images and the prompts, from the reward's own generator (seeded
 by ``seed`` when it is built). A method trained on it moves only by drift (the noise of its updates), so it
 measures how far a judge moves without any signal: a method's gain on a judge means something only where it
-beats the same method trained on this control (docs/lab-results.md: on the scenes world it does not). The
+beats the same method trained on this control (docs/lab-results.md: the scenes world's control runs). The
 generator's state is not checkpointed: a resumed run draws a new stream.
 """
 

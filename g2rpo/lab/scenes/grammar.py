@@ -211,13 +211,11 @@ def drop_filler_words(prompt: str, rng: random.Random, p: float) -> str:
 def vocabulary(test_templates: bool = True) -> list[str]:
     """Every word of the templates (the held-out paraphrases' too, unless ``test_templates=False``), colours,
     shapes, counts and relations (sorted)."""
-    words = set(COLORS) | set(SHAPES) | set(PLURALS.values()) | set(COUNT_WORDS.values())
+    words = set(content_words())
     for table in (TRAIN_TEMPLATES, TEST_TEMPLATES) if test_templates else (TRAIN_TEMPLATES,):
         for templates in table.values():
             for t in templates:
                 words |= set(re.findall(r"[a-z]+", re.sub(r"\{[a-z]+\}", " ", t)))
-    for r in RELATIONS:
-        words |= set(r.split())
     return sorted(words)
 
 

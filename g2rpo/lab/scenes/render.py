@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
 from .grammar import BACKGROUND, COLORS, PALETTE, SHAPES, Meaning, Obj, allowed_pairs
 
-__all__ = ["SIZES", "Placed", "check_scene_batch", "layout", "mask_of", "paint", "shape_mask", "render",
+__all__ = ["SIZES", "Placed", "check_scene_batch", "layout", "mask_of", "paint", "render",
            "render_labelled", "object_label", "render_batch", "degrade", "IMAGE_DEGRADATIONS", "MARGIN"]
 
 MARGIN = 2.0  # minimum centroid separation along a position caption's axis
@@ -56,11 +57,6 @@ def _draw_form(shape: str, rng: random.Random) -> tuple[int, int]:
     return size, ((1 if rng.random() < 0.5 else -1) if shape == "bar" else 0)
 
 
-def shape_mask(shape: str, rng: random.Random) -> np.ndarray:
-    """A boolean mask of one object of ``shape`` at a random size (and orientation, for bars)."""
-    return mask_of(shape, *_draw_form(shape, rng))
-
-
 @dataclass(frozen=True)
 class Placed:
     """One object of a scene as drawn: shape, colour, size, orientation and the top-left corner of its mask."""
@@ -72,7 +68,7 @@ class Placed:
     y: int
     x: int
 
-    @property
+    @cached_property  # built once (cached_property writes the instance dict, so it works on a frozen dataclass)
     def mask(self) -> np.ndarray:
         return mask_of(self.shape, self.size, self.orient)
 
