@@ -96,11 +96,17 @@ def test_every_cheaper_variant_is_a_valid_lab_config_and_cheaper_than_g2rpo():
 
 @pytest.mark.slow
 def test_an_lr_grid_is_extended_past_the_edge_that_holds_a_methods_best(lab_world, tmp_path):
-    """Two lrs: the best is always at an edge, so one more lr beyond it is run (extend_lr=1), and no more."""
-    s = CompareSettings(methods=("g2rpo",), families=("paper",), seeds=1, iterations=1, lr_grid=(1e-4, 3e-4),
-                        extend_lr=1, eval_every=1, overrides=SMALL, eval_per_class=2, curve_per_class=2,
-                        per_sde_step_variant=False)
+    """Two lrs: the best is always at an edge, so one more lr beyond it is run (extend_lr=1), and no more. With
+    grid_seeds=1 every lr runs seed 0 and only the chosen one runs the other seed."""
+    s = CompareSettings(methods=("g2rpo",), families=("paper",), seeds=2, grid_seeds=1, iterations=1,
+                        lr_grid=(1e-4, 3e-4), extend_lr=1, eval_every=1, overrides=SMALL, eval_per_class=2,
+                        curve_per_class=2, per_sde_step_variant=False)
     res = compare(tmp_path, s, world=lab_world, log=lambda *a: None)
-    lrs = sorted(float(k) for k in res["grid"]["paper"]["g2rpo"])
+    per_lr = res["grid"]["paper"]["g2rpo"]
+    lrs = sorted(float(k) for k in per_lr)
     assert len(lrs) == 3 and any(abs(lr - x) < 1e-4 * x for lr in lrs for x in (1e-4 / 3, 9e-4))
-    assert res["lr_choice"]["paper"]["g2rpo"] in lrs
+    chosen = res["lr_choice"]["paper"]["g2rpo"]
+    assert chosen in lrs
+    assert {k: [r["seed"] for r in v] for k, v in per_lr.items()} == {
+        k: ([0, 1] if float(k) == chosen else [0]) for k in per_lr}
+    assert "mean over 1 seed(s) but at the chosen lr, which ran 2" in (tmp_path / "tables.md").read_text()

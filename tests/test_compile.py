@@ -60,3 +60,31 @@ def test_inductor_rollout_compiles_at_most_four_graphs_and_equals_eager():
         assert torch.allclose(out.finals, eager.finals, atol=1e-4)
         assert torch.allclose(out.log_probs, eager.log_probs, atol=1e-4)
     dynamo.reset()
+
+
+@pytest.mark.slow
+def test_a_dynamic_compile_pads_no_row_and_equals_eager():
+    """compile_options={"dynamic": True} (the trainer's sampler.compile): one graph over any row count, so the
+    chunks are not padded to buckets; dynamo's eager backend keeps the check to the engine's own logic."""
+    velocity, cond, noise = random_flux_velocity(TINY_FLUX_TRANSFORMER, 64, 64, text_len=8)
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    plain = G2RPOSampler(velocity, max_batch=64, **PAPER).rollout(noise, cond, generator=gen())
+    sampler = G2RPOSampler(velocity, max_batch=64, compile_options={"backend": "eager", "dynamic": True}, **PAPER)
+    ro = sampler.rollout(noise, cond, generator=gen())
+    assert ro.padded_rows == 0 and ro.forward_rows == plain.forward_rows
+    assert torch.allclose(ro.finals, plain.finals, atol=1e-5)
+    assert torch.allclose(ro.log_probs, plain.log_probs, atol=1e-5)
+
+
+def test_the_trainer_compiles_rollouts_only_when_asked_and_never_with_cuda_graphs(lab_world, tmp_path):
+    from g2rpo.config import ConfigError, default_config_path, load_config
+    from g2rpo.train import Trainer
+
+    over = {"model": {"path": str(lab_world)}, "output_dir": str(tmp_path / "run"), "progress": False,
+            "tensorboard": False}
+    with pytest.raises(ConfigError, match="sampler.compile and sampler.cuda_graphs both compile"):
+        load_config(default_config_path(), {**over, "sampler": {"compile": True, "cuda_graphs": True}})
+    for flag, options in ((False, None), (True, {"dynamic": True})):
+        cfg = load_config(default_config_path(), {**over, "sampler": {"compile": flag},
+                                                  "output_dir": str(tmp_path / f"run_{flag}")})
+        assert Trainer(cfg, log=lambda *a, **k: None).sampler.engine.compile_options == options

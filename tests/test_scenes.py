@@ -162,26 +162,25 @@ def test_each_degradation_changes_an_image_and_stays_in_range(kind):
 
 @pytest.mark.slow
 def test_learned_rewards_rank_a_correct_render_above_each_kind_of_degradation():
-    """The default config's rewards (trained here as the build trains them) on 3,000 held-out pairs. Measured with
-    2 threads (as the build runs here) / 1 thread (a test worker): overall 0.969 / 0.967 (scene_clip) and
-    0.991 / 0.989 (scene_preference); scene_preference's position 0.965 / 0.925, its other kinds >= 0.95;
-    scene_clip's position 0.83 / 0.78 is the one kind well below 0.95 (docs/lab-results.md). The thread count
-    reorders the training's sums, and position is the kind that moves with it."""
+    """The default config's rewards (trained here as the build trains them) on 3,000 held-out pairs, each kind of
+    negative >= 0.95 (the issue's sanity bound). Measured with 2 threads (as the build runs here) / 1 thread (a
+    test worker): scene_clip's weakest kinds blur 0.968 / 0.984 and position 0.985 / 0.985; scene_preference's
+    blur 0.968 / 0.984, position 0.985 / 0.990 (docs/lab-results.md). Without scene_clip's pair term its position
+    was 0.78-0.83."""
     from g2rpo.lab.scenes.learned import make_pairs, train_clip, train_preference
     from g2rpo.lab.scenes.world import SceneWorldConfig
 
     cfg = SceneWorldConfig()
     data = make_pairs(cfg.reward_pairs, cfg.seed + 1)
-    clip = train_clip(data, cfg.image_size, cfg.clip_steps, cfg.seed, lr=4e-3)
+    clip = train_clip(data, cfg.image_size, cfg.clip_steps, cfg.seed, lr=4e-3, pair_weight=cfg.clip_pair_weight)
     pref = train_preference(data, cfg.image_size, cfg.preference_steps, cfg.seed, init=clip)
     test = make_pairs(3000, 99)
-    for model, every_kind in ((clip, 0.7), (pref, 0.9)):
+    for model in (clip, pref):
         win = (model.score(test.images, test.prompts) > model.score(test.neg_images, test.prompts)).float()
         by_kind = {k: float(win[[i for i, x in enumerate(test.neg_kinds) if x == k]].mean())
                    for k in set(test.neg_kinds)}
-        assert win.mean() >= 0.96, (model.kind, by_kind)
-        assert all(by_kind[k] >= 0.9 for k in IMAGE_DEGRADATIONS), (model.kind, by_kind)
-        assert all(v >= every_kind for v in by_kind.values()), (model.kind, by_kind)
+        assert set(by_kind) == set(IMAGE_DEGRADATIONS) | {k for e in ATTRIBUTE_ERRORS.values() for k in e}, by_kind
+        assert all(v >= 0.95 for v in by_kind.values()), (model.kind, by_kind)
 
 
 @pytest.mark.slow

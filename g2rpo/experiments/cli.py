@@ -20,6 +20,9 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--families", default="paper,official",
                    help="comma-separated preset families (configs/methods/<method>-<family>.yaml): paper, official")
     c.add_argument("--seeds", type=int, default=3, help="seeds per (method, family, lr): 0, 1, ..., N-1")
+    c.add_argument("--grid-seeds", type=int, default=None,
+                   help="seeds run at each lr of the grid (default: --seeds); the lr is chosen on seed 0 and the "
+                        "chosen lr then runs every seed (1: the other lrs run seed 0 only)")
     c.add_argument("--iterations", type=int, default=32, help="iterations per run (an upper bound with --budget)")
     c.add_argument("--lr-grid", default="1e-4,3e-4,1e-3", help="comma-separated learning rates tried per method")
     c.add_argument("--extend-lr", type=int, default=2,
@@ -80,11 +83,14 @@ def run_compare(args: argparse.Namespace) -> None:
         sys.exit(f"--budget must be > 0, got {args.budget:g}")
     if args.cost_points < 1 or args.extend_lr < 0 or args.seeds < 1:
         sys.exit("--cost-points and --seeds must be >= 1, --extend-lr >= 0")
+    if args.grid_seeds is not None and not 1 <= args.grid_seeds <= args.seeds:
+        sys.exit(f"--grid-seeds must be between 1 and --seeds ({args.seeds}), got {args.grid_seeds}")
     settings = CompareSettings(methods=methods, families=families, seeds=args.seeds, iterations=args.iterations,
                                lr_grid=tuple(float(x) for x in args.lr_grid.split(",")),
                                eval_every=args.eval_every, per_sde_step_variant=not args.no_variant,
                                overrides=overrides, budget=args.budget, variants=variants, control=args.control,
-                               extend_lr=args.extend_lr, cost_points=args.cost_points, world=args.world)
+                               extend_lr=args.extend_lr, cost_points=args.cost_points, world=args.world,
+                               grid_seeds=args.grid_seeds)
     world = None
     if args.checkpoint:
         from .worlds import world_spec

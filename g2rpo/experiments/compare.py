@@ -74,6 +74,9 @@ class CompareSettings:
     methods: tuple[str, ...] = METHODS
     families: tuple[str, ...] = PRESET_FAMILIES
     seeds: int = 3
+    # seeds run at each lr of the grid (None: all): the lr is chosen on seed 0 whatever this is, and the chosen lr
+    # then runs every seed, so 1 spends the grid's other seeds only where they are reported (the best-lr tables)
+    grid_seeds: int | None = None
     iterations: int = 32
     lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
     extend_lr: int = 2  # at most this many lrs added beyond an edge of the grid that holds a method's best
@@ -240,34 +243,43 @@ def compare(out: str | Path, settings: CompareSettings, world: str | Path | None
     kw = dict(eval_every=settings.eval_every, overrides=overrides, spec=spec, cache=cache, budget=settings.budget,
               cost_points=settings.cost_points, eval_steps=tuple(settings.eval_steps))
 
-    def runs_at(name: str, method: str, family: str, lr: float, extra=None) -> list[dict]:
-        """One run per seed; ``extra``: overrides on top of the common ones, or ``seed -> overrides``."""
+    def runs_at(name: str, method: str, family: str, lr: float, extra=None, seeds: range | None = None) -> list[dict]:
+        """One run per seed (``seeds``, default all); ``extra``: overrides on top of the common ones, or
+        ``seed -> overrides``."""
         def of(seed: int) -> dict:
             e = extra(seed) if callable(extra) else extra
             return merge_dicts(overrides, e) if e else overrides
 
         return [run_method(world, method, seed, lr, iterations, out / "runs" / f"{name}_lr{lr:g}_s{seed}",
-                           family=family, **dict(kw, overrides=of(seed))) for seed in range(settings.seeds)]
+                           family=family, **dict(kw, overrides=of(seed)))
+                for seed in (range(settings.seeds) if seeds is None else seeds)]
+
+    grid_seeds = range(min(settings.seeds, settings.grid_seeds or settings.seeds))
 
     def tune(name: str, method: str, family: str, extra: dict | None = None) -> tuple[dict[str, list[dict]], float]:
         """Runs per lr over the grid, extended beyond an edge that holds the best (seed 0's training score)."""
         per_lr: dict[str, list[dict]] = {}
         lrs = sorted(settings.lr_grid)
         for lr in lrs:
-            per_lr[_lr_key(lr)] = runs_at(name, method, family, lr, extra)
+            per_lr[_lr_key(lr)] = runs_at(name, method, family, lr, extra, grid_seeds)
             log(f"[{time.perf_counter() - t_start:6.0f}s] {name:24s} lr {lr:g}: train score "
-                f"{np.mean([r['train_score'] for r in per_lr[_lr_key(lr)]]):.4f} over {settings.seeds} seeds")
+                f"{np.mean([r['train_score'] for r in per_lr[_lr_key(lr)]]):.4f} over {len(grid_seeds)} seeds")
         for _ in range(settings.extend_lr):
             best = max(lrs, key=lambda lr: per_lr[_lr_key(lr)][0]["train_score"])
             if len(lrs) < 2 or lrs[0] < best < lrs[-1]:
                 break
             step = lrs[1] / lrs[0] if best == lrs[0] else lrs[-1] / lrs[-2]
             new = float(f"{(best / step if best == lrs[0] else best * step):.3g}")  # a round number
-            per_lr[_lr_key(new)] = runs_at(name, method, family, new, extra)
+            per_lr[_lr_key(new)] = runs_at(name, method, family, new, extra, grid_seeds)
             log(f"[{time.perf_counter() - t_start:6.0f}s] {name:24s} lr {new:g} (beyond the grid's edge): train "
                 f"score {np.mean([r['train_score'] for r in per_lr[_lr_key(new)]]):.4f}")
             lrs = sorted(lrs + [new])
         best = max(lrs, key=lambda lr: per_lr[_lr_key(lr)][0]["train_score"])
+        rest = range(len(grid_seeds), settings.seeds)
+        if len(rest):  # the chosen lr runs every seed
+            per_lr[_lr_key(best)] += runs_at(name, method, family, best, extra, rest)
+            log(f"[{time.perf_counter() - t_start:6.0f}s] {name:24s} lr {best:g} (chosen): train score "
+                f"{np.mean([r['train_score'] for r in per_lr[_lr_key(best)]]):.4f} over {settings.seeds} seeds")
         return {_lr_key(lr): per_lr[_lr_key(lr)] for lr in lrs}, best
 
     # grid[family][method][lr] = [run per seed]
@@ -543,8 +555,10 @@ def tables_markdown(results: dict) -> str:
                   f"16 ODE steps, held-out prompts, mean ± std over {s['seeds']} seeds)", ""]
         _table1(lines, results, runs, lambda m, f=family: f"{results['lr_choice'][f][m]:g}")
         lrs = sorted({lr for per_lr in results["grid"][family].values() for lr in per_lr}, key=float)
+        seeds_note = ("mean over seeds" if not s.get("grid_seeds") or s["grid_seeds"] >= s["seeds"] else
+                      f"mean over {s['grid_seeds']} seed(s) but at the chosen lr, which ran {s['seeds']}")
         lines += ["", f"### Equal-lr table: every method at each lr ({key} / {score_name}, 16 steps, held-out prompts, "
-                      "mean over seeds; - not run)", "",
+                      f"{seeds_note}; - not run)", "",
                   "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
         for m, per_lr in results["grid"][family].items():
             cells = [f"{np.mean([judge(r) for r in per_lr[lr]]):.3f} / {np.mean([indomain(r) for r in per_lr[lr]]):.3f}"

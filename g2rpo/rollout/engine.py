@@ -184,7 +184,8 @@ class RolloutEngine:
         # no launch overhead to remove. `compile_options` compiles on any device (torch.compile kwargs).
         # A compiled model sees chunks padded up to a few row counts (`batch_buckets`, by default
         # max_batch / 8, / 4, / 2, max_batch): a rollout then compiles at most 4 graphs, far below
-        # dynamo's recompile limit (8), past which it would silently fall back to eager.
+        # dynamo's recompile limit (8), past which it would silently fall back to eager. With
+        # compile_options={"dynamic": True} (not CUDA graphs) one graph takes any row count, unpadded.
         self.cuda_graphs = cuda_graphs
         self.compile_options = dict(compile_options) if compile_options is not None else None
         self.batch_buckets = batch_buckets or (default_buckets(max_batch) if max_batch is not None else None)
@@ -232,10 +233,13 @@ class RolloutEngine:
         graphs = self.cuda_graphs and device.type == "cuda"
         if not graphs and self.compile_options is None:
             return self.model, False
+        # dynamic=True (compile_options): one graph with a symbolic row count, so chunks are not padded (on CPU,
+        # where a graph is not a static CUDA graph and padding only wastes rows)
+        dynamic = bool((self.compile_options or {}).get("dynamic")) and not graphs
         if self._compiled is None:
             opts = {"fullgraph": True, "dynamic": False, **(self.compile_options or {})}
             if graphs:
-                opts["mode"] = "reduce-overhead"
+                opts["mode"], opts["dynamic"] = "reduce-overhead", False
             compiled = torch.compile(self.model, **opts)
 
             def call(x, sigma, cond):  # copy out of a CUDA graph's static output buffer
@@ -243,7 +247,7 @@ class RolloutEngine:
                 return out.clone() if graphs else out
 
             self._compiled = call
-        return self._compiled, True
+        return self._compiled, not dynamic
 
     @torch.no_grad()
     def sample_ode(self, noise: torch.Tensor, cond: object = None) -> torch.Tensor:

@@ -70,7 +70,7 @@ class Trainer:
         self.sampler = RolloutSampler(self.policy, max_batch=cfg.sampler.max_batch, strategy=strategy,
                                       sigmas=run_schedule(cfg, self.policy, strategy, self.log),
                                       quantize_timesteps=cfg.sampler.quantize_timesteps, ops_backend=cfg.ops_backend,
-                                      cuda_graphs=cfg.sampler.cuda_graphs,
+                                      cuda_graphs=cfg.sampler.cuda_graphs, compile_options=cfg.sampler.compile_options,
                                       step_noise_dtype=TORCH_DTYPES[cfg.sampler.step_noise_dtype])
         self.rewards = build_rewards(cfg.rewards, cfg.model, self.base_path, prompt_file=cfg.data.prompts)
         self.update = PolicyUpdate(cfg, s, self.optimizer, self.scheduler, self.ema, self.ctx, self.autocast)

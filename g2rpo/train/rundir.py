@@ -30,7 +30,7 @@ RESUMABLE = (
     "optim.lr", "optim.schedule", "optim.warmup_iterations", "iterations", "max_cost", "checkpoint_every", "image_every",
     "export_final", "tensorboard", "wandb", "wandb_project", "progress", "resume", "overwrite", "output_dir",
     "reward_batch", "train_batch", "ops_backend", "dist_timeout_s", "sampler.max_batch", "sampler.cuda_graphs",
-    "model.attention_backend", "model.gradient_checkpointing",
+    "sampler.compile", "model.attention_backend", "model.gradient_checkpointing",
 )
 #: Sections whose every key may differ on ``--resume`` (validation: nothing it does changes the training run).
 RESUMABLE_SECTIONS = ("eval.",)

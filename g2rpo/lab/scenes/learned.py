@@ -314,8 +314,12 @@ def _batches(n: int, batch: int, steps: int, seed: int, opt: torch.optim.Optimiz
         sched.step()
 
 
-def train_clip(data: PairData, size: int, steps: int, seed: int, batch: int = 128, lr: float = 2e-3) -> SceneCLIP:
-    """InfoNCE both ways; each row's wrong caption and negative image are extra negatives (NegCLIP-style)."""
+def train_clip(data: PairData, size: int, steps: int, seed: int, batch: int = 128, lr: float = 2e-3,
+               pair_weight: float = 0.0) -> SceneCLIP:
+    """InfoNCE both ways; each row's wrong caption and negative image are extra negatives (NegCLIP-style), and
+    ``pair_weight`` adds the Bradley-Terry term ``-log sigmoid(s * (cos(t, correct) - cos(t, negative)))`` on each
+    caption's own hard negative: InfoNCE alone spends little of its gradient on the one swapped render among a
+    batch of easy negatives, and ranks position errors badly."""
     torch.manual_seed(seed)
     model = SceneCLIP(size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -330,6 +334,9 @@ def train_clip(data: PairData, size: int, steps: int, seed: int, batch: int = 12
         i2t = s * i_pos @ torch.cat([t_pos, t_neg]).T
         t2i = s * t_pos @ torch.cat([i_pos, i_neg]).T
         loss = (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
+        if pair_weight:
+            n = len(idx)
+            loss = loss + pair_weight * -F.logsigmoid(t2i[:, :n].diagonal() - t2i[:, n:].diagonal()).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
