@@ -167,13 +167,10 @@ def test_learned_rewards_rank_a_correct_render_above_each_kind_of_degradation():
     test worker): scene_clip's weakest kinds blur 0.968 / 0.984 and position 0.985 / 0.985; scene_preference's
     blur 0.968 / 0.984, position 0.985 / 0.990 (docs/lab-results.md). Without scene_clip's pair term its position
     was 0.78-0.83."""
-    from g2rpo.lab.scenes.learned import make_pairs, train_clip, train_preference
-    from g2rpo.lab.scenes.world import SceneWorldConfig
+    from g2rpo.lab.scenes.learned import make_pairs
+    from g2rpo.lab.scenes.world import SceneWorldConfig, train_scene_rewards
 
-    cfg = SceneWorldConfig()
-    data = make_pairs(cfg.reward_pairs, cfg.seed + 1)
-    clip = train_clip(data, cfg.image_size, cfg.clip_steps, cfg.seed, lr=4e-3, pair_weight=cfg.clip_pair_weight)
-    pref = train_preference(data, cfg.image_size, cfg.preference_steps, cfg.seed, init=clip)
+    clip, pref = train_scene_rewards(SceneWorldConfig())
     test = make_pairs(3000, 99)
     for model in (clip, pref):
         win = (model.score(test.images, test.prompts) > model.score(test.neg_images, test.prompts)).float()

@@ -314,6 +314,13 @@ def _batches(n: int, batch: int, steps: int, seed: int, opt: torch.optim.Optimiz
         sched.step()
 
 
+def _own_negative_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry on each caption's own pair: ``logits [n, 2n]`` (caption i against the n correct images, then
+    the n negatives, in row order), ``-log sigmoid(logits[i, i] - logits[i, n + i])`` averaged."""
+    n = logits.shape[0]
+    return -F.logsigmoid(logits[:, :n].diagonal() - logits[:, n:].diagonal()).mean()
+
+
 def train_clip(data: PairData, size: int, steps: int, seed: int, batch: int = 128, lr: float = 2e-3,
                pair_weight: float = 0.0) -> SceneCLIP:
     """InfoNCE both ways; each row's wrong caption and negative image are extra negatives (NegCLIP-style), and
@@ -335,8 +342,7 @@ def train_clip(data: PairData, size: int, steps: int, seed: int, batch: int = 12
         t2i = s * t_pos @ torch.cat([i_pos, i_neg]).T
         loss = (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
         if pair_weight:
-            n = len(idx)
-            loss = loss + pair_weight * -F.logsigmoid(t2i[:, :n].diagonal() - t2i[:, n:].diagonal()).mean()
+            loss = loss + pair_weight * _own_negative_loss(t2i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -359,9 +365,7 @@ def train_preference(data: PairData, size: int, steps: int, seed: int, init: Sce
         n = len(idx)
         i, t = model.embed(torch.cat([xp, xn]), ids)
         r = model.logit_scale.exp().clamp(max=100) * t @ i.T  # [captions, 2n images]
-        pair = -F.logsigmoid(r.diagonal() - r[:, n:].diagonal()).mean()
-        listwise = F.cross_entropy(r, torch.arange(n))
-        loss = pair + listwise
+        loss = _own_negative_loss(r) + F.cross_entropy(r, torch.arange(n))  # the pair and its listwise form
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

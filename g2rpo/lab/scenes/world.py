@@ -28,13 +28,13 @@ from ..world import default_cache_dir, publish
 from .grammar import (CATEGORIES, TRAIN_TEMPLATES, caption, drop_filler_words, parse_prompt, prompt_sets,
                       sample_meaning, vocabulary)
 from .judge import SceneExact
-from .learned import load_model, make_pairs, make_segmentation_data, save_model, train_clip, train_detector, \
-    train_preference
+from .learned import SceneCLIP, ScenePreference, load_model, make_pairs, make_segmentation_data, save_model, \
+    train_clip, train_detector, train_preference
 from .latent import SLOT_CHANNELS, SlotDecoder, encode_scenes
 from .render import Placed, layout
 
-__all__ = ["SceneWorldConfig", "ScenePolicy", "build_scene_world", "load_scene_policy", "scene_rewards",
-           "build_scene_clip", "build_scene_preference", "build_scene_detector", "evaluate_scenes",
+__all__ = ["SceneWorldConfig", "ScenePolicy", "build_scene_world", "train_scene_rewards", "load_scene_policy",
+           "scene_rewards", "build_scene_clip", "build_scene_preference", "build_scene_detector", "evaluate_scenes",
            "sample_scenes", "scene_prompts", "LEARNED_FILES", "reward_judge_agreement"]
 
 MARKER = "scene_world.json"
@@ -169,6 +169,15 @@ def build_base_scenes(config: SceneWorldConfig, log=None) -> ScenePolicy:
                          cosine=config.cosine, ema=config.ema)
 
 
+def train_scene_rewards(config: SceneWorldConfig) -> tuple[SceneCLIP, ScenePreference]:
+    """The in-domain rewards as the build trains them: ``scene_clip`` (InfoNCE plus the pair term), then
+    ``scene_preference`` fine-tuned from it, on the same pairs."""
+    pairs = make_pairs(config.reward_pairs, config.seed + 1, config.image_size)
+    clip = train_clip(pairs, config.image_size, config.clip_steps, config.seed, lr=4e-3,
+                      pair_weight=config.clip_pair_weight)
+    return clip, train_preference(pairs, config.image_size, config.preference_steps, config.seed, init=clip)
+
+
 def build_scene_world(folder: str | Path | None = None, config: SceneWorldConfig = SceneWorldConfig(),
                       force: bool = False, log=print) -> Path:
     """Build (or reuse, when built with the same config) the scenes world in ``folder`` (default
@@ -186,12 +195,9 @@ def build_scene_world(folder: str | Path | None = None, config: SceneWorldConfig
     policy.save_pretrained(tmp)
     if log:
         log(f"generator pretrained ({time.perf_counter() - t0:.0f} s); training the rewards and the judge")
-    pairs = make_pairs(config.reward_pairs, config.seed + 1, config.image_size)
-    clip = train_clip(pairs, config.image_size, config.clip_steps, config.seed, lr=4e-3,
-                      pair_weight=config.clip_pair_weight)
+    clip, preference = train_scene_rewards(config)
     save_model(clip, tmp / "rewards" / "scene_clip")
-    save_model(train_preference(pairs, config.image_size, config.preference_steps, config.seed, init=clip),
-               tmp / "rewards" / "scene_preference")
+    save_model(preference, tmp / "rewards" / "scene_preference")
     images, labels = make_segmentation_data(config.detector_scenes, config.seed + 10 ** 6, config.image_size)
     save_model(train_detector(images, labels, config.image_size, config.detector_steps, config.seed + 1),
                tmp / "rewards" / "scene_detector")
